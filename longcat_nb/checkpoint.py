@@ -1,0 +1,366 @@
+"""The checkpoint folder: Hub layout, loading each component, and the tiny default checkpoint.
+
+Layout (official ``meituan-longcat/LongCat-Video``, spec §1.1)::
+
+    dit/          LongCatVideoTransformer3DModel (config.json + sharded safetensors + index)
+    vae/          diffusers AutoencoderKLWan
+    text_encoder/ transformers UMT5EncoderModel
+    tokenizer/    AutoTokenizer (UMT5 SentencePiece)
+    scheduler/    diffusers FlowMatchEulerDiscreteScheduler (shift 12)
+    lora/         optional: cfg_step_lora.safetensors, refinement_lora.safetensors
+
+The tiny default checkpoint has the same layout and classes with small sizes and deterministic
+weights, so every code path that serves the real 13.6B model is exercised on a laptop CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+from .models import LongCatVideoTransformer3DModel
+
+PARTS = ("tokenizer", "text_encoder", "vae", "scheduler", "dit")
+HUB_REPO = "meituan-longcat/LongCat-Video"
+TINY_VERSION = "1"
+
+GET_REAL = (
+    f"download the official checkpoint with `huggingface-cli download {HUB_REPO} --local-dir DIR` "
+    "(or `hf download ...`) and point the kit at DIR, or leave the checkpoint empty to use the tiny "
+    "default model (`python -m longcat_nb tiny-checkpoint DIR` builds one)"
+)
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint folder is missing or has a missing/broken component."""
+
+
+# ---------------------------------------------------------------------------------------------
+# dtype / device
+# ---------------------------------------------------------------------------------------------
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """'auto' means bfloat16 on an accelerator and float32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint folder
+# ---------------------------------------------------------------------------------------------
+def default_home() -> Path:
+    return Path(os.environ.get("LONGCAT_NB_HOME", Path.home() / ".cache" / "longcat_nb"))
+
+
+def tiny_checkpoint_dir() -> Path:
+    return default_home() / f"tiny-v{TINY_VERSION}"
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike | None = "") -> Path:
+    """An empty value means the tiny default checkpoint, built on first use."""
+    if not checkpoint:
+        path = tiny_checkpoint_dir()
+        if not (path / "dit" / "config.json").exists():
+            build_tiny_checkpoint(path)
+        return path
+    path = Path(checkpoint).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist: {GET_REAL}")
+    return path
+
+
+def _require(folder: Path, part: str, files: Iterable[str]) -> Path:
+    sub = folder / part
+    if not sub.is_dir():
+        raise CheckpointError(f"{sub} is missing: the checkpoint needs a '{part}/' folder; {GET_REAL}")
+    for name in files:
+        if not (sub / name).exists():
+            raise CheckpointError(f"{sub / name} is missing (incomplete download?); {GET_REAL}")
+    return sub
+
+
+def _load_or_explain(part: str, folder: Path, fn):
+    try:
+        return fn()
+    except CheckpointError:
+        raise
+    except Exception as e:  # broken json, truncated shard, wrong class ...
+        raise CheckpointError(
+            f"could not load {folder / part}: {type(e).__name__}: {e}. The folder looks damaged; "
+            f"re-download that subfolder. ({GET_REAL})"
+        ) from e
+
+
+def load_tokenizer(checkpoint: str | os.PathLike | None = ""):
+    from transformers import AutoTokenizer
+
+    folder = resolve_checkpoint(checkpoint)
+    _require(folder, "tokenizer", [])
+    return _load_or_explain("tokenizer", folder, lambda: AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"))
+
+
+def load_text_encoder(checkpoint="", device="cpu", dtype: Any = "auto"):
+    from transformers import UMT5EncoderModel
+
+    folder = resolve_checkpoint(checkpoint)
+    _require(folder, "text_encoder", ["config.json"])
+    dtype = pick_dtype(dtype, device)
+    model = _load_or_explain(
+        "text_encoder", folder,
+        lambda: UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),
+    )
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_vae(checkpoint="", device="cpu", dtype: Any = "auto"):
+    from diffusers import AutoencoderKLWan
+
+    folder = resolve_checkpoint(checkpoint)
+    _require(folder, "vae", ["config.json"])
+    dtype = pick_dtype(dtype, device)
+    # The Wan VAE is small (0.25 GB) and its causal convs lose detail in bf16 on CPU; float32 there.
+    vae = _load_or_explain(
+        "vae", folder, lambda: AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+    )
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_scheduler(checkpoint=""):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    folder = resolve_checkpoint(checkpoint)
+    _require(folder, "scheduler", ["scheduler_config.json"])
+    return _load_or_explain(
+        "scheduler", folder,
+        lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
+    )
+
+
+def load_dit(checkpoint="", device="cpu", dtype: Any = "auto", attention: Optional[str] = None):
+    """Load the DiT through diffusers: shards are read one at a time into an empty (meta) model,
+    so host memory never holds two copies of the weights."""
+    folder = resolve_checkpoint(checkpoint)
+    _require(folder, "dit", ["config.json"])
+    dtype = pick_dtype(dtype, device)
+    model = _load_or_explain(
+        "dit", folder,
+        lambda: LongCatVideoTransformer3DModel.from_pretrained(
+            folder, subfolder="dit", torch_dtype=dtype, cp_split_hw=None, low_cpu_mem_usage=True
+        ),
+    )
+    if attention:
+        model.set_attention_backend(attention)
+    return model.to(device).eval().requires_grad_(False)
+
+
+@dataclass
+class Components:
+    folder: Path
+    tokenizer: Any = None
+    text_encoder: Any = None
+    vae: Any = None
+    scheduler: Any = None
+    dit: Any = None
+    loras: dict = field(default_factory=dict)  # name -> path of official LoRA files in lora/
+
+
+def list_checkpoint_loras(folder: Path) -> dict:
+    lora_dir = Path(folder) / "lora"
+    if not lora_dir.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(lora_dir.glob("*.safetensors"))}
+
+
+def load_components(
+    checkpoint: str | os.PathLike | None = "",
+    parts: Iterable[str] = PARTS,
+    device: str = "auto",
+    dtypes: Optional[dict] = None,
+    devices: Optional[dict] = None,
+    attention: Optional[str] = None,
+) -> Components:
+    """Load the chosen parts of a checkpoint, each with its own dtype and device.
+
+    ``dtypes``/``devices`` map part name -> value (e.g. ``{"text_encoder": "cpu"}`` to keep the
+    5.7B encoder off the GPU); unspecified parts use ``device`` and 'auto' precision.
+    """
+    folder = resolve_checkpoint(checkpoint)
+    parts = list(parts)
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown component(s) {sorted(unknown)}; choose from {PARTS}")
+    dtypes, devices = dtypes or {}, devices or {}
+    base = pick_device(device)
+    dev = lambda p: pick_device(devices.get(p, str(base)))  # noqa: E731
+    c = Components(folder=folder, loras=list_checkpoint_loras(folder))
+    if "tokenizer" in parts:
+        c.tokenizer = load_tokenizer(folder)
+    if "text_encoder" in parts:
+        c.text_encoder = load_text_encoder(folder, dev("text_encoder"), dtypes.get("text_encoder", "auto"))
+    if "vae" in parts:
+        c.vae = load_vae(folder, dev("vae"), dtypes.get("vae", "auto"))
+    if "scheduler" in parts:
+        c.scheduler = load_scheduler(folder)
+    if "dit" in parts:
+        c.dit = load_dit(folder, dev("dit"), dtypes.get("dit", "auto"), attention)
+    return c
+
+
+def describe_checkpoint(checkpoint: str | os.PathLike | None = "") -> dict:
+    """What is in the folder, without loading weights (for the setup notebook)."""
+    folder = resolve_checkpoint(checkpoint)
+    info: dict = {"folder": str(folder), "tiny": not checkpoint, "parts": {}}
+    for part in PARTS:
+        sub = folder / part
+        files = [p for p in sub.rglob("*") if p.is_file()] if sub.is_dir() else []
+        info["parts"][part] = {
+            "present": sub.is_dir(),
+            "files": len(files),
+            "bytes": sum(p.stat().st_size for p in files),
+        }
+    cfg = folder / "dit" / "config.json"
+    if cfg.exists():
+        dit_cfg = json.loads(cfg.read_text())
+        info["dit_config"] = {k: dit_cfg.get(k) for k in ("hidden_size", "depth", "num_heads", "text_tokens_zero_pad", "enable_bsa")}
+    info["loras"] = sorted(list_checkpoint_loras(folder))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# the tiny default checkpoint
+# ---------------------------------------------------------------------------------------------
+TINY_DIT = dict(
+    in_channels=16, out_channels=16, hidden_size=128, depth=2, num_heads=2, caption_channels=32,
+    mlp_ratio=4, adaln_tembed_dim=64, frequency_embedding_size=64, patch_size=[1, 2, 2],
+    enable_flashattn3=False, enable_flashattn2=True, enable_xformers=False, enable_bsa=False,
+    bsa_params={"sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]},
+    cp_split_hw=None, text_tokens_zero_pad=True,
+)
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                temperal_downsample=[False, True, True])
+TINY_TEXT = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+                 relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
+                 layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+_TOKENIZER_CORPUS = [
+    "A red fox runs through a snowy forest at dawn, soft light, slow camera pan.",
+    "A small boat drifts across a calm lake under a pink sunset sky.",
+    "Close-up of raindrops falling on green leaves, shallow depth of field.",
+    "The camera slowly zooms in on a city skyline at night with glowing windows.",
+    "A cat jumps onto a wooden table and knocks over a cup of coffee.",
+    "Waves crash against black rocks; white foam, cinematic, 4k, high quality.",
+    "一只红色的狐狸在黎明时分穿过雪林，柔和的光线，镜头缓慢移动。",
+    "夕阳下，一艘小船在平静的湖面上漂流，天空是粉红色的。",
+    "城市夜景，摄像机缓缓推近，窗户里透出温暖的灯光。",
+    "一只猫跳上木桌，打翻了一杯咖啡。",
+    "海浪拍打着黑色的岩石，白色的泡沫，电影感，高清画质。",
+]
+
+
+def build_tiny_tokenizer(out_dir: Path):
+    """A T5-style Unigram tokenizer written offline from a fixed English + Chinese word list.
+
+    The vocabulary is made by hand, not trained (the trainer is multi-threaded and not
+    reproducible): words of a small caption corpus, printable ASCII, common CJK characters, and the
+    256 byte pieces, so every caption tokenizes with no <unk>, like the real UMT5 SentencePiece model.
+    """
+    import re
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    words = sorted({w for line in _TOKENIZER_CORPUS for w in re.findall(r"[A-Za-z]+|\d+", line)})
+    words = sorted(set(words) | {w.lower() for w in words})
+    vocab += [("\u2581" + w, -5.0 - 0.001 * len(w)) for w in words]  # "▁word": a word at a word start
+    vocab += [(w, -7.0) for w in words]
+    chars = [chr(c) for c in range(0x21, 0x7F)] + ["\u2581"]
+    cjk = {chr(c) for c in range(0x4E00, 0x4E00 + 2500)} | {ch for line in _TOKENIZER_CORPUS for ch in line if ord(ch) > 0x2E80}
+    seen = {p for p, _ in vocab}
+    vocab += [(ch, -10.0) for ch in chars + sorted(cjk) if ch not in seen]
+    vocab += [(f"<0x{b:02X}>", -20.0) for b in range(256)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=True))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    # Saved as a generic fast tokenizer: transformers' T5Tokenizer class would rebuild the model from
+    # the vocabulary and drop the byte fallback.
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    fast.model_max_length = 512
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a complete checkpoint in the Hub layout with the real classes and tiny sizes.
+
+    Deterministic from ``seed``; a few MB; seconds on CPU. Written to a temporary folder and
+    renamed, so an interrupted build never leaves a half checkpoint behind.
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not overwrite and (out_dir / "dit" / "config.json").exists():
+            return out_dir
+        if overwrite:
+            shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tokenizer = build_tiny_tokenizer(tmp / "tokenizer")
+        # Each component from its own seed, so changing one never changes the others.
+        torch.manual_seed(seed)
+        text_cfg = UMT5Config(vocab_size=len(tokenizer), **TINY_TEXT)
+        UMT5EncoderModel(text_cfg).save_pretrained(tmp / "text_encoder")
+        torch.manual_seed(seed + 1)
+        AutoencoderKLWan(**TINY_VAE).save_pretrained(tmp / "vae")
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=12.0).save_pretrained(tmp / "scheduler")
+        torch.manual_seed(seed + 2)
+        dit = LongCatVideoTransformer3DModel(**TINY_DIT)
+        # Sharded like the Hub folder (index + several files) so the sharded path is what we test.
+        dit.save_pretrained(tmp / "dit", max_shard_size="200KB", safe_serialization=True)
+        (tmp / "lora").mkdir()
+        (tmp / "README.md").write_text(
+            "Tiny deterministic LongCat-Video checkpoint made by `python -m longcat_nb tiny-checkpoint` "
+            f"(seed {seed}). Same layout and classes as {HUB_REPO}; random weights, for tests and demos.\n"
+        )
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,228 @@
+"""Run settings: one dataclass per section, stored together in ``runs/<name>/config.json``.
+
+Every notebook reads the file, lets the user change its own section (widgets or papermill
+parameters) and writes it back. Unknown keys and bad values fail with an error that names
+the file, the key and the fix; nothing else in the file is lost.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_write_text
+
+CONFIG_NAME = "config.json"
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has a value the kit cannot use."""
+
+
+@dataclass
+class ModelSettings:
+    # Folder in the Hub layout (dit/ vae/ text_encoder/ tokenizer/ scheduler/). "" = tiny default.
+    checkpoint: str = ""
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dit_dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    text_encoder_dtype: str = "auto"
+    vae_dtype: str = "auto"
+    attention: str = "sdpa"  # sdpa | xformers | bsa
+
+
+@dataclass
+class DatasetSettings:
+    dataset_dir: str = ""  # "" = the bundled data_samples/
+    trigger: str = ""  # prepended to every caption when set
+    target_fps: float = 15.0
+    num_frames: int = 93
+    extraction: str = "head"  # head | uniform | slide
+    windows: int = 1  # windows per clip for `uniform`
+    stride: int = 0  # frames between window starts for `slide` (0 = num_frames)
+    bucket_strategy: str = "aspect_ratio"  # aspect_ratio | resolution_frames
+    resolution: str = "480x832"  # HxW target area for aspect_ratio buckets
+    frame_interval: int = 4
+    crop: str = "center"  # center | random | none
+    max_caption_tokens: int = 512
+
+
+@dataclass
+class CacheSettings:
+    text_encoder: str = "umt5"  # umt5 (the checkpoint's) | qwen2.5-vl
+    latent_dtype: str = "bfloat16"
+    vae_tiling: bool = True
+    remove_orphans: bool = False
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: ["attn.qkv", "attn.proj", "cross_attn.q_linear",
+                                                    "cross_attn.kv_linear", "cross_attn.proj"])
+    lr: float = 1e-4
+    optimizer: str = "adamw"  # adamw | adamw8bit | prodigy
+    lr_schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    timestep_sampling: str = "shift"  # shift | logit_normal
+    caption_dropout: float = 0.0
+    base_precision: str = "bf16"  # bf16 | int8 | int4 | fp8 | nf4
+    gradient_checkpointing: bool = True
+    blocks_to_swap: int = 0
+    seed: int = 42
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    validate_every: int = 0
+    validation_prompts: list = field(default_factory=list)
+
+
+@dataclass
+class SampleSettings:
+    prompt: str = ""
+    negative_prompt: str = ""
+    mode: str = "t2v"  # t2v | i2v | continuation
+    image: str = ""
+    height: int = 480
+    width: int = 832
+    num_frames: int = 93
+    steps: int = 50
+    guidance: float = 4.0
+    seed: int = 0
+    fps: int = 15
+    loras: list = field(default_factory=list)  # [{"path": ..., "scale": 1.0}]
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSettings,
+    "dataset": DatasetSettings,
+    "cache": CacheSettings,
+    "train": TrainSettings,
+    "sample": SampleSettings,
+}
+
+
+@dataclass
+class RunConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    sample: SampleSettings = field(default_factory=SampleSettings)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Accept JSON/papermill values for a field whose default tells its type."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return int(as_float)
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(default, str):
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected text, got {value!r}")
+        return str(value)
+    if isinstance(default, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def section_from_dict(name: str, values: dict, source: str = "config") -> Any:
+    cls = SECTIONS[name]
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown setting(s) {unknown} in section '{name}'. "
+            f"Valid keys: {sorted(known)}. Fix the spelling or remove the key."
+        )
+    inst = cls()
+    for key, value in values.items():
+        setattr(inst, key, _coerce(value, getattr(inst, key), f"{source}: {name}.{key}"))
+    return inst
+
+
+def config_from_dict(data: dict, source: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object at the top level")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section(s) {unknown}; valid sections: {sorted(SECTIONS)}. "
+            "Remove or rename them."
+        )
+    cfg = RunConfig()
+    for name, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a JSON object, got {values!r}")
+        setattr(cfg, name, section_from_dict(name, values, source))
+    return cfg
+
+
+def load_config(run_dir: str | os.PathLike) -> RunConfig:
+    """Read ``run_dir/config.json``; a missing file gives the defaults."""
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.exists():
+        return RunConfig()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{path}: not valid JSON ({e}). Fix the file by hand or delete it to start from defaults."
+        ) from None
+    return config_from_dict(data, str(path))
+
+
+def save_config(run_dir: str | os.PathLike, cfg: RunConfig) -> Path:
+    path = Path(run_dir) / CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def update_section(run_dir: str | os.PathLike, name: str, **values: Any) -> RunConfig:
+    """Change some keys of one section, keep everything else, write atomically."""
+    if name not in SECTIONS:
+        raise ConfigError(f"unknown section '{name}'; valid sections: {sorted(SECTIONS)}")
+    cfg = load_config(run_dir)
+    current = asdict(getattr(cfg, name))
+    current.update(values)
+    setattr(cfg, name, section_from_dict(name, current, str(Path(run_dir) / CONFIG_NAME)))
+    save_config(run_dir, cfg)
+    return cfg
+
+
+def replace(section: Any, **changes: Any) -> Any:
+    return dataclasses.replace(section, **changes)

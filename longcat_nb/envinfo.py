@@ -1,0 +1,56 @@
+"""What the machine offers: torch, CUDA, GPU, VRAM, RAM, package versions."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+
+import torch
+
+PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "triton", "xformers",
+            "bitsandbytes", "optimum-quanto", "torchao", "av", "mediapy", "papermill", "ipywidgets", "jupyterlab")
+
+
+def _version(name: str) -> str:
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def host_ram_gib() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return float("nan")
+
+
+def environment_report() -> dict:
+    rep = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "ram_gib": round(host_ram_gib(), 1),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_version": torch.version.cuda,
+        "mps_available": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+        "gpus": [],
+        "packages": {p: _version(p) for p in PACKAGES},
+    }
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            rep["gpus"].append({
+                "index": i, "name": p.name, "vram_gib": round(p.total_memory / 2**30, 1),
+                "capability": f"{p.major}.{p.minor}", "bf16": torch.cuda.is_bf16_supported(),
+            })
+    return rep
+
+
+def report_rows(rep: dict) -> list[dict]:
+    rows = [{"item": k, "value": v} for k, v in rep.items() if k not in ("gpus", "packages")]
+    rows += [{"item": f"GPU {g['index']}", "value": f"{g['name']}, {g['vram_gib']} GiB, sm {g['capability']}"}
+             for g in rep["gpus"]]
+    rows += [{"item": p, "value": v} for p, v in rep["packages"].items()]
+    return rows

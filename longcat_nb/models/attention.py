@@ -1,0 +1,96 @@
+"""Attention backends of the DiT, chosen in one place.
+
+* ``sdpa``: torch ``scaled_dot_product_attention`` (CPU, CUDA, MPS). On CUDA in bf16 it runs
+  FlashAttention-2 kernels, which is what the checkpoint's ``enable_flashattn2`` asks for.
+* ``xformers``: ``xformers.ops.memory_efficient_attention`` when installed.
+* ``bsa``: block-sparse self-attention (spec §3) through our Triton kernel on CUDA; on other
+  devices, or for single-frame grids, it falls back to dense SDPA. Cross-attention is always dense.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("sdpa", "xformers", "bsa")
+
+DEFAULT_BSA_PARAMS = {"sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
+
+
+def backend_from_config(attention_implementation, enable_xformers: bool, enable_bsa: bool) -> str:
+    """The checkpoint's flags name flash-attn/xformers; SDPA is the portable equivalent."""
+    if attention_implementation:
+        name = str(attention_implementation).lower()
+        if name in ("flash_attn", "flash_attention_2", "flashattn2", "flashattn3", "flash_attention_3"):
+            name = "sdpa"
+        if name not in BACKENDS:
+            raise ValueError(
+                f"attention_implementation={attention_implementation!r} is not one of {BACKENDS}"
+            )
+        return name
+    if enable_bsa:
+        return "bsa"
+    if enable_xformers:
+        return "xformers"
+    return "sdpa"
+
+
+def _xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def dense_attention(q, k, v, backend: str = "sdpa", attn_mask=None):
+    """q [B, H, Sq, D], k/v [B, H, Sk, D] -> [B, H, Sq, D]; softmax scale 1/sqrt(D)."""
+    if backend == "xformers" and q.is_cuda and attn_mask is None:
+        import xformers.ops
+
+        out = xformers.ops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def self_attention(q, k, v, grid_q, grid_k, backend: str, bsa_params: dict | None):
+    """Self-attention of video tokens; ``grid_*`` = (T, h, w) of the queries / keys."""
+    if backend == "bsa" and grid_q[0] > 1 and q.is_cuda:
+        from .bsa import bsa_attention, bsa_available
+
+        if bsa_available():
+            params = dict(DEFAULT_BSA_PARAMS if bsa_params is None else bsa_params)
+            return bsa_attention(
+                q,
+                k,
+                v,
+                tuple(grid_q),
+                tuple(grid_k),
+                sparsity=params.get("sparsity", 0.9375),
+                chunk_q=tuple(params.get("chunk_3d_shape_q", (4, 4, 4))),
+                chunk_k=tuple(params.get("chunk_3d_shape_k", (4, 4, 4))),
+                cdf_threshold=params.get("cdf_threshold"),
+            )
+    return dense_attention(q, k, v, "xformers" if backend == "xformers" else "sdpa")
+
+
+def check_backend_available(backend: str) -> str:
+    """Resolve a requested backend to the one that will run, with a log line saying which."""
+    if backend == "xformers" and not _xformers_available():
+        logger.warning("xformers is not installed; using torch SDPA attention instead")
+        return "sdpa"
+    if backend == "bsa":
+        try:
+            from .bsa import bsa_available
+
+            ok = bsa_available()
+        except Exception:
+            ok = False
+        if not ok:
+            logger.warning("block-sparse attention needs CUDA and Triton; using dense SDPA instead")
+    return backend

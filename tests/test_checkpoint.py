@@ -1,0 +1,83 @@
+"""The checkpoint layout: tiny default built with the real classes, loaded through the real code."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from longcat_nb.checkpoint import (
+    CheckpointError, build_tiny_checkpoint, describe_checkpoint, load_components, load_dit,
+)
+from longcat_nb.text import clean_prompt, encode_prompts
+from longcat_nb.vae import check_num_frames, check_size, decode_latents, encode_video
+
+
+def test_tiny_checkpoint_layout_and_official_classes(tiny_ckpt):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    for part in ("dit", "vae", "text_encoder", "tokenizer", "scheduler", "lora"):
+        assert (tiny_ckpt / part).is_dir()
+    assert (tiny_ckpt / "dit" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    cfg = json.loads((tiny_ckpt / "dit" / "config.json").read_text())
+    assert cfg["_class_name"] == "LongCatVideoTransformer3DModel" and cfg["text_tokens_zero_pad"] is True
+    # the library classes load every part on their own
+    AutoencoderKLWan.from_pretrained(tiny_ckpt, subfolder="vae")
+    UMT5EncoderModel.from_pretrained(tiny_ckpt, subfolder="text_encoder")
+    AutoTokenizer.from_pretrained(tiny_ckpt, subfolder="tokenizer")
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_ckpt, subfolder="scheduler")
+    assert sched.config.shift == 12.0
+    size = sum(p.stat().st_size for p in tiny_ckpt.rglob("*") if p.is_file())
+    assert size < 10 * 2**20
+
+
+def test_tiny_checkpoint_is_deterministic(tmp_path, tiny_ckpt):
+    other = build_tiny_checkpoint(tmp_path / "again", seed=0)
+    a = load_dit(tiny_ckpt).state_dict()
+    b = load_dit(other).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tiny_ckpt / "tokenizer" / "tokenizer.json").read_bytes() == (other / "tokenizer" / "tokenizer.json").read_bytes()
+
+
+def test_components_round_trip_and_encode(tiny_ckpt):
+    c = load_components(tiny_ckpt, device="cpu", dtypes={"dit": "bfloat16"})
+    assert c.dit.dtype == torch.bfloat16 and c.vae.dtype == torch.float32
+    emb, mask = encode_prompts(c.tokenizer, c.text_encoder, ["A red fox 在雪地里奔跑", ""])
+    assert emb.shape == (2, 1, 512, c.text_encoder.config.d_model) and mask.shape == (2, 512)
+    assert mask[1].sum() == 1  # the empty negative prompt is one EOS token
+    ids = c.tokenizer("狐狸 ☃ zebra").input_ids
+    assert c.tokenizer.unk_token_id not in ids  # byte fallback: nothing is unknown
+    video = torch.rand(1, 3, 9, 32, 48) * 2 - 1
+    z = encode_video(c.vae, video, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (1, 16, 3, 4, 6)
+    out = c.dit(z, torch.tensor([500.0]), emb[:1], mask[:1])
+    assert out.shape == z.shape and out.dtype == torch.float32
+    assert decode_latents(c.vae, z).shape == video.shape
+
+
+def test_missing_or_broken_parts_name_the_folder(tmp_path, tiny_ckpt):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_components(tmp_path / "nowhere")
+    broken = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(CheckpointError, match=r"vae.*missing.*huggingface-cli download"):
+        load_components(broken, parts=["vae"])
+    shard = sorted((broken / "dit").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated download
+    with pytest.raises(CheckpointError, match="dit"):
+        load_components(broken, parts=["dit"])
+
+
+def test_describe_checkpoint(tiny_ckpt):
+    info = describe_checkpoint(str(tiny_ckpt))
+    assert info["parts"]["dit"]["present"] and info["dit_config"]["depth"] == 2
+
+
+def test_prompt_cleaning_and_rules():
+    assert clean_prompt("  a &amp;amp; b\n\n c  ") == "a & b c"
+    assert check_num_frames(93) == 93
+    with pytest.raises(ValueError, match="93 or 97|89 or 93"):
+        check_num_frames(95)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        check_size(480, 830)

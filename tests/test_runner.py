@@ -1,0 +1,26 @@
+"""Headless runs: the notebooks execute under papermill exactly as `python -m longcat_nb run` does."""
+import json
+
+import pytest
+
+from longcat_nb.config import load_config
+from longcat_nb.runner import find_notebook, parse_parameters, run_notebooks
+
+
+def test_parse_parameters_and_find():
+    assert parse_parameters(["steps=5", "prompt=a cat", "flag=true", "x=[1,2]"]) == {
+        "steps": 5, "prompt": "a cat", "flag": True, "x": [1, 2]}
+    assert find_notebook("00_setup").name == "00_setup.ipynb"
+    assert find_notebook("00").name == "00_setup.ipynb"
+    with pytest.raises(FileNotFoundError, match="known notebooks"):
+        find_notebook("99_nope")
+
+
+def test_00_setup_headless_writes_config(tmp_path, tiny_ckpt):
+    outs = run_notebooks(["00_setup"], tmp_path, {"attention": "xformers", "checkpoint": str(tiny_ckpt)})
+    nb = json.loads(outs[0].read_text())
+    assert all(c.get("outputs") is not None for c in nb["cells"] if c["cell_type"] == "code")
+    cfg = load_config(tmp_path)
+    assert cfg.model.attention == "xformers" and cfg.model.checkpoint == str(tiny_ckpt)
+    with pytest.raises(ValueError, match="not declared"):
+        run_notebooks(["00_setup"], tmp_path, {"atention": "sdpa"})
