@@ -1,0 +1,178 @@
+"""Full-size LongCat-Video DiT on one GPU: a CFG sampling step and a LoRA training step at
+480x832x93 (random weights), in several base precisions; peak memory of each. JSON out.
+
+    python benchmarks/bench_dit.py --cases sample,train_bf16,train_int8 [--out $OUT/dit.json]
+
+Every case runs in try/except so one failure (or OOM) still reports the others. Timings are the
+median of ``--repeat`` runs after one warm-up, synchronized, on the same random inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from longcat_nb.memory import apply_base_precision, apply_block_swap  # noqa: E402
+from longcat_nb.models import LongCatVideoTransformer3DModel  # noqa: E402
+
+try:
+    from longcat_nb.lora import add_lora
+    from longcat_nb.train import flow_matching_loss
+except ImportError:  # early runs before lora.py existed: the same peft injection, inline
+    from peft import LoraConfig, inject_adapter_in_model
+
+    def add_lora(model, rank, alpha, targets=("attn.qkv", "attn.proj", "cross_attn.q_linear",
+                                               "cross_attn.kv_linear", "cross_attn.proj")):
+        names = [f"blocks.{i}.{t}" for i in range(len(model.blocks)) for t in targets]
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names), model)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+
+    def flow_matching_loss(dit, x0, text, mask, sigma, noise, num_cond=0):
+        s = sigma.view(-1, 1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        t = (sigma * 1000)[:, None].expand(x0.shape[0], x0.shape[2])
+        pred = dit(x_t, t, text, mask)
+        return (pred.float() - (x0 - noise)).square().mean()
+
+GIB = 2**30
+
+
+def random_full_dit(device="cuda", dtype=torch.bfloat16, seed=0, **cfg):
+    """The full-size DiT with small random weights, built on the device without an fp32 copy."""
+    with torch.device("meta"):
+        m = LongCatVideoTransformer3DModel(text_tokens_zero_pad=True, **cfg)
+    m = m.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("k_norm.weight") or name.endswith("q_norm.weight"):
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.zero_()
+            else:
+                fan_in = p[0].numel()
+                p.normal_(0.0, fan_in ** -0.5, generator=g)
+    return m.eval().requires_grad_(False)
+
+
+def timed(fn, repeat):
+    fn()  # warm-up (compile, autotune, allocator)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def inputs(B, F=93, H=480, W=832, L=512, C=4096, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    T = 1 + (F - 1) // 4
+    x = torch.randn(B, 16, T, H // 8, W // 8, device="cuda", generator=g)
+    y = torch.randn(B, 1, L, C, device="cuda", generator=g, dtype=torch.bfloat16)
+    mask = torch.ones(B, L, dtype=torch.long, device="cuda")
+    return x, y, mask
+
+
+def case_sample(model, repeat, compile_blocks=False):
+    """One CFG step: batch 2 (negative, positive) through the DiT."""
+    x, y, mask = inputs(2)
+    t = torch.full((2,), 998.0, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        med, times = timed(lambda: model(x, t, y, mask), repeat)
+    return {"sec_per_step": med, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / GIB}
+
+
+def case_train(model, repeat, rank=32, swap=0):
+    add_lora(model, rank=rank, alpha=rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    model.enable_gradient_checkpointing()
+    model.train()
+    sw = apply_block_swap(model, swap, "cuda") if swap else None
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    x0, y, mask = inputs(1)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(x0.shape, generator=g).cuda()
+    sigma = torch.tensor([0.7], device="cuda")
+    losses = []
+
+    def step():
+        loss = flow_matching_loss(model, x0, y, mask, sigma, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    med, times = timed(step, repeat)
+    out = {"sec_per_step": med, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+           "lora_params_m": sum(p.numel() for p in params) / 1e6, "losses": losses, "blocks_to_swap": swap}
+    if sw is not None:
+        sw.remove()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="sample,train_bf16,train_int8")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--depth", type=int, default=48)
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "dit.json"))
+    args = ap.parse_args()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "depth": args.depth,
+           "shape": "480x832x93 (latent 24x60x104, 37440 tokens)", "cases": {}}
+    for case in args.cases.split(","):
+        t0 = time.time()
+        model = None
+        try:
+            if case in ("sample", "sample_compile"):
+                model = random_full_dit(depth=args.depth)
+                if case == "sample_compile":
+                    for b in model.blocks:
+                        b.compile()
+                r = case_sample(model, args.repeat)
+            elif case.startswith("train_"):
+                parts = case.split("_")  # train_<precision>[_swapN]
+                precision = parts[1]
+                swap = int(parts[2][4:]) if len(parts) > 2 and parts[2].startswith("swap") else 0
+                model = random_full_dit(depth=args.depth)
+                if precision != "bf16":
+                    apply_base_precision(model, precision, "cuda")
+                r = case_train(model, args.repeat, swap=swap)
+            else:
+                r = {"error": f"unknown case {case}"}
+        except Exception as e:  # report and go on
+            r = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        r["wall_s"] = time.time() - t0
+        res["cases"][case] = r
+        print(json.dumps({case: {k: v for k, v in r.items() if k != "trace"}}), flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print("\ncase                 sec/step   peak GiB")
+    for k, v in res["cases"].items():
+        print(f"{k:20s} {v.get('sec_per_step', float('nan')):8.2f} {v.get('peak_gib', float('nan')):9.1f}  {v.get('error', '')[:80]}")
+
+
+if __name__ == "__main__":
+    main()
