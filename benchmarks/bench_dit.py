@@ -97,13 +97,16 @@ def case_sample(model, repeat, compile_blocks=False):
     return {"sec_per_step": med, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / GIB}
 
 
-def case_train(model, repeat, rank=32, swap=0):
+def case_train(model, repeat, rank=32, swap=0, compile_blocks=False):
     add_lora(model, rank=rank, alpha=rank)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     model.enable_gradient_checkpointing()
     model.train()
+    if compile_blocks:
+        from longcat_nb.speed import apply_compile
+        apply_compile(model)
     sw = apply_block_swap(model, swap, "cuda") if swap else None
     opt = torch.optim.AdamW(params, lr=1e-4)
     x0, y, mask = inputs(1)
@@ -130,6 +133,32 @@ def case_train(model, repeat, rank=32, swap=0):
     return out
 
 
+def case_attention(repeat):
+    """One self-attention layer, 32 heads x 128, bf16: each SDPA kernel, forward and fwd+bwd."""
+    from longcat_nb.models.attention import dense_attention, set_sdpa_preference
+
+    out = {}
+    for label, n in (("480x832x93", 37440), ("704x1280x93", 84480)):
+        q, k, v = (torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        flops = 4 * n * n * 4096
+        for pref in ("flash", "cudnn", "efficient"):
+            try:
+                set_sdpa_preference(pref)
+                fwd, _ = timed(lambda: dense_attention(q, k, v), repeat + 3)
+
+                def fb():
+                    o = dense_attention(q, k, v)
+                    torch.autograd.grad(o, (q, k, v), do)
+                fb_t, _ = timed(fb, repeat + 3)
+                out[f"{label}/{pref}"] = {"fwd_ms": fwd * 1e3, "fwd_bwd_ms": fb_t * 1e3,
+                                          "fwd_tflops": flops / fwd / 1e12, "fwd_bwd_tflops": 3.5 * flops / fb_t / 1e12}
+            except Exception as e:
+                out[f"{label}/{pref}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        set_sdpa_preference("auto")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="sample,train_bf16,train_int8")
@@ -142,28 +171,34 @@ def main():
     for case in args.cases.split(","):
         t0 = time.time()
         model = None
+        case_name = case
+        case, _, sdpa = case.partition("@")  # e.g. sample@cudnn
+        from longcat_nb.models.attention import set_sdpa_preference
+        set_sdpa_preference(sdpa or "auto")
         try:
-            if case in ("sample", "sample_compile"):
+            if case == "attention":
+                r = case_attention(args.repeat)
+            elif case in ("sample", "sample_compile"):
                 model = random_full_dit(depth=args.depth)
                 if case == "sample_compile":
-                    for b in model.blocks:
-                        b.compile()
+                    from longcat_nb.speed import apply_compile
+                    apply_compile(model)
                 r = case_sample(model, args.repeat)
             elif case.startswith("train_"):
                 parts = case.split("_")  # train_<precision>[_swapN]
                 precision = parts[1]
-                swap = int(parts[2][4:]) if len(parts) > 2 and parts[2].startswith("swap") else 0
+                swap = next((int(p[4:]) for p in parts[2:] if p.startswith("swap")), 0)
                 model = random_full_dit(depth=args.depth)
                 if precision != "bf16":
                     apply_base_precision(model, precision, "cuda")
-                r = case_train(model, args.repeat, swap=swap)
+                r = case_train(model, args.repeat, swap=swap, compile_blocks="compile" in parts)
             else:
                 r = {"error": f"unknown case {case}"}
         except Exception as e:  # report and go on
             r = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
         r["wall_s"] = time.time() - t0
-        res["cases"][case] = r
-        print(json.dumps({case: {k: v for k, v in r.items() if k != "trace"}}), flush=True)
+        res["cases"][case_name] = r
+        print(json.dumps({case_name: {k: v for k, v in r.items() if k != "trace"}}), flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()
@@ -171,6 +206,11 @@ def main():
     Path(args.out).write_text(json.dumps(res, indent=2))
     print("\ncase                 sec/step   peak GiB")
     for k, v in res["cases"].items():
+        if k == "attention":
+            for kk, vv in v.items():
+                if isinstance(vv, dict):
+                    print(f"  attn {kk:24s} fwd {vv.get('fwd_ms', float('nan')):7.1f} ms  fwd+bwd {vv.get('fwd_bwd_ms', float('nan')):7.1f} ms {vv.get('error', '')[:60]}")
+            continue
         print(f"{k:20s} {v.get('sec_per_step', float('nan')):8.2f} {v.get('peak_gib', float('nan')):9.1f}  {v.get('error', '')[:80]}")
 
 

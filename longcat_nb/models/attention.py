@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,36 @@ def _xformers_available() -> bool:
     return True
 
 
+# Which SDPA kernels torch may use on CUDA, in order of preference. cuDNN's fused attention is the
+# fastest on Hopper for these shapes (measured in docs/benchmarks.md); torch falls back down the list
+# when a kernel does not support the inputs. Override with LONGCAT_NB_SDPA=flash|cudnn|efficient|math.
+_SDPA_ORDER = {
+    "cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+    "flash": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+    "efficient": ("EFFICIENT_ATTENTION", "MATH"),
+    "math": ("MATH",),
+}
+_sdpa_pref = os.environ.get("LONGCAT_NB_SDPA", "auto")
+
+
+def set_sdpa_preference(name: str) -> None:
+    """'auto' lets torch choose; otherwise one of flash | cudnn | efficient | math."""
+    global _sdpa_pref
+    if name != "auto" and name not in _SDPA_ORDER:
+        raise ValueError(f"SDPA preference {name!r}: choose auto or one of {sorted(_SDPA_ORDER)}")
+    _sdpa_pref = name
+
+
+def _sdpa(q, k, v, attn_mask=None):
+    if _sdpa_pref == "auto" or not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [getattr(SDPBackend, n) for n in _SDPA_ORDER[_sdpa_pref]]
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
 def dense_attention(q, k, v, backend: str = "sdpa", attn_mask=None):
     """q [B, H, Sq, D], k/v [B, H, Sk, D] -> [B, H, Sq, D]; softmax scale 1/sqrt(D)."""
     if backend == "xformers" and q.is_cuda and attn_mask is None:
@@ -55,7 +86,7 @@ def dense_attention(q, k, v, backend: str = "sdpa", attn_mask=None):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         )
         return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return _sdpa(q, k, v, attn_mask=attn_mask)
 
 
 def self_attention(q, k, v, grid_q, grid_k, backend: str, bsa_params: dict | None):

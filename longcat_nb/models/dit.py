@@ -142,7 +142,9 @@ class SelfAttention(nn.Module):
     def _qkv(self, x: torch.Tensor):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.q_norm(q), self.k_norm(k), v  # [B, heads, N, D]
+        # contiguous [B, heads, N, D]: cuDNN's fused attention rejects the strided view and torch
+        # would silently fall back to a slower kernel
+        return self.q_norm(q), self.k_norm(k), v.contiguous()
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
         B, _, N, _ = o.shape
@@ -210,10 +212,10 @@ class CrossAttention(nn.Module):
             return torch.cat([out.new_zeros(x.shape[0], num_cond_tokens, x.shape[2]), out], dim=1)
         B, N, C = x.shape
         L = y.shape[1]
-        q = self.q_norm(self.q_linear(x).view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
+        q = self.q_norm(self.q_linear(x).view(B, N, self.num_heads, self.head_dim)).transpose(1, 2).contiguous()
         k, v = self.kv_linear(y).view(B, L, 2, self.num_heads, self.head_dim).unbind(2)
-        k = self.k_norm(k).transpose(1, 2)
-        v = v.transpose(1, 2)
+        k = self.k_norm(k).transpose(1, 2).contiguous()
+        v = v.transpose(1, 2).contiguous()
         mask = None if y_mask is None else y_mask[:, None, None, :]
         o = dense_attention(q, k, v, self.backend, attn_mask=mask)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
