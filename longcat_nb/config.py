@@ -76,7 +76,9 @@ class TrainSettings:
     caption_dropout: float = 0.0
     base_precision: str = "bf16"  # bf16 | int8 | int4 | fp8 | nf4
     gradient_checkpointing: bool = True
+    activation_offload: bool = False  # checkpointed block inputs in pinned CPU memory
     blocks_to_swap: int = 0
+    compile: bool = False  # torch.compile of the blocks (CUDA)
     seed: int = 42
     checkpoint_every: int = 100
     keep_checkpoints: int = 3

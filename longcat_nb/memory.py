@@ -236,3 +236,63 @@ def apply_block_swap(model: nn.Module, blocks_to_swap: int, device) -> Optional[
     swap = BlockSwap(model, blocks_to_swap, device)
     logger.info("block swap: %d of %d blocks stream from CPU memory", len(swap.swapped), len(swap.blocks))
     return swap
+
+
+# ---------------------------------------------------------------------------------------------
+# activation offload: the input each checkpointed block keeps for its recompute lives on the CPU
+# ---------------------------------------------------------------------------------------------
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """Run a block without keeping anything on the GPU but a pinned CPU copy of its input; in the
+    backward, bring the input back, recompute with grad and backpropagate through the block."""
+
+    @staticmethod
+    def forward(ctx, block, n_args, *flat):
+        args = list(flat[:n_args])
+        ctx.block, ctx.n_args = block, n_args
+        ctx.devices = [a.device if torch.is_tensor(a) else None for a in args]
+        ctx.needs = [torch.is_tensor(a) and a.requires_grad for a in args]
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state() if args[0].is_cuda else None
+        saved = []
+        for a in args:
+            if torch.is_tensor(a) and a.is_cuda and a.numel() > 1 << 20:
+                host = torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
+                host.copy_(a, non_blocking=True)
+                saved.append(host)
+            else:
+                saved.append(a.detach() if torch.is_tensor(a) else a)
+        ctx.saved_args = saved
+        with torch.no_grad():
+            return block(*args)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        args = []
+        for a, dev, need in zip(ctx.saved_args, ctx.devices, ctx.needs):
+            if torch.is_tensor(a):
+                a = a.to(dev, non_blocking=True).detach().requires_grad_(need)
+            args.append(a)
+        rng_devices = [args[0].device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng)
+            with torch.enable_grad():
+                out = ctx.block(*args)
+        torch.autograd.backward(out, grad_out)
+        grads = [a.grad if torch.is_tensor(a) and need else None for a, need in zip(args, ctx.needs)]
+        ctx.saved_args = None
+        return (None, None, *grads)
+
+
+def offloaded_checkpoint(block, *args):
+    return _OffloadedCheckpoint.apply(block, len(args), *args)
+
+
+def apply_activation_offload(model: nn.Module) -> nn.Module:
+    """Per-block checkpointing whose saved block inputs live in pinned CPU memory (14.7 GB at
+    480x832x93 for 48 blocks stay off the GPU); the copies overlap with compute."""
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        raise ValueError("activation offload needs a model with per-block gradient checkpointing")
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=offloaded_checkpoint)
+    return model

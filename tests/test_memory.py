@@ -64,3 +64,23 @@ def test_block_swap_same_outputs_and_gradients():
             sw.remove()
     assert torch.equal(results[0][0], results[1][0])
     assert torch.allclose(results[0][1], results[1][1])
+
+
+def test_activation_offload_same_gradients_as_checkpointing():
+    from longcat_nb.memory import apply_activation_offload
+
+    x, y, mask = inputs()
+    t = torch.tensor([[0.0, 900, 900, 900], [0.0, 100, 100, 100]])
+    grads = []
+    for offload in (False, True):
+        m = tiny_model().train()
+        if offload:
+            apply_activation_offload(m)
+        else:
+            m.enable_gradient_checkpointing()
+        out = m(x, t, y, mask, num_cond_latents=1)
+        out[:, :, 1:].square().mean().backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5), k
