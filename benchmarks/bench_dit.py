@@ -87,8 +87,10 @@ def inputs(B, F=93, H=480, W=832, L=512, C=4096, seed=1):
     return x, y, mask
 
 
-def case_sample(model, repeat, compile_blocks=False):
+def case_sample(model, repeat):
     """One CFG step: batch 2 (negative, positive) through the DiT."""
+    gc.collect()
+    torch.cuda.empty_cache()
     x, y, mask = inputs(2)
     t = torch.full((2,), 998.0, device="cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -97,12 +99,16 @@ def case_sample(model, repeat, compile_blocks=False):
     return {"sec_per_step": med, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / GIB}
 
 
-def case_train(model, repeat, rank=32, swap=0, compile_blocks=False):
+def case_train(model, repeat, rank=32, swap=0, compile_blocks=False, offload=False):
     add_lora(model, rank=rank, alpha=rank)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
-    model.enable_gradient_checkpointing()
+    if offload:
+        from longcat_nb.memory import apply_activation_offload
+        apply_activation_offload(model)
+    else:
+        model.enable_gradient_checkpointing()
     model.train()
     if compile_blocks:
         from longcat_nb.speed import apply_compile
@@ -159,6 +165,54 @@ def case_attention(repeat):
     return out
 
 
+def case_attention_diag():
+    """Why a fused kernel is or is not taken: cuDNN only, on plain and on DiT-made q/k/v."""
+    import warnings
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from longcat_nb.models.dit import SelfAttention
+    from longcat_nb.models.rope import apply_rope
+
+    n = 37440
+    out = {}
+
+    def plain(B, grad):
+        return [torch.randn(B, 32, n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3)]
+
+    def from_dit(B):
+        attn = SelfAttention(4096, 32).cuda().to(torch.bfloat16)
+        x = torch.randn(B, n, 4096, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            q, k, v = attn._qkv(x)
+            cos, sin = attn.rope.get((24, 30, 52), x.device)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    variants = {"plain_B1_grad": lambda: plain(1, True), "plain_B1_nograd": lambda: plain(1, False),
+                "plain_B2_nograd": lambda: plain(2, False), "dit_B2": lambda: from_dit(2),
+                "dit_B1": lambda: from_dit(1)}
+    for name, make in variants.items():
+        q, k, v = make()
+        rec = {"strides": [list(t.stride()) for t in (q, k, v)], "dtypes": [str(t.dtype) for t in (q, k, v)]}
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            try:
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    with torch.no_grad():
+                        F.scaled_dot_product_attention(q, k, v)
+                    torch.cuda.synchronize()
+                    t, _ = timed(lambda: F.scaled_dot_product_attention(q, k, v), 3)
+                rec["cudnn_ms"] = t * 1e3
+            except Exception as e:
+                rec["error"] = f"{type(e).__name__}: {e}"[:400]
+            rec["warnings"] = [str(x.message)[:300] for x in w][:6]
+        out[name] = rec
+        del q, k, v
+        torch.cuda.empty_cache()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="sample,train_bf16,train_int8")
@@ -178,6 +232,8 @@ def main():
         try:
             if case == "attention":
                 r = case_attention(args.repeat)
+            elif case == "attention_diag":
+                r = case_attention_diag()
             elif case in ("sample", "sample_compile"):
                 model = random_full_dit(depth=args.depth)
                 if case == "sample_compile":
@@ -191,7 +247,17 @@ def main():
                 model = random_full_dit(depth=args.depth)
                 if precision != "bf16":
                     apply_base_precision(model, precision, "cuda")
-                r = case_train(model, args.repeat, swap=swap, compile_blocks="compile" in parts)
+                r = case_train(model, args.repeat, swap=swap, compile_blocks="compile" in parts,
+                               offload="offload" in parts)
+            elif case.startswith("sample_") and case != "sample_compile":
+                parts = case.split("_")  # sample_<precision>[_swapN]
+                model = random_full_dit(depth=args.depth)
+                if parts[1] != "bf16":
+                    apply_base_precision(model, parts[1], "cuda")
+                swap = next((int(p[4:]) for p in parts[2:] if p.startswith("swap")), 0)
+                sw = apply_block_swap(model, swap, "cuda") if swap else None
+                r = case_sample(model, args.repeat)
+                r["blocks_to_swap"] = swap
             else:
                 r = {"error": f"unknown case {case}"}
         except Exception as e:  # report and go on

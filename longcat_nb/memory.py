@@ -243,12 +243,15 @@ def apply_block_swap(model: nn.Module, blocks_to_swap: int, device) -> Optional[
 # ---------------------------------------------------------------------------------------------
 class _OffloadedCheckpoint(torch.autograd.Function):
     """Run a block without keeping anything on the GPU but a pinned CPU copy of its input; in the
-    backward, bring the input back, recompute with grad and backpropagate through the block."""
+    backward, bring the input back, recompute with grad and backpropagate through the block.
+
+    The block's trainable parameters (the LoRA) are inputs of the Function, so autograd knows the
+    output depends on them even when the block input itself needs no gradient (the first block)."""
 
     @staticmethod
     def forward(ctx, block, n_args, *flat):
-        args = list(flat[:n_args])
-        ctx.block, ctx.n_args = block, n_args
+        args, params = list(flat[:n_args]), list(flat[n_args:])
+        ctx.block, ctx.params = block, params
         ctx.devices = [a.device if torch.is_tensor(a) else None for a in args]
         ctx.needs = [torch.is_tensor(a) and a.requires_grad for a in args]
         ctx.cpu_rng = torch.get_rng_state()
@@ -279,14 +282,17 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 torch.cuda.set_rng_state(ctx.cuda_rng)
             with torch.enable_grad():
                 out = ctx.block(*args)
-        torch.autograd.backward(out, grad_out)
-        grads = [a.grad if torch.is_tensor(a) and need else None for a, need in zip(args, ctx.needs)]
-        ctx.saved_args = None
-        return (None, None, *grads)
+        wrt_args = [a for a, need in zip(args, ctx.needs) if need]
+        grads = torch.autograd.grad(out, wrt_args + ctx.params, grad_out, allow_unused=True)
+        it = iter(grads[: len(wrt_args)])
+        arg_grads = [next(it) if need else None for need in ctx.needs]
+        ctx.saved_args = ctx.params = None
+        return (None, None, *arg_grads, *grads[len(wrt_args):])
 
 
 def offloaded_checkpoint(block, *args):
-    return _OffloadedCheckpoint.apply(block, len(args), *args)
+    params = [p for p in block.parameters() if p.requires_grad]
+    return _OffloadedCheckpoint.apply(block, len(args), *args, *params)
 
 
 def apply_activation_offload(model: nn.Module) -> nn.Module:
