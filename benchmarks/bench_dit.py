@@ -94,9 +94,11 @@ def case_sample(model, repeat):
     x, y, mask = inputs(2)
     t = torch.full((2,), 998.0, device="cuda")
     torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() / GIB
     with torch.no_grad():
         med, times = timed(lambda: model(x, t, y, mask), repeat)
-    return {"sec_per_step": med, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / GIB}
+    return {"sec_per_step": med, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+            "resident_gib": resident}
 
 
 def case_train(model, repeat, rank=32, swap=0, compile_blocks=False, offload=False):
@@ -131,11 +133,14 @@ def case_train(model, repeat, rank=32, swap=0, compile_blocks=False, offload=Fal
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() / GIB
     med, times = timed(step, repeat)
-    out = {"sec_per_step": med, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+    out = {"sec_per_step": med, "resident_gib": resident, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
            "lora_params_m": sum(p.numel() for p in params) / 1e6, "losses": losses, "blocks_to_swap": swap}
     if sw is not None:
         sw.remove()
+    from longcat_nb.speed import disable_compile
+    disable_compile()
     return out
 
 
@@ -234,11 +239,11 @@ def main():
                 r = case_attention(args.repeat)
             elif case == "attention_diag":
                 r = case_attention_diag()
-            elif case in ("sample", "sample_compile"):
+            elif case in ("sample", "sample_compile", "sample_compileglue"):
                 model = random_full_dit(depth=args.depth)
-                if case == "sample_compile":
+                if case != "sample":
                     from longcat_nb.speed import apply_compile
-                    apply_compile(model)
+                    apply_compile(model, scope="glue" if case.endswith("glue") else "blocks")
                 r = case_sample(model, args.repeat)
             elif case.startswith("train_"):
                 parts = case.split("_")  # train_<precision>[_swapN]
@@ -249,7 +254,7 @@ def main():
                     apply_base_precision(model, precision, "cuda")
                 r = case_train(model, args.repeat, swap=swap, compile_blocks="compile" in parts,
                                offload="offload" in parts)
-            elif case.startswith("sample_") and case != "sample_compile":
+            elif case.startswith("sample_"):
                 parts = case.split("_")  # sample_<precision>[_swapN]
                 model = random_full_dit(depth=args.depth)
                 if parts[1] != "bf16":

@@ -185,8 +185,9 @@ class BlockSwap:
             return
         if self.stream is not None:
             # the copies' memory may be freed only once the compute using them has been queued
+            stream = torch.cuda.current_stream(self.device)
             for t, _ in self.cpu[i]:
-                t.data.record_stream(torch.cuda.current_stream(self.device))
+                _record_stream(t.data, stream)
         for t, host in self.cpu[i]:
             t.data = host
         del self.ready[i]
@@ -228,6 +229,15 @@ class BlockSwap:
             torch.cuda.synchronize(self.device)
         self.ready.clear()
         self.cpu.clear()
+
+
+def _record_stream(t: torch.Tensor, stream) -> None:
+    """record_stream on a tensor or, for quantized tensor subclasses, on their inner tensors."""
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        for name in t.__tensor_flatten__()[0]:
+            _record_stream(getattr(t, name), stream)
+    else:
+        t.record_stream(stream)
 
 
 def apply_block_swap(model: nn.Module, blocks_to_swap: int, device) -> Optional[BlockSwap]:

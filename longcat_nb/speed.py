@@ -1,9 +1,9 @@
 """Speed options applied to a plain DiT (the model file knows nothing of them).
 
-* ``apply_compile``: ``torch.compile`` of each block, fusing the float32 modulation/norm glue and
-  layout copies around the matmuls and attention. With gradient checkpointing the checkpointed call
-  itself is compiled (compiling only the block inside a checkpoint makes the recompute save other
-  tensors than the first pass, which torch.utils.checkpoint rejects).
+* ``apply_compile``: ``torch.compile`` of the blocks or of their float32 element-wise glue. Measured
+  on an H100 (docs/benchmarks.md): the glue is about a third of a sampling step's time; compiling a
+  whole block inside ``torch.utils.checkpoint`` fails its recompute check, so training compiles the
+  glue functions only.
 * ``set_sdpa_preference`` (re-exported): which fused attention kernel torch should use on CUDA.
 """
 from __future__ import annotations
@@ -15,22 +15,32 @@ import torch.nn as nn
 from .models.attention import set_sdpa_preference  # noqa: F401
 
 
-def _checkpointed_call(module, *args):
-    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
 
+def apply_compile(model: nn.Module, scope: str = "auto", mode: str | None = None) -> nn.Module:
+    """Compile for speed. scope='blocks': each whole block (sampling: one graph shared by the 48
+    identical blocks); scope='glue': only the float32 element-wise functions (norms, modulation,
+    gated residuals, RoPE), which composes with gradient checkpointing, activation offload and block
+    swap. 'auto' = blocks without gradient checkpointing, glue with it."""
+    from .models import dit as dit_module
 
-def apply_compile(model: nn.Module, mode: str | None = None) -> nn.Module:
-    """Compile every block (one graph shared by the 48 identical blocks)."""
-    if getattr(model, "gradient_checkpointing", False):
-        compiled = torch.compile(_checkpointed_call, mode=mode, dynamic=False)
-        model._gradient_checkpointing_func = compiled
-        for m in model.modules():
-            if hasattr(m, "_gradient_checkpointing_func"):
-                m._gradient_checkpointing_func = compiled
-    else:
+    if scope == "auto":
+        scope = "glue" if getattr(model, "gradient_checkpointing", False) else "blocks"
+    if scope == "glue":
+        for name in dit_module.GLUE:
+            if name not in dit_module._compiled_glue:
+                dit_module._compiled_glue[name] = torch.compile(getattr(dit_module, name), mode=mode)
+    elif scope == "blocks":
         for block in model.blocks:
             block.compile(mode=mode, dynamic=False)
+    else:
+        raise ValueError(f"compile scope {scope!r}: choose auto, glue or blocks")
     return model
+
+
+def disable_compile() -> None:
+    from .models import dit as dit_module
+
+    dit_module._compiled_glue.clear()
 
 
 def default_sdpa_preference() -> str:

@@ -39,32 +39,55 @@ def run_fp32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return functional_call(module, {k: p.float() for k, p in params.items()}, (x,))
 
 
-class LayerNormFP32(nn.LayerNorm):
+# ---- element-wise glue: plain functions, so speed.apply_compile can fuse them ---------------------
+def layer_norm_fp32(x, weight, bias, eps: float):
     """LayerNorm computed in float32, result in the input dtype."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
 
+
+def rms_norm_fp32(x, weight, eps: float):
+    """RMS norm in float32, cast back to the input dtype, then scaled in that dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def modulate_fp32(x, shift, scale, eps: float = 1e-6):
+    """LayerNorm(x)·(1 + scale) + shift in float32 (non-affine norm), rounded back to x's dtype."""
+    xf = F.layer_norm(x.float(), (x.shape[-1],), None, None, eps)
+    return (xf * (1 + scale) + shift).to(x.dtype)
+
+
+def gated_residual(x, gate, y):
+    """x + gate·y in float32 (gate per frame), rounded back to x's dtype. x, y: [B, T, S, C]."""
+    return (x.float() + gate * y.float()).to(x.dtype)
+
+
+GLUE = ("layer_norm_fp32", "rms_norm_fp32", "modulate_fp32", "gated_residual", "apply_rope")
+
+
+class LayerNormFP32(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        return _glue("layer_norm_fp32")(x, self.weight, self.bias, self.eps)
 
 
 class RMSNormFP32(nn.Module):
-    """RMS norm in float32, cast back to the input dtype, then scaled in that dtype."""
-
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        return _glue("rms_norm_fp32")(x, self.weight, self.eps)
 
 
-def modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """norm(x)·(1 + scale) + shift in float32, rounded back to x's dtype."""
-    return (norm(x.float()) * (1 + scale) + shift).to(x.dtype)
+_compiled_glue: dict = {}
+
+
+def _glue(name: str):
+    """The glue function by name: the compiled version once speed.apply_compile asked for it."""
+    return _compiled_glue.get(name) or globals()[name]
 
 
 class PatchEmbed3D(nn.Module):
@@ -155,7 +178,8 @@ class SelfAttention(nn.Module):
         q, k, v = self._qkv(x)
         kv = (k, v) if return_kv else None  # cache is post-norm, pre-RoPE (spec §4)
         cos, sin = self.rope.get(grid, x.device)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rope = _glue("apply_rope")
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         attn = lambda q_, k_, v_, tq, tk: self_attention(  # noqa: E731
             q_, k_, v_, (tq, h, w), (tk, h, w), self.backend, self.bsa_params
         )
@@ -237,11 +261,10 @@ class LongCatSingleStreamBlock(nn.Module):
         """x [B, N, C]; y [B, L, C]; t [B, T, Ct] float32; grid (T, h, w) of x's tokens."""
         B, N, C = x.shape
         T = grid[0]
-        dtype = x.dtype
         mod = run_fp32(self.adaLN_modulation, t).unsqueeze(2)  # [B, T, 1, 6C]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
 
-        x_m = modulate(self.mod_norm_attn, x.view(B, T, -1, C), shift_msa, scale_msa).view(B, N, C)
+        x_m = _glue("modulate_fp32")(x.view(B, T, -1, C), shift_msa, scale_msa).view(B, N, C)
         kv = None
         if kv_cache is not None:
             a = self.attn.forward_with_kv_cache(x_m, grid, num_cond_latents, kv_cache)
@@ -250,14 +273,14 @@ class LongCatSingleStreamBlock(nn.Module):
             a, kv = self.attn(x_m, grid, num_cond_latents, return_kv=True)
         else:
             a = self.attn(x_m, grid, num_cond_latents)
-        x = (x.float() + (gate_msa * a.view(B, T, -1, C)).view(B, N, C)).to(dtype)
+        x = _glue("gated_residual")(x.view(B, T, -1, C), gate_msa, a.view(B, T, -1, C)).view(B, N, C)
 
         if not skip_crs_attn:
             x = x + self.cross_attn(self.pre_crs_attn_norm(x), y, y_mask, num_cond_latents * (N // T))
 
-        x_m = modulate(self.mod_norm_ffn, x.view(B, T, -1, C), shift_mlp, scale_mlp).view(B, N, C)
+        x_m = _glue("modulate_fp32")(x.view(B, T, -1, C), shift_mlp, scale_mlp).view(B, N, C)
         f = self.ffn(x_m)
-        x = (x.float() + (gate_mlp * f.view(B, T, -1, C)).view(B, N, C)).to(dtype)
+        x = _glue("gated_residual")(x.view(B, T, -1, C), gate_mlp, f.view(B, T, -1, C)).view(B, N, C)
         return (x, kv) if return_kv else x
 
 
@@ -271,7 +294,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, T: int) -> torch.Tensor:
         B, N, C = x.shape
         shift, scale = run_fp32(self.adaLN_modulation, t).unsqueeze(2).chunk(2, dim=-1)
-        x = modulate(self.norm_final, x.view(B, T, -1, C), shift, scale).view(B, N, C)
+        x = _glue("modulate_fp32")(x.view(B, T, -1, C), shift, scale).view(B, N, C)
         return run_fp32(self.linear, x)
 
 
