@@ -1,0 +1,148 @@
+"""VRAM planner: predict peak GPU memory and host RAM from the settings, before anything loads.
+
+The model is counted from the architecture (weights per block in each precision, LoRA parameters
+from the targets and rank) plus activation terms in units of one [tokens, 4096] bf16 tensor, with
+coefficients calibrated on the H100 measurements in docs/benchmarks.md (full-size DiT, 480x832x93).
+``suggest`` walks the memory options from cheapest (in step time) to dearest and returns the first
+setting that fits.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+GIB = 2**30
+
+# Full-size architecture (spec §2.3/2.4)
+C = 4096
+DEPTH = 48
+BLOCK_PARAMS = 282_132_992
+BIG_LINEAR_PARAMS = 269_516_800  # qkv, attn.proj, cross q/kv/proj, ffn w1/w2/w3 (weights + biases)
+TOP_PARAMS = 38_687_808
+TARGET_SHAPES = {  # (in, out) of each LoRA target
+    "attn.qkv": (4096, 12288), "attn.proj": (4096, 4096), "cross_attn.q_linear": (4096, 4096),
+    "cross_attn.kv_linear": (4096, 8192), "cross_attn.proj": (4096, 4096),
+    "ffn.w1": (4096, 11008), "ffn.w2": (11008, 4096), "ffn.w3": (4096, 11008),
+    "adaLN_modulation.1": (512, 24576),
+}
+WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5, "nf4": 0.5}
+
+# Calibration (H100, torch 2.11, cuDNN attention), in units of one [N, 4096] bf16 tensor:
+K_TRAIN_BLOCK = 50.0  # one block's recompute + backward working set (measured 14.4 GiB at N=37,440)
+K_TRAIN_BLOCK_COMPILED = 42.0  # with the fp32 glue compiled (51.6 vs 53.9 GiB)
+K_SAMPLE = 15.4  # inference working set per token row (8.8 GiB for CFG batch 2 at N=37,440)
+OPTIMIZER_BYTES = {"adamw": 16.0, "adamw8bit": 10.0, "prodigy": 24.0}  # per LoRA param: w, g, states
+CONTEXT_GIB = 0.0  # max_memory_allocated excludes the CUDA context; keep predictions comparable
+
+
+@dataclass
+class PlanSettings:
+    height: int = 480
+    width: int = 832
+    num_frames: int = 93
+    batch_size: int = 1
+    rank: int = 32
+    targets: tuple = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj")
+    precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    activation_offload: bool = False
+    blocks_to_swap: int = 0
+    optimizer: str = "adamw"
+    compile: bool = False
+    mode: str = "train"  # train | sample
+    cfg: bool = True  # sampling with guidance runs batch 2
+
+
+@dataclass
+class Plan:
+    peak_gib: float
+    host_ram_gib: float
+    parts: dict
+
+
+def tokens(s: PlanSettings) -> int:
+    T = 1 + (s.num_frames - 1) // 4
+    return T * (s.height // 16) * (s.width // 16)
+
+
+def block_bytes(precision: str) -> float:
+    if precision in ("int8", "fp8", "int4", "nf4"):
+        rest = BLOCK_PARAMS - BIG_LINEAR_PARAMS
+        return BIG_LINEAR_PARAMS * WEIGHT_BYTES[precision] + rest * 2.0
+    return BLOCK_PARAMS * WEIGHT_BYTES.get(precision, 2.0)
+
+
+def lora_params(rank: int, targets) -> int:
+    return DEPTH * sum(rank * (i + o) for i, o in (TARGET_SHAPES[t] for t in targets))
+
+
+def plan(s: PlanSettings) -> Plan:
+    n = tokens(s) * s.batch_size
+    unit = n * C * 2  # one [N, C] bf16 tensor
+    swap = max(0, min(s.blocks_to_swap, DEPTH))
+    # Quantized tensor subclasses are not moved off the GPU by block swap yet (measured).
+    swap_effective = swap if s.precision in ("bf16", "fp16", "fp32") else 0
+    blk = block_bytes(s.precision)
+    parts = {
+        "weights_resident": (DEPTH - swap_effective) * blk + TOP_PARAMS * 2.0,
+        "swap_buffers": 2 * blk if swap_effective else 0.0,
+    }
+    if s.mode == "sample":
+        rows = n * (2 if s.cfg else 1)
+        parts["activations"] = K_SAMPLE * rows * C * 2
+    else:
+        p = lora_params(s.rank, s.targets)
+        parts["lora_and_optimizer"] = p * OPTIMIZER_BYTES.get(s.optimizer, 16.0)
+        if s.gradient_checkpointing or s.activation_offload:
+            parts["saved_block_inputs"] = 0.0 if s.activation_offload else DEPTH * unit
+            parts["block_working_set"] = (K_TRAIN_BLOCK_COMPILED if s.compile else K_TRAIN_BLOCK) * unit
+        else:
+            parts["all_activations"] = DEPTH * K_TRAIN_BLOCK * unit
+    peak = sum(parts.values()) / GIB + CONTEXT_GIB
+    host = swap * blk * (1.0 if s.precision in ("bf16", "fp16", "fp32") else 0.0)
+    host += DEPTH * unit if s.activation_offload and s.mode == "train" else 0.0
+    host += DEPTH * block_bytes("bf16")  # the bf16 weights pass through host memory while loading
+    return Plan(peak_gib=peak, host_ram_gib=host / GIB + 4.0,  # + Python, torch, the cache reader
+                parts={k: round(v / GIB, 2) for k, v in parts.items()})
+
+
+# Options in the order of their cost in step time (measured: swap/offload < 3%, quantization ~0-2%).
+def _candidates(s: PlanSettings):
+    yield "activation_offload=True", replace(s, activation_offload=True, gradient_checkpointing=True)
+    for n in (12, 24, 36, 40, 44):
+        if n > s.blocks_to_swap:
+            yield f"blocks_to_swap={n} with activation_offload=True", replace(s, blocks_to_swap=n, activation_offload=True)
+    for p in ("fp8", "int8", "int4"):
+        yield f"precision={p} with activation_offload=True", replace(s, precision=p, activation_offload=True)
+
+
+def suggest(s: PlanSettings, budget_gib: float) -> Optional[tuple[str, Plan]]:
+    """The first (cheapest) change whose predicted peak fits ``budget_gib``; None if none does."""
+    if s.mode == "sample":
+        for n in (12, 24, 36, 44):
+            cand = replace(s, blocks_to_swap=n)
+            if plan(cand).peak_gib <= budget_gib:
+                return f"blocks_to_swap={n}", plan(cand)
+        return None
+    for label, cand in _candidates(s):
+        p = plan(cand)
+        if p.peak_gib <= budget_gib:
+            return label, p
+    return None
+
+
+def report(s: PlanSettings, gpu_gib: Optional[float]) -> dict:
+    """What 00_setup and 03_train_lora show: prediction, breakdown, and a warning with the fix."""
+    p = plan(s)
+    out = {"settings": asdict(s), "peak_gib": round(p.peak_gib, 1), "host_ram_gib": round(p.host_ram_gib, 1),
+           "parts_gib": p.parts, "fits": None, "advice": ""}
+    if gpu_gib:
+        usable = gpu_gib - 1.0  # CUDA context and allocator slack
+        out["fits"] = p.peak_gib <= usable
+        if not out["fits"]:
+            sug = suggest(s, usable)
+            out["advice"] = (f"predicted {p.peak_gib:.1f} GiB > {usable:.1f} GiB usable: set {sug[0]} "
+                             f"(predicted {sug[1].peak_gib:.1f} GiB)" if sug else
+                             f"predicted {p.peak_gib:.1f} GiB > {usable:.1f} GiB usable even with every memory "
+                             "option: lower the resolution or the frame count")
+    return out
