@@ -44,6 +44,7 @@ class DatasetSettings:
     stride: int = 0  # frames between window starts for `slide` (0 = num_frames)
     bucket_strategy: str = "aspect_ratio"  # aspect_ratio | resolution_frames
     resolution: str = "480x832"  # HxW target area for aspect_ratio buckets
+    bucket_grid: int = 32  # bucket sizes are multiples of this (64 keeps BSA-friendly latents)
     frame_interval: int = 4
     crop: str = "center"  # center | random | none
     max_caption_tokens: int = 512
@@ -74,7 +75,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     timestep_sampling: str = "shift"  # shift | logit_normal
     caption_dropout: float = 0.0
-    base_precision: str = "bf16"  # bf16 | int8 | int4 | fp8 | nf4
+    base_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | int8 | int4 | fp8 | nf4
     gradient_checkpointing: bool = True
     activation_offload: bool = False  # checkpointed block inputs in pinned CPU memory
     blocks_to_swap: int = 0

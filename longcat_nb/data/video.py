@@ -1,0 +1,216 @@
+"""Video I/O and the frame path: decode (PyAV, its own FFmpeg), resample to the target frame rate,
+cut windows of 4k+1 frames, crop and resize to the bucket, write mp4.
+
+mediapy's reader needs an ffmpeg binary whose options changed (FFmpeg 9 rejects its '-vsync'), so
+decoding goes through PyAV; mediapy is used only to show videos.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif", ".mpg", ".mpeg", ".ts"}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class VideoError(ValueError):
+    """A file that cannot be decoded as the scan said it could."""
+
+
+@dataclass
+class VideoInfo:
+    container: str
+    codec: str
+    width: int  # as displayed (after rotation)
+    height: int
+    rotation: int
+    fps: float
+    variable_fps: bool
+    frame_count: int
+    duration: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rotate(frame: np.ndarray, rotation: int) -> np.ndarray:
+    # PyAV reports the display-matrix angle counter-clockwise; np.rot90 turns counter-clockwise too.
+    k = (rotation // 90) % 4
+    return np.ascontiguousarray(np.rot90(frame, k)) if k else frame
+
+
+def probe(path: str | Path, check_last: bool = True) -> VideoInfo:
+    """Read container facts and decode every frame's timestamp (not its pixels) to count frames
+    and detect variable frame rate; decode the first (and last) frame to prove they decode."""
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise VideoError("no video stream")
+            s = c.streams.video[0]
+            tb = float(s.time_base) if s.time_base else 0.0
+            pts = [p.pts for p in c.demux(s) if p.pts is not None and p.size > 0]
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            first = next(c.decode(s), None)
+            if first is None:
+                raise VideoError("the first frame does not decode")
+            rotation = int(getattr(first, "rotation", 0) or 0)
+            w, h = first.width, first.height
+            codec, fmt = s.codec_context.name, c.format.name
+            rate = float(s.average_rate) if s.average_rate else 0.0
+        if check_last:
+            last = None
+            with av.open(str(path)) as c:
+                for last in c.decode(video=0):
+                    pass
+            if last is None:
+                raise VideoError("the last frame does not decode")
+    except VideoError:
+        raise
+    except Exception as e:  # av.error.* and friends: not a video, truncated, unknown codec
+        raise VideoError(f"{type(e).__name__}: {e}") from None
+    pts = sorted(pts)
+    n = len(pts)
+    variable = False
+    if n >= 3 and tb:
+        d = np.diff(np.array(pts, dtype=np.float64)) * tb
+        med = float(np.median(d))
+        variable = bool(med > 0 and np.max(np.abs(d - med)) > 0.5 * med)
+        if not rate and med > 0:
+            rate = 1.0 / med
+    duration = n / rate if rate else 0.0
+    if rotation % 180:
+        w, h = h, w
+    return VideoInfo(fmt, codec, w, h, rotation, rate, variable, n, duration)
+
+
+def resampled_count(info_frames: int, src_fps: float, target_fps: float) -> int:
+    """Frames available after resampling to ``target_fps`` (never more than the source has)."""
+    if src_fps <= 0:
+        return 0
+    return int(math.floor(info_frames * target_fps / src_fps + 1e-6)) if target_fps < src_fps else info_frames
+
+
+def resample_indices(n_out: int, src_fps: float, target_fps: float, start: int = 0) -> list[int]:
+    """Source frame index for each output frame start..start+n_out-1 (nearest earlier-or-equal)."""
+    ratio = src_fps / target_fps if target_fps < src_fps else 1.0
+    return [int(math.floor((start + k) * ratio + 1e-6)) for k in range(n_out)]
+
+
+def window_starts(available: int, num_frames: int, mode: str = "head", windows: int = 1, stride: int = 0) -> list[int]:
+    """Starts (in resampled frames) of the training windows of ``num_frames`` in a clip."""
+    if available < num_frames:
+        return []
+    last = available - num_frames
+    if mode == "head":
+        return [0]
+    if mode == "uniform":
+        k = max(1, windows)
+        return sorted({round(last * i / (k - 1)) for i in range(k)}) if k > 1 else [0]
+    if mode == "slide":
+        step = stride or num_frames
+        return list(range(0, last + 1, step))
+    raise ValueError(f"extraction={mode!r}: use head, uniform or slide")
+
+
+def decode_frames(path: str | Path, indices: list[int]) -> np.ndarray:
+    """uint8 [len(indices), H, W, 3] (display orientation) for source frame indices (sorted, may repeat)."""
+    import av
+
+    wanted = sorted(set(indices))
+    got: dict[int, np.ndarray] = {}
+    try:
+        with av.open(str(path)) as c:
+            for i, fr in enumerate(c.decode(video=0)):
+                if i in wanted:
+                    got[i] = _rotate(fr.to_ndarray(format="rgb24"), int(getattr(fr, "rotation", 0) or 0))
+                if i >= wanted[-1]:
+                    break
+    except Exception as e:
+        raise VideoError(f"{path}: {type(e).__name__}: {e}") from None
+    missing = [i for i in wanted if i not in got]
+    if missing:
+        raise VideoError(f"{path}: frames {missing[:3]} are missing (the file has fewer frames than scanned)")
+    return np.stack([got[i] for i in indices])
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def crop_box(h: int, w: int, th: int, tw: int, policy: str = "center", rng: Optional[np.random.Generator] = None):
+    """(top, left, height, width) of the largest region with the bucket's aspect ratio."""
+    if policy == "none":
+        return 0, 0, h, w
+    target = tw / th
+    if w / h > target:  # too wide: crop width
+        cw, ch = max(1, round(h * target)), h
+    else:
+        cw, ch = w, max(1, round(w / target))
+    if policy == "random" and rng is not None:
+        return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def crop_resize(frames: np.ndarray, th: int, tw: int, policy: str = "center") -> np.ndarray:
+    """[F, H, W, 3] uint8 -> [F, th, tw, 3] uint8: crop to the bucket's aspect, then area-aware resize."""
+    import torch
+    import torch.nn.functional as F
+
+    top, left, ch, cw = crop_box(frames.shape[1], frames.shape[2], th, tw, policy)
+    x = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + ch, left:left + cw])).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 20) -> Path:
+    """H.264 mp4 through PyAV (no system ffmpeg), written atomically."""
+    import av
+
+    from ..io import atomic_write
+
+    frames = np.asarray(frames, dtype=np.uint8)
+    h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2  # yuv420p needs even sizes
+
+    def write(tmp: str) -> None:
+        with av.open(tmp, "w", format="mp4") as c:
+            s = c.add_stream("libx264", rate=int(round(fps)) if abs(fps - round(fps)) < 1e-6 else fps)
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            s.options = {"crf": str(crf)}
+            for fr in frames:
+                for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(fr[:h, :w]), format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+
+    return atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------------------------
+# what the cache stage calls: one dataset.jsonl record -> the exact training frames
+# ---------------------------------------------------------------------------------------------
+def load_sample_frames(record: dict) -> np.ndarray:
+    """uint8 [F, H, W, 3] exactly as trained: resampled, windowed, cropped, resized."""
+    h, w = record["height"], record["width"]
+    if record.get("kind") == "image":
+        frames = load_image(record["file"])[None]
+    else:
+        frames = decode_frames(record["file"], record["frame_indices"])
+    return crop_resize(frames, h, w, record.get("crop", "center"))
+
+
+def load_condition_image(record: dict) -> Optional[np.ndarray]:
+    """uint8 [1, H, W, 3] of the I2V conditioning image at the bucket size, or None."""
+    if not record.get("condition_image"):
+        return None
+    return crop_resize(load_image(record["condition_image"])[None], record["height"], record["width"],
+                       record.get("crop", "center"))

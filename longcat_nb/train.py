@@ -1,0 +1,410 @@
+"""LoRA training on cached latents: the loop, read top to bottom.
+
+Objective (spec §8): x_σ = (1 − σ)·x0 + σ·ε, the DiT predicts the velocity from noise to data, so
+the target is x0 − ε (the official sampler negates the output before its Euler step; SimpleTuner's
+ε − x0 is the opposite sign). σ comes from the shifted schedule (shift 12) or a logit-normal draw;
+conditioning frames (I2V) stay clean with timestep 0 and are left out of the loss.
+
+Everything a resume needs is written atomically every ``checkpoint_every`` steps: LoRA weights,
+optimizer state and RNG states as safetensors, the rest as JSON. Never pickle.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import lora as lora_lib
+from .config import TrainSettings, load_config
+from .io import atomic_save_safetensors, atomic_write_json
+
+SHIFT = 12.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the objective
+# ---------------------------------------------------------------------------------------------
+def shift_sigmas(sigma: torch.Tensor, shift: float = SHIFT) -> torch.Tensor:
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sample_sigmas(n: int, generator: torch.Generator, mode: str = "shift", shift: float = SHIFT) -> torch.Tensor:
+    """σ in (0, 1) per sample. 'shift': uniform then shifted, the distribution the sampler visits
+    (46 of its 50 steps are above t = 500); 'logit_normal': sigmoid(N(0, 1)) then shifted."""
+    if mode == "shift":
+        u = torch.rand(n, generator=generator)
+    elif mode == "logit_normal":
+        u = torch.sigmoid(torch.randn(n, generator=generator))
+    else:
+        raise ValueError(f"timestep_sampling={mode!r}: use 'shift' or 'logit_normal'")
+    return shift_sigmas(u.clamp(1e-3, 1 - 1e-3), shift)
+
+
+def flow_matching_loss(dit, x0: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor,
+                       noise: torch.Tensor, num_cond: int = 0) -> torch.Tensor:
+    """MSE between the DiT output and x0 − ε on the noisy frames, in float32.
+
+    x0, noise: [B, 16, T, h, w] float32; sigma: [B]; the first ``num_cond`` latent frames are clean
+    conditioning (timestep 0, no loss, no gradient into them)."""
+    B, _, T = x0.shape[:3]
+    s = sigma.view(B, 1, 1, 1, 1).to(x0)
+    x_t = (1 - s) * x0 + s * noise
+    t = (sigma.to(x0) * 1000.0)[:, None].expand(B, T).clone()
+    if num_cond:
+        x_t[:, :, :num_cond] = x0[:, :, :num_cond]
+        t[:, :num_cond] = 0.0
+    pred = dit(x_t.detach(), t, text, mask, num_cond_latents=num_cond)
+    target = (x0 - noise)[:, :, num_cond:]
+    return (pred[:, :, num_cond:].float() - target.float()).square().mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# data order: batches within one bucket, reproducible from (seed, epoch), resumable mid-epoch
+# ---------------------------------------------------------------------------------------------
+def epoch_batches(groups: dict[str, list[int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    batches = []
+    for key in sorted(groups):
+        idx = groups[key]
+        perm = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
+        batches += [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in order]
+
+
+def group_by_shape(dataset) -> dict[str, list[int]]:
+    """Bucket plus conditioning count, so one batch has one latent shape and one loss mask."""
+    groups: dict[str, list[int]] = {}
+    for bucket, indices in dataset.buckets().items():
+        for i in indices:
+            n = _num_cond(dataset, i)
+            groups.setdefault(f"{bucket}|cond{n}", []).append(i)
+    return groups
+
+
+def _num_cond(dataset, i) -> int:
+    meta = getattr(dataset, "entry_meta", None)
+    if meta is not None:
+        return int(meta(i).get("num_cond_latents", 0))
+    return int(dataset[i].get("num_cond_latents", 0))
+
+
+def collate(items: list[dict], device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Stack a batch; an I2V item's first latent frame becomes its image latent."""
+    n = int(items[0].get("num_cond_latents", 0))
+    lat = []
+    for it in items:
+        x = it["latents"].float()
+        if n and it.get("cond_latents") is not None:
+            x = torch.cat([it["cond_latents"].float(), x[:, n:]], dim=1)
+        lat.append(x)
+    x0 = torch.stack(lat).to(device)
+    text = torch.stack([it["text_embeds"] for it in items]).to(device, dtype)
+    mask = torch.stack([it["text_mask"] for it in items]).to(device)
+    return x0, text, mask, n
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer and schedule
+# ---------------------------------------------------------------------------------------------
+def build_optimizer(params, s: TrainSettings):
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if s.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from e
+        return bnb.optim.AdamW8bit(params, lr=s.lr, betas=(0.9, 0.999), weight_decay=1e-2)
+    if s.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as e:
+            raise ImportError("optimizer 'prodigy' needs prodigyopt: pip install prodigyopt") from e
+        # Prodigy finds its own step size: lr is a multiplier, 1.0 is the recommended value.
+        return Prodigy(params, lr=s.lr if s.lr >= 0.1 else 1.0, weight_decay=1e-2, safeguard_warmup=True)
+    raise ValueError(f"optimizer={s.optimizer!r}: choose adamw, adamw8bit or prodigy")
+
+
+def lr_factor(step: int, s: TrainSettings) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based)."""
+    if s.warmup_steps and step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    if s.lr_schedule == "constant":
+        return 1.0
+    if s.lr_schedule == "cosine":
+        span = max(1, s.steps - s.warmup_steps)
+        progress = min(1.0, (step - s.warmup_steps) / span)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"lr_schedule={s.lr_schedule!r}: choose constant or cosine")
+
+
+def set_lr(opt, step: int, s: TrainSettings, base_lrs: list[float]) -> float:
+    f = lr_factor(step, s)
+    for g, base in zip(opt.param_groups, base_lrs):
+        g["lr"] = base * f
+    return opt.param_groups[0]["lr"]
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: safetensors for tensors, JSON for the rest
+# ---------------------------------------------------------------------------------------------
+def _flatten_optimizer(opt) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, v in tensors.items():
+        _, idx, k = key.split(".", 2)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, opt, gen: torch.Generator, position: dict,
+                    losses: list, settings: TrainSettings, keep: int) -> Path:
+    """Write checkpoints/step-N atomically (a temp folder renamed at the end) and keep the last K."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:07d}"
+    tmp = ckpt_dir / f".step-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    atomic_save_safetensors(tmp / "lora.safetensors", lora_lib.lora_state_dict(model))
+    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors)
+    rng = {"train_generator": gen.get_state(), "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda_{i}"] = st
+    atomic_save_safetensors(tmp / "rng.safetensors", rng)
+    atomic_write_json(tmp / "state.json", {
+        "step": step, "position": position, "losses": losses, "optimizer": opt_meta,
+        "settings": asdict(settings), "time": time.time(),
+    })
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").exists())
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, opt, gen: torch.Generator) -> dict:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    lora_lib.load_lora_state_dict(model, load_file(path / "lora.safetensors"))
+    opt.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))
+    rng = load_file(path / "rng.safetensors")
+    gen.set_state(rng["train_generator"])
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        sts = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda_"))]
+        if len(sts) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(sts)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    losses: list = field(default_factory=list)
+    lora_path: Optional[Path] = None
+    checkpoint: Optional[Path] = None
+    exports: dict = field(default_factory=dict)
+
+
+class OutOfMemory(RuntimeError):
+    """Training ran out of GPU memory; the last checkpoint is kept."""
+
+
+def _suggest_for_oom(s: TrainSettings) -> str:
+    if not s.gradient_checkpointing:
+        return "turn on gradient_checkpointing"
+    if s.base_precision in ("bf16", "auto", "fp16", "fp32"):
+        return "use base_precision='int8' (or 'fp8' on Hopper/Ada GPUs)"
+    if s.blocks_to_swap < 24:
+        return f"raise blocks_to_swap to {max(8, s.blocks_to_swap * 2)}"
+    return "lower the resolution or the number of frames"
+
+
+def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callable[[dict], None]] = None,
+          on_validation: Optional[Callable[[int, list], None]] = None, max_steps: Optional[int] = None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train the LoRA described by ``run_dir/config.json`` on ``run_dir/cache``; resumes from the
+    newest checkpoint. ``max_steps`` stops early (the schedule still follows ``train.steps``)."""
+    from .cache import CachedDataset, load_negative
+    from .checkpoint import load_dit, pick_device
+    from .memory import apply_activation_offload, apply_base_precision, apply_block_swap, compute_dtype
+    from .speed import apply_compile, default_sdpa_preference, set_sdpa_preference
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    s = cfg.train
+    device = pick_device(cfg.model.device)
+    dtype = compute_dtype(s.base_precision, device)
+    dataset = CachedDataset(run_dir)
+    if len(dataset) == 0:
+        raise RuntimeError(f"{run_dir}/cache holds no entries: run 02_cache first")
+    neg_text, neg_mask = load_negative(run_dir)
+
+    # -- model: frozen base in the chosen precision, LoRA on top --------------------------------
+    dit = components.dit if components is not None and components.dit is not None else \
+        load_dit(cfg.model.checkpoint, "cpu", "float32" if dtype == torch.float32 else "bfloat16")
+    dit = apply_base_precision(dit, s.base_precision, device, log=log)
+    if s.activation_offload and device.type == "cuda":
+        apply_activation_offload(dit)
+    elif s.gradient_checkpointing:
+        dit.enable_gradient_checkpointing()
+    dit.set_attention_backend(cfg.model.attention)
+    set_sdpa_preference(default_sdpa_preference())
+    torch.manual_seed(s.seed)  # LoRA init
+    lora_lib.add_lora(dit, rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=s.targets)
+    params = [p for p in dit.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # trainable weights and their optimizer state in fp32
+    swap = apply_block_swap(dit, s.blocks_to_swap, device) if device.type == "cuda" else None
+    if s.compile and device.type == "cuda" and not s.activation_offload:
+        apply_compile(dit)
+    dit.train()
+    opt = build_optimizer(params, s)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(s.seed)
+
+    groups = group_by_shape(dataset)
+    step, position, losses = 0, {"epoch": 0, "batch": 0}, []
+    ckpt_dir = run_dir / "checkpoints"
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        st = load_checkpoint(last, dit, opt, gen)
+        step, position, losses = st["step"], st["position"], st["losses"]
+        log(f"resumed from {last.name} (step {step})")
+
+    log_path = run_dir / "logs" / "train.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    tb = _tensorboard(run_dir / "logs" / "tensorboard")
+    n_params = sum(p.numel() for p in params)
+    log(f"training {n_params / 1e6:.2f}M LoRA parameters on {len(dataset)} cached samples, "
+        f"{len(groups)} bucket(s), device {device}, base {s.base_precision}")
+
+    stop = min(s.steps, max_steps) if max_steps else s.steps
+    batches = epoch_batches(groups, s.batch_size, s.seed, position["epoch"])
+    t_start, step_start = time.time(), step
+    try:
+        while step < stop:
+            t0 = time.time()
+            lr = set_lr(opt, step, s, base_lrs)
+            loss_sum = 0.0
+            for _ in range(s.grad_accum):
+                if position["batch"] >= len(batches):
+                    position = {"epoch": position["epoch"] + 1, "batch": 0}
+                    batches = epoch_batches(groups, s.batch_size, s.seed, position["epoch"])
+                items = [dataset[i] for i in batches[position["batch"]]]
+                position["batch"] += 1
+                x0, text, mask, n_cond = collate(items, device, dtype)
+                drop = torch.rand(len(items), generator=gen) < s.caption_dropout
+                if drop.any():
+                    text[drop] = neg_text.to(device, dtype)
+                    mask[drop] = neg_mask.to(device)
+                sigma = sample_sigmas(len(items), gen, s.timestep_sampling)
+                noise = torch.randn(x0.shape, generator=gen).to(device)
+                loss = flow_matching_loss(dit, x0, text, mask, sigma.to(device), noise, n_cond)
+                (loss / s.grad_accum).backward()
+                loss_sum += loss.item() / s.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm) if s.max_grad_norm > 0 else None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss_sum)
+            rec = {
+                "step": step, "loss": loss_sum, "lr": lr, "sec": time.time() - t0,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "it_s": (step - step_start) / max(1e-9, time.time() - t_start),
+                "eta_s": (stop - step) * (time.time() - t_start) / max(1, step - step_start),
+            }
+            if device.type == "cuda":
+                rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            if tb is not None:
+                tb.add_scalar("loss", loss_sum, step)
+                tb.add_scalar("lr", lr, step)
+            if on_step is not None:
+                on_step(rec)
+            if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == stop):
+                save_checkpoint(ckpt_dir, step, dit, opt, gen, dict(position), losses, s, s.keep_checkpoints)
+            if s.validate_every and on_validation is not None and step % s.validate_every == 0:
+                dit.eval()
+                on_validation(step, s.validation_prompts)
+                dit.train()
+    except torch.cuda.OutOfMemoryError as e:
+        raise OutOfMemory(
+            f"out of GPU memory at step {step + 1}: {_suggest_for_oom(s)}. The last checkpoint "
+            f"({latest_checkpoint(ckpt_dir)}) is kept; re-run to resume."
+        ) from e
+    finally:
+        if tb is not None:
+            tb.close()
+        if swap is not None:
+            swap.remove()
+
+    dit.eval()
+    result = TrainResult(run_dir=run_dir, steps=step, losses=losses, checkpoint=latest_checkpoint(ckpt_dir))
+    result.lora_path = export_lora(run_dir, dit, s, cfg.model.checkpoint, step)
+    result.model = dit  # type: ignore[attr-defined]
+    return result
+
+
+def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: int,
+                formats: tuple = ("peft",)) -> Path:
+    """run_dir/lora/lora-stepN.safetensors in the PEFT/diffusers layout with metadata in the header;
+    'official' and 'comfy' layouts on request."""
+    out_dir = Path(run_dir) / "lora"
+    meta = {
+        "rank": s.rank, "alpha": s.alpha, "targets": s.targets,
+        "base_model": base_model or "tiny-default", "steps": step,
+        "settings": asdict(s), "format": "peft",
+    }
+    state = lora_lib.lora_state_dict(model)
+    path = lora_lib.save_lora(out_dir / f"lora-step{step:06d}.safetensors", state, meta)
+    for fmt in formats:
+        if fmt == "official":
+            lora_lib.save_official(out_dir / f"lora-step{step:06d}-official.safetensors", state, meta)
+        elif fmt == "comfy":
+            lora_lib.save_comfy(out_dir / f"lora-step{step:06d}-comfy.safetensors", state, meta)
+    return path
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: the JSONL log still has every number
+        return None
+    return SummaryWriter(str(path))
