@@ -85,6 +85,11 @@ class TrainSettings:
     keep_checkpoints: int = 3
     validate_every: int = 0
     validation_prompts: list = field(default_factory=list)
+    validation_steps: int = 40
+    validation_height: int = 480
+    validation_width: int = 832
+    validation_frames: int = 93
+    validation_guidance: float = 4.0
 
 
 @dataclass

@@ -21,6 +21,7 @@ DEMO_PARAMETERS = {
     "resolution": "64x64",
     "steps": 40,
     "rank": 8,
+    "lr": 2e-3,
     "sample_steps": 4,
     "height": 64,
     "width": 64,

@@ -256,7 +256,7 @@ def _suggest_for_oom(s: TrainSettings) -> str:
 
 
 def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callable[[dict], None]] = None,
-          on_validation: Optional[Callable[[int, list], None]] = None, max_steps: Optional[int] = None,
+          on_validation: Optional[Callable[[int, dict], None]] = None, max_steps: Optional[int] = None,
           log: Callable[[str], None] = print) -> TrainResult:
     """Train the LoRA described by ``run_dir/config.json`` on ``run_dir/cache``; resumes from the
     newest checkpoint. ``max_steps`` stops early (the schedule still follows ``train.steps``)."""
@@ -274,6 +274,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     if len(dataset) == 0:
         raise RuntimeError(f"{run_dir}/cache holds no entries: run 02_cache first")
     neg_text, neg_mask = load_negative(run_dir)
+    validator = Validator(run_dir, cfg) if s.validate_every and s.validation_prompts else None
 
     # -- model: frozen base in the chosen precision, LoRA on top --------------------------------
     dit = components.dit if components is not None and components.dit is not None else \
@@ -360,10 +361,12 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
                 on_step(rec)
             if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == stop):
                 save_checkpoint(ckpt_dir, step, dit, opt, gen, dict(position), losses, s, s.keep_checkpoints)
-            if s.validate_every and on_validation is not None and step % s.validate_every == 0:
+            if validator is not None and step % s.validate_every == 0:
                 dit.eval()
-                on_validation(step, s.validation_prompts)
+                videos = validator(step, dit)
                 dit.train()
+                if on_validation is not None:
+                    on_validation(step, videos)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory(
             f"out of GPU memory at step {step + 1}: {_suggest_for_oom(s)}. The last checkpoint "
@@ -380,6 +383,40 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     result.lora_path = export_lora(run_dir, dit, s, cfg.model.checkpoint, step)
     result.model = dit  # type: ignore[attr-defined]
     return result
+
+
+class Validator:
+    """Samples the validation prompts with the model being trained, through the kit's sampler.
+    Prompts are encoded once up front and the text encoder freed; the VAE is loaded only to decode."""
+
+    def __init__(self, run_dir: Path, cfg):
+        from .checkpoint import load_scheduler, load_text_encoder, load_tokenizer, pick_device
+        from .text import encode_prompts
+
+        self.run_dir, self.cfg, s = Path(run_dir), cfg, cfg.train
+        dev = pick_device(cfg.model.device)
+        tok = load_tokenizer(cfg.model.checkpoint)
+        enc = load_text_encoder(cfg.model.checkpoint, dev)
+        self.texts = [encode_prompts(tok, enc, ["", p], device="cpu") for p in s.validation_prompts]
+        del enc
+        self.scheduler = load_scheduler(cfg.model.checkpoint)
+
+    def __call__(self, step: int, model) -> dict:
+        from .checkpoint import Components, load_vae
+        from .sample import SampleRequest, generate, save_sample
+
+        s = self.cfg.train
+        vae = load_vae(self.cfg.model.checkpoint, next(model.parameters()).device)
+        comps = Components(folder=self.run_dir, dit=model, vae=vae, scheduler=self.scheduler)
+        out = {}
+        for i, (prompt, text) in enumerate(zip(s.validation_prompts, self.texts)):
+            req = SampleRequest(prompt=prompt, height=s.validation_height, width=s.validation_width,
+                                num_frames=s.validation_frames, steps=s.validation_steps,
+                                guidance=s.validation_guidance, seed=s.seed + i)
+            res = generate(comps, req, text=text)
+            out[prompt] = (save_sample(res, self.run_dir, f"validation/step{step:06d}_{i}"), res.video)
+        del vae
+        return out
 
 
 def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: int,

@@ -1,0 +1,67 @@
+"""Displays for 01_dataset: summary, buckets, histograms, previews of samples as trained."""
+from __future__ import annotations
+
+from collections import Counter
+
+from .widgets import headless
+
+
+def frame_rate_note(num_frames: int) -> str:
+    return (f"{num_frames} frames last {num_frames / 15:.1f} s at 15 fps (the base stage) "
+            f"or {num_frames / 30:.1f} s at 30 fps (the refinement stage)")
+
+
+def summary_rows(report) -> list[dict]:
+    n_rec = Counter(r["file"] for r in report.records)
+    rows = []
+    for f in report.files:
+        rows.append({"file": f["file"], "size": f"{f['width']}x{f['height']}", "fps": round(f["fps"] or 0, 2),
+                     "frames": f["frames"] if "frames" in f else f.get("frame_count"), "seconds": round(f.get("duration", 0), 2),
+                     "codec": f.get("codec", "image"), "rotation": f.get("rotation", 0),
+                     "caption tokens": f.get("caption_tokens"), "samples": n_rec.get(f["file"], 0)})
+    return rows
+
+
+def bucket_rows(report) -> list[dict]:
+    rows = {}
+    for r in report.records:
+        b = rows.setdefault(r["bucket"], {"bucket (WxH@F)": r["bucket"], "samples": 0, "mean crop loss": 0.0})
+        b["samples"] += 1
+        b["mean crop loss"] += r["crop_loss"]
+    for b in rows.values():
+        b["mean crop loss"] = f"{100 * b['mean crop loss'] / b['samples']:.1f}%"
+    return sorted(rows.values(), key=lambda b: -b["samples"])
+
+
+def histograms(report):
+    import matplotlib.pyplot as plt
+
+    vids = [f for f in report.files if f.get("kind") == "video"]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 2.6))
+    data = [([f["duration"] for f in vids], "duration (s)"), ([f["fps"] for f in vids], "fps"),
+            ([f["width"] / f["height"] for f in report.files], "aspect W/H"),
+            ([f["caption_tokens"] for f in report.files if f.get("caption_tokens")], "caption tokens")]
+    for ax, (values, label) in zip(axes, data):
+        ax.hist(values or [0], bins=min(20, max(3, len(values))))
+        ax.set_title(label, fontsize=9)
+    fig.tight_layout()
+    plt.show()
+
+
+def preview_samples(records: list[dict], count: int = 3, fps: float = 15.0):
+    """Show a few samples after resample, crop and resize; small and short when headless."""
+    import mediapy
+
+    from ..data.video import crop_resize, load_sample_frames
+    from .video import ensure_ffmpeg
+
+    ensure_ffmpeg()
+    videos = {}
+    for r in records[:count]:
+        frames = load_sample_frames(r)
+        if headless():  # keep executed notebooks light
+            scale = max(1, max(frames.shape[1:3]) // 128)
+            frames = crop_resize(frames[:24], frames.shape[1] // scale // 2 * 2, frames.shape[2] // scale // 2 * 2, "none")
+        videos[f"{r['bucket']} · {r['caption'][:40]}"] = frames
+    if videos:
+        mediapy.show_videos(videos, fps=fps, codec="gif" if headless() else "h264", columns=3)
