@@ -32,9 +32,12 @@ from .io import atomic_save_safetensors
 DEFAULT_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj"]
 PRESETS = {
     "attention": DEFAULT_TARGETS,
+    "attn": DEFAULT_TARGETS,
     "ffn": ["ffn.w1", "ffn.w2", "ffn.w3"],
     "modulation": ["adaLN_modulation.1"],
+    "final": ["final_layer.linear", "final_layer.adaLN_modulation.1"],
 }
+TOP_LEVEL = ("final_layer.", "y_embedder.", "t_embedder.")
 OFFICIAL_SEP = "___lorahyphen___"
 OFFICIAL_PREFIX = "lora" + OFFICIAL_SEP
 PEFT_PREFIX = "transformer."
@@ -62,7 +65,8 @@ def resolve_target_modules(model: nn.Module, targets: Iterable[str] = DEFAULT_TA
     targets = expand_targets(targets)
     names = []
     for t in targets:
-        pat = re.compile(rf"^blocks\.\d+\.{re.escape(t)}$")
+        # block-relative names (attn.qkv) match in every block; top-level names (final_layer.linear) once
+        pat = re.compile(rf"^{re.escape(t)}$" if t.startswith(TOP_LEVEL) else rf"^blocks\.\d+\.{re.escape(t)}$")
         hits = [n for n, m in model.named_modules() if pat.match(n)]
         bad = [n for n in hits if not isinstance(m := model.get_submodule(n), nn.Linear)]
         if bad:

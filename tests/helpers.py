@@ -1,0 +1,18 @@
+"""Shared set-up for stage tests: a run folder with the sample dataset scanned (tiny settings)."""
+from pathlib import Path
+
+from longcat_nb.checkpoint import load_tokenizer
+from longcat_nb.config import update_section
+from longcat_nb.data import scan_dataset, write_dataset_jsonl
+
+SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
+
+
+def make_run(run_dir, checkpoint, **dataset):
+    settings = dict(num_frames=9, resolution="64x64", dataset_dir=str(SAMPLES))
+    settings.update(dataset)
+    update_section(run_dir, "model", checkpoint=str(checkpoint), device="cpu")
+    cfg = update_section(run_dir, "dataset", **settings)
+    rep = scan_dataset(cfg.dataset.dataset_dir, cfg.dataset, load_tokenizer(checkpoint))
+    write_dataset_jsonl(run_dir, rep)
+    return rep
