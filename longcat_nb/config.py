@@ -54,7 +54,7 @@ class DatasetSettings:
 class CacheSettings:
     text_encoder: str = "umt5"  # umt5 (the checkpoint's) | qwen2.5-vl
     latent_dtype: str = "bfloat16"
-    vae_tiling: bool = True
+    vae_tiling: bool = False  # untiled 480x832x93 encode peaks at 4.1 GiB (bf16, H100); tiling: 1.4 GiB, 3x slower
     remove_orphans: bool = False
 
 
