@@ -246,6 +246,14 @@ def generate(components, req: SampleRequest, loras: Optional[list] = None, progr
                 callback(i, float(t), latents)
             if bar is not None:
                 bar.update(1)
+    except torch.cuda.OutOfMemoryError as e:
+        from .planner import PlanSettings, suggest
+
+        budget = torch.cuda.get_device_properties(device).total_memory / 2**30 - 1
+        sug = suggest(PlanSettings(mode="sample", height=req.height, width=req.width, num_frames=req.num_frames,
+                                   cfg=guided), budget)
+        fix = f"load with {sug[0]} (memory.apply_block_swap)" if sug else "lower the resolution or the frame count"
+        raise SampleError(f"out of GPU memory while sampling {req.height}x{req.width}x{req.num_frames}: {fix}") from e
     finally:
         if bar is not None:
             bar.close()
