@@ -282,3 +282,95 @@ def save_sample(result: SampleResult, run_dir, name: str, fps: Optional[int] = N
 def checkpoint_offers(components) -> dict:
     """Optional modes the checkpoint's lora/ folder enables."""
     return {"distilled": "cfg_step_lora" in components.loras, "refinement": "refinement_lora" in components.loras}
+
+
+# ---------------------------------------------------------------------------------------------
+# 720p refinement stage (spec §7.9): stage-1 video -> 704x1280 (30 fps) with refinement_lora + BSA
+# ---------------------------------------------------------------------------------------------
+BUCKETS_720P_F64 = {
+    0.22: (448, 2048), 0.29: (512, 1792), 0.36: (576, 1600), 0.45: (640, 1408), 0.55: (704, 1280),
+    0.63: (768, 1216), 0.76: (832, 1088), 0.88: (896, 1024), 1.00: (960, 960), 1.14: (1024, 896),
+    1.31: (1088, 832), 1.50: (1152, 768), 1.58: (1216, 768), 1.82: (1280, 704), 1.91: (1344, 704),
+    2.20: (1408, 640), 2.30: (1472, 640), 2.67: (1536, 576), 2.89: (1664, 576), 3.62: (1856, 512),
+    3.75: (1920, 512),
+}
+
+
+def refine_size(height: int, width: int) -> tuple[int, int]:
+    ratio = height / width
+    return BUCKETS_720P_F64[min(BUCKETS_720P_F64, key=lambda r: abs(r - ratio))]
+
+
+def upsample_for_refinement(frames: np.ndarray, height: int, width: int, double_frames: bool = True) -> torch.Tensor:
+    """uint8 [F1, H, W, 3] -> [1, 3, F2, height, width] in [-1, 1]: bilinear in space, then linear in
+    time to 2·F1 frames (both align_corners=True), as the official refinement input."""
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=True) / 255.0
+    x = x.permute(1, 0, 2, 3)[None]  # [1, 3, F1, H, W]
+    f2 = 2 * x.shape[2] if double_frames else x.shape[2]
+    x = F.interpolate(x, size=(f2, height, width), mode="trilinear", align_corners=True)
+    return x * 2 - 1
+
+
+@torch.no_grad()
+def refine(components, frames: np.ndarray, prompt: str = "", steps: int = 50, t_thresh: float = 0.5,
+           size: Optional[tuple] = None, double_frames: bool = True, seed: int = 0,
+           loras: Optional[list] = None, use_bsa: bool = True, progress: Optional[Callable] = None) -> SampleResult:
+    """Refine a stage-1 (480p, 15 fps) text-to-video clip to 720p/30 fps. Uses the checkpoint's
+    ``refinement_lora`` unless ``loras`` is given, positive prompt only, no guidance, block-sparse
+    attention when available, 5 denoising steps from σ = t_thresh (with steps = 50)."""
+    from . import lora as lora_lib
+    from .vae import latent_frames
+
+    dit, vae = components.dit, components.vae
+    device = next(dit.parameters()).device
+    dtype = next(p for p in dit.parameters() if p.is_floating_point()).dtype
+    if loras is None:
+        if "refinement_lora" not in components.loras:
+            raise SampleError(f"refinement needs {components.folder}/lora/refinement_lora.safetensors "
+                              "(or pass loras=[(path, scale)])")
+        loras = [(components.loras["refinement_lora"], 1.0)]
+    h, w = size or refine_size(frames.shape[1], frames.shape[2])
+    check_size(h, w, 16, "refinement size")
+    t0 = time.time()
+    g = torch.Generator().manual_seed(seed)
+    video = upsample_for_refinement(frames, h, w, double_frames)
+    f2 = video.shape[2]
+    # latents in multiples of 4 for BSA's 4x4x4 blocks: pad the end with copies of the last frame
+    m = math.ceil(math.ceil(f2 / 4) / 4) * 4
+    padded = 1 + 4 * (m - 1)
+    if padded > f2:
+        video = torch.cat([video, video[:, :, -1:].expand(-1, -1, padded - f2, -1, -1)], dim=2)
+    z = encode_video(vae, video, generator=g).to(device)
+    noise = torch.randn(z.shape, generator=g, dtype=torch.float32).to(device)
+    latents = (1 - t_thresh) * z + t_thresh * noise
+    emb, mask = encode_prompts(components.tokenizer, components.text_encoder, [prompt], device=device, dtype=dtype)
+    names = lora_lib.apply_loras(dit, loras)
+    previous = getattr(dit, "attention_backend", "sdpa")
+    if use_bsa:
+        dit.enable_bsa()
+    ts_all = timesteps_for(steps, "refine")
+    ts_all[0] = 1000.0 * t_thresh
+    sched = components.scheduler
+    sig = torch.tensor(ts_all) / NUM_TRAIN_TIMESTEPS
+    sched.set_timesteps(len(ts_all), sigmas=(sig / (SHIFT - (SHIFT - 1) * sig)).tolist(), device=device)
+    bar = progress(total=len(ts_all), desc="refining") if progress else None
+    try:
+        for t in sched.timesteps.tolist():
+            out = dit(latents.to(dtype), torch.full((1,), float(t), device=device), emb, mask)
+            latents = sched.step(-out.float(), t, latents, return_dict=False)[0]
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        lora_lib.remove_loras(dit, names)
+        dit.set_attention_backend(previous)
+    out_frames = to_uint8_frames(decode_latents(vae, latents.to(next(vae.parameters()).device)))[0][:f2]
+    settings = {"mode": "refine", "prompt": prompt, "height": h, "width": w, "num_frames": int(f2), "steps": steps,
+                "t_thresh": t_thresh, "seed": seed, "fps": 30 if double_frames else 15,
+                "latent_frames": int(latent_frames(padded)), "loras": [[str(p), float(s)] for p, s in loras],
+                "timesteps": [round(x, 3) for x in sched.timesteps.tolist()]}
+    return SampleResult(video=out_frames, latents=latents.cpu(), settings=settings, seconds=time.time() - t0)

@@ -108,3 +108,20 @@ def test_lora_scale_zero_equals_base_and_files_written(comps, tmp_path):
     out = save_sample(one, tmp_path, "lora_one")
     meta = json.loads(out.with_suffix(".json").read_text())
     assert out.exists() and out.stat().st_size > 0 and meta["seed"] == 5 and meta["loras"][0][1] == 1.0
+
+
+def test_refinement_stage_doubles_frames_and_uses_the_lora(comps, tmp_path):
+    from longcat_nb import lora as L
+    from longcat_nb.sample import refine, refine_size
+
+    assert refine_size(480, 832) == (704, 1280)
+    L.add_lora(comps.dit, rank=2, alpha=2, adapter_name="ref", targets=["attn", "ffn"])
+    path = L.save_official(tmp_path / "refinement_lora.safetensors", L.lora_state_dict(comps.dit, "ref"), {"rank": 2, "alpha": 2})
+    L.remove_loras(comps.dit)
+    for p in comps.dit.parameters():
+        p.requires_grad_(False)
+    stage1 = generate(comps, SampleRequest("a red ball", **SMALL)).video  # 9 frames at 64x64
+    res = refine(comps, stage1, "a red ball", steps=50, size=(128, 128), loras=[(path, 1.0)])
+    assert res.video.shape == (18, 128, 128, 3)
+    assert [round(t) for t in res.settings["timesteps"]] == [500, 443, 343, 208, 12]
+    assert res.settings["latent_frames"] % 4 == 0
