@@ -239,6 +239,23 @@ def main():
                 r = case_attention(args.repeat)
             elif case == "attention_diag":
                 r = case_attention_diag()
+            elif case == "dit_bsa_diff":
+                model = random_full_dit(depth=args.depth)
+                x, y, mask = inputs(1)
+                t = torch.full((1,), 700.0, device="cuda")
+                with torch.no_grad():
+                    dense = model(x, t, y, mask)
+                    model.set_attention_backend("bsa")
+                    sparse = model(x, t, y, mask)
+                r = {"rel_diff_bsa_vs_dense": float((sparse - dense).norm() / dense.norm()),
+                     "backend": model.attention_backend}
+            elif case in ("sample_bsa", "sample_bsa_compileglue"):
+                model = random_full_dit(depth=args.depth)
+                model.set_attention_backend("bsa")
+                if case.endswith("glue"):
+                    from longcat_nb.speed import apply_compile
+                    apply_compile(model, scope="glue")
+                r = case_sample(model, args.repeat)
             elif case in ("sample", "sample_compile", "sample_compileglue"):
                 model = random_full_dit(depth=args.depth)
                 if case != "sample":
@@ -252,6 +269,8 @@ def main():
                 model = random_full_dit(depth=args.depth)
                 if precision != "bf16":
                     apply_base_precision(model, precision, "cuda")
+                if "bsa" in parts:
+                    model.set_attention_backend("bsa")
                 r = case_train(model, args.repeat, swap=swap, compile_blocks="compile" in parts,
                                offload="offload" in parts)
             elif case.startswith("sample_"):
