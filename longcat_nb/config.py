@@ -52,10 +52,13 @@ class DatasetSettings:
 
 @dataclass
 class CacheSettings:
-    text_encoder: str = "umt5"  # umt5 (the checkpoint's) | qwen2.5-vl
-    latent_dtype: str = "bfloat16"
+    text_encoder: str = "umt5"  # umt5 (the checkpoint's) | qwen2.5-vl (SimpleTuner's; out of distribution)
+    latent_dtype: str = "bfloat16"  # stored dtype of latents and text embeddings: bfloat16 | float16 | float32
     vae_tiling: bool = False  # untiled 480x832x93 encode peaks at 4.1 GiB (bf16, H100); tiling: 1.4 GiB, 3x slower
-    remove_orphans: bool = False
+    remove_orphans: bool = False  # delete cache files no dataset.jsonl record uses (else only reported)
+    # sample = a posterior draw seeded per entry (what the official pipeline feeds the DiT) | mode = its mean
+    posterior: str = "sample"
+    qwen_path: str = ""  # qwen2.5-vl only: local folder or Hub id; "" = Qwen/Qwen2.5-VL-7B-Instruct
 
 
 @dataclass
@@ -94,10 +97,14 @@ class TrainSettings:
 
 @dataclass
 class SampleSettings:
+    # What 04_sample last made (recorded there; the sampler itself takes a SampleRequest).
     prompt: str = ""
-    negative_prompt: str = ""
+    negative_prompt: str = ""  # "" with guidance > 1 = the empty negative, as the official pipeline
     mode: str = "t2v"  # t2v | i2v | continuation
-    image: str = ""
+    image: str = ""  # i2v conditioning image
+    video: str = ""  # continuation input (resampled to fps)
+    num_cond_frames: int = 13  # continuation: last k frames (4k+1) -> 1 + (k-1)/4 latents
+    resolution: str = ""  # "" = height/width as given; 480p | 720p = official bucket of the image/video
     height: int = 480
     width: int = 832
     num_frames: int = 93
@@ -105,6 +112,10 @@ class SampleSettings:
     guidance: float = 4.0
     seed: int = 0
     fps: int = 15
+    distilled: bool = False  # the checkpoint's cfg_step_lora: 16 steps, guidance 1
+    use_kv_cache: bool = True  # continuation: cache the conditioning tokens' k/v
+    enhance_hf: bool = True  # continuation (not distilled): 10 uniform steps below t=500
+    offload: str = "none"  # none | model (DiT/VAE/text encoder on the GPU only while used)
     loras: list = field(default_factory=list)  # [{"path": ..., "scale": 1.0}]
 
 

@@ -1,36 +1,51 @@
-"""The sampler: text-to-video, image-to-video and video continuation, as the official pipeline does
-it (spec §7): FlowMatchEuler with shift 12 on an explicit sigma list, the DiT output negated before
-each Euler step, CFG-Zero* guidance, conditioning latents held clean with timestep 0.
+"""The sampler: text-to-video, image-to-video, video continuation and the 720p refinement stage,
+computing what the official pipeline computes (spec §6-§7), in the same order:
+
+* prompts cleaned and UMT5-encoded to 512 tokens; with guidance > 1 a negative prompt (the empty
+  one when none is given) goes first in the CFG batch [negative, positive];
+* noise from a seeded CPU generator (identical on every device), then the conditioning frames
+  encoded with the same generator (a posterior sample), normalized and written into the first
+  latent frames, which keep timestep 0 and are never stepped;
+* the checkpoint's FlowMatchEuler scheduler (shift 12) on an explicit sigma list (normal, the
+  16-step distilled list, ``enhance_hf``, refinement), CFG-Zero* guidance per sample, and the DiT
+  output (x0 − ε) negated before each Euler step;
+* continuation through a prompt-independent KV cache of the conditioning tokens by default.
+
+``generate`` takes loaded components and changes nothing on them beyond the call: LoRAs it is given
+(and the checkpoint's ``cfg_step_lora`` for ``distilled``) are applied for the call and removed
+after, so the training loop can pass its in-memory DiT with a LoRA already injected.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
+import os
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .io import atomic_write_json
+from .resolution import RESOLUTIONS, i2v_bucket, refine_bucket
 from .text import encode_prompts
-from .vae import check_num_frames, check_size, decode_latents, encode_video, from_uint8_frames, to_uint8_frames
+from .vae import check_num_frames, check_size, decode_latents, encode_video, set_tiling, to_uint8_frames
 
 SHIFT = 12.0
 NUM_TRAIN_TIMESTEPS = 1000
+DISTILL_GRID = 50  # the distilled list picks from 50 σ values 1.00, 0.98, ..., 0.02
 MODES = ("t2v", "i2v", "continuation")
-
-# 480p buckets of the official pipeline (ratio H/W -> (H, W)), spec §7.10
-BUCKETS_480P = {
-    0.26: (320, 1216), 0.31: (352, 1120), 0.38: (384, 1024), 0.43: (416, 960), 0.52: (448, 864),
-    0.58: (480, 832), 0.67: (512, 768), 0.74: (544, 736), 0.86: (576, 672), 0.95: (608, 640),
-    1.05: (640, 608), 1.17: (672, 576), 1.29: (704, 544), 1.35: (736, 544), 1.50: (768, 512),
-    1.67: (800, 480), 1.73: (832, 480), 2.00: (896, 448), 2.31: (960, 416), 2.58: (992, 384),
-    2.75: (1056, 384), 3.09: (1088, 352), 3.70: (1184, 320), 3.80: (1216, 320), 3.90: (1248, 320),
-    4.00: (1280, 320),
-}
+SCHEDULES = ("normal", "distilled", "enhance_hf", "refine")
+OFFLOAD = ("none", "model")
+DISTILL_LORA = "cfg_step_lora"
+REFINE_LORA = "refinement_lora"
+BASE_FPS = 15  # every official stage-1 clip; refinement doubles it
+DEFAULT_STEPS, DISTILLED_STEPS = 50, 16
+DEFAULT_GUIDANCE = 4.0
 
 
 class SampleError(ValueError):
@@ -38,56 +53,92 @@ class SampleError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# schedules (pure functions; numbers checked against spec §7.3 in the tests)
+# schedules: pure functions (numbers checked against spec §7.3 in the tests)
 # ---------------------------------------------------------------------------------------------
-def shift_sigma(s, shift: float = SHIFT):
+def shift_sigmas(sigmas, shift: float = SHIFT) -> torch.Tensor:
+    """The scheduler's static shift σ' = s·σ / (1 + (s − 1)·σ), in float32 as diffusers does it."""
+    s = torch.as_tensor(sigmas, dtype=torch.float32)
     return shift * s / (1 + (shift - 1) * s)
 
 
 def base_sigmas(steps: int, distilled: bool = False) -> torch.Tensor:
-    """The σ list the pipeline hands to ``set_timesteps`` (before the scheduler's shift)."""
+    """The σ list handed to ``set_timesteps`` (the scheduler then shifts it).
+
+    normal: linspace(1, 0.001, steps). distilled: from the grid 1.00, 0.98, ..., 0.02 take the
+    indices ⌊linspace(0, 50, steps, endpoint=False)⌋ (16 steps: 0, 3, 6, ..., 46)."""
     if distilled:
-        grid = torch.arange(1, 51, dtype=torch.float32) * 20 / NUM_TRAIN_TIMESTEPS  # 0.02 .. 1.00
-        idx = torch.linspace(0, 50, steps + 1)[:-1].floor().long()  # 16 steps: 0,3,6,...,46
-        return grid.flip(0)[idx]
-    return torch.linspace(1.0, 0.001, steps)
+        grid = (torch.arange(1, DISTILL_GRID + 1, dtype=torch.float32) * (NUM_TRAIN_TIMESTEPS // DISTILL_GRID))
+        grid = grid.round().long().flip(0)
+        idx = np.floor(np.linspace(0, DISTILL_GRID, steps, endpoint=False)).astype(np.int64)
+        return grid[torch.from_numpy(idx)].float() / NUM_TRAIN_TIMESTEPS
+    return torch.linspace(1.0, 0.001, steps, dtype=torch.float32)
 
 
-def timesteps_for(steps: int, mode: str = "normal") -> list[float]:
-    """Model timesteps (1000·σ after the shift) of a schedule: normal | distilled | enhance_hf | refine."""
-    if mode in ("normal", "distilled"):
-        return [float(NUM_TRAIN_TIMESTEPS * shift_sigma(s)) for s in base_sigmas(steps, mode == "distilled")]
-    normal = timesteps_for(steps, "normal")
-    if mode == "enhance_hf":  # keep the high-noise part, then 10 uniform steps 500 .. 50
-        return [t for t in normal if t > 500] + [500.0 - 50 * i for i in range(10)]
-    if mode == "refine":  # start from t = 500 (σ = 0.5 re-noised input), follow the normal tail
-        return [500.0] + [t for t in normal if t < 500]
-    raise SampleError(f"schedule {mode!r}: use normal, distilled, enhance_hf or refine")
+def _derived_timesteps(normal: torch.Tensor, schedule: str, t_thresh: float) -> torch.Tensor:
+    """enhance_hf / refine lists from the normal schedule's timesteps (as the pipeline derives them)."""
+    if schedule == "enhance_hf":
+        # keep the high-noise part, then 10 uniform steps 500, 450, ..., 50
+        tail = torch.from_numpy(np.linspace(500, 0, 10, endpoint=False, dtype=np.float32)).to(normal.device)
+        return torch.cat([normal[normal > 500], tail])
+    if schedule == "refine":
+        if not t_thresh:
+            return normal
+        start = torch.tensor([t_thresh * NUM_TRAIN_TIMESTEPS], dtype=normal.dtype, device=normal.device)
+        return torch.cat([start, normal[normal < start]])
+    raise SampleError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
 
 
-def set_scheduler(scheduler, steps: int, mode: str, device) -> list[float]:
-    """Configure the checkpoint's FlowMatchEulerDiscreteScheduler (shift 12) for a schedule."""
-    if mode in ("normal", "distilled"):
-        scheduler.set_timesteps(steps, sigmas=base_sigmas(steps, mode == "distilled").tolist(), device=device)
-    else:
-        # explicit timesteps: give the scheduler σ = t/1000 and no shift (already applied)
-        ts = timesteps_for(steps, mode)
-        sig = torch.tensor(ts) / NUM_TRAIN_TIMESTEPS
-        scheduler.set_timesteps(len(ts), sigmas=(sig / (SHIFT - (SHIFT - 1) * sig)).tolist(), device=device)
+def timesteps_for(steps: int, schedule: str = "normal", t_thresh: float = 0.5, shift: float = SHIFT) -> list[float]:
+    """Model timesteps (1000·σ, σ after the shift) of a schedule; the Euler steps end at σ = 0.
+
+    normal: shift(linspace(1, 0.001, N)) (50 steps: 1000.0, 998.27, ..., 207.77, 11.87);
+    distilled: the 16-step list (1000.0 ... 510.6); enhance_hf: the normal timesteps > 500 then
+    500, 450, ..., 50 (56 steps for N = 50); refine: 1000·t_thresh then the normal timesteps below it
+    (t_thresh 0.5, N = 50: 500, 443.02, 343.47, 207.77, 11.87)."""
+    if schedule not in SCHEDULES:
+        raise SampleError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
+    if schedule == "distilled":
+        return (shift_sigmas(base_sigmas(steps, True), shift) * NUM_TRAIN_TIMESTEPS).tolist()
+    normal = shift_sigmas(base_sigmas(steps), shift) * NUM_TRAIN_TIMESTEPS
+    if schedule == "normal":
+        return normal.tolist()
+    return _derived_timesteps(normal, schedule, t_thresh).tolist()
+
+
+def set_scheduler(scheduler, steps: int, schedule: str = "normal", device=None, t_thresh: float = 0.5) -> list[float]:
+    """Configure the checkpoint's FlowMatchEulerDiscreteScheduler for a schedule; returns its timesteps.
+
+    normal/distilled go through ``set_timesteps(sigmas=...)`` (the scheduler applies its shift).
+    enhance_hf/refine are explicit timesteps with σ = t/1000 and no further shift: the scheduler has
+    no argument for that, so, like the official pipeline, its ``timesteps``/``sigmas`` are replaced
+    right after ``set_timesteps`` reset its step index."""
+    if schedule not in SCHEDULES:
+        raise SampleError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
+    if getattr(scheduler.config, "use_dynamic_shifting", False):
+        raise SampleError("the checkpoint's scheduler uses dynamic shifting; LongCat-Video samples with a static "
+                          "shift of 12 (scheduler_config.json: use_dynamic_shifting=false, shift=12.0)")
+    distilled = schedule == "distilled"
+    scheduler.set_timesteps(steps, sigmas=base_sigmas(steps, distilled).tolist(), device=device)
+    if schedule in ("enhance_hf", "refine"):
+        ts = _derived_timesteps(scheduler.timesteps, schedule, t_thresh)
+        scheduler.timesteps = ts
+        scheduler.sigmas = torch.cat([ts / NUM_TRAIN_TIMESTEPS, ts.new_zeros(1)])
     return scheduler.timesteps.tolist()
 
 
+# ---------------------------------------------------------------------------------------------
+# guidance
+# ---------------------------------------------------------------------------------------------
 def cfg_zero_star(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """CFG-Zero* 'optimized scale', per sample: s* = <c,u>/(|u|²+1e-8); v = s*·u + g·(c − s*·u)."""
+    """CFG-Zero* 'optimized scale' per sample: s* = ⟨c, u⟩ / (‖u‖² + 1e-8) over all C·T·H·W
+    elements, v = s*·u + g·(c − s*·u). s* is broadcast per sample ([B, 1, 1, 1, 1]; the official
+    4-D view is right only for batch 1). Float32 out."""
     B = cond.shape[0]
-    c, u = cond.reshape(B, -1).float(), uncond.reshape(B, -1).float()
-    s = ((c * u).sum(1) / (u.square().sum(1) + 1e-8)).view(B, *([1] * (cond.dim() - 1)))
-    return s * uncond.float() + scale * (cond.float() - s * uncond.float())
-
-
-def i2v_bucket(height: int, width: int) -> tuple[int, int]:
-    ratio = height / width
-    return BUCKETS_480P[min(BUCKETS_480P, key=lambda r: abs(r - ratio))]
+    c, u = cond.float(), uncond.float()
+    cf, uf = c.reshape(B, -1), u.reshape(B, -1)
+    s = (cf * uf).sum(1, keepdim=True) / (uf.square().sum(1, keepdim=True) + 1e-8)
+    s = s.view(B, *([1] * (cond.dim() - 1)))
+    return u * s + scale * (c - u * s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,214 +147,667 @@ def i2v_bucket(height: int, width: int) -> tuple[int, int]:
 @dataclass
 class SampleRequest:
     prompt: str
-    negative_prompt: Optional[str] = None  # None/"" with guidance > 1 -> the empty prompt
-    mode: str = "t2v"
-    image: Optional[object] = None  # path or uint8 [H, W, 3] (i2v)
-    video: Optional[object] = None  # path or uint8 [F, H, W, 3] (continuation)
-    num_cond_frames: int = 13
+    negative_prompt: Optional[str] = None  # None or "" with guidance > 1: the empty negative prompt
+    mode: str = "t2v"  # t2v | i2v | continuation
+    image: Any = None  # i2v: path, uint8 [H, W, 3] array or PIL image
+    video: Any = None  # continuation: path (resampled to fps) or uint8 [F, H, W, 3] frames
+    num_cond_frames: int = 13  # continuation: the last k (4k+1) frames -> 1 + (k − 1)/4 latents
     height: int = 480
     width: int = 832
     num_frames: int = 93
-    steps: int = 50
-    guidance: float = 4.0
+    steps: Optional[int] = None  # None: 50, or 16 when distilled
+    guidance: Optional[float] = None  # None: 4.0, or 1.0 when distilled; 1 = no guidance
     seed: int = 0
-    fps: int = 15
-    schedule: str = "normal"  # normal | distilled | enhance_hf
-    use_kv_cache: bool = True
+    fps: float = BASE_FPS  # of the output file; continuation inputs from a file are resampled to it
+    use_kv_cache: bool = True  # continuation: cache the conditioning tokens' k/v (official default)
+    enhance_hf: Optional[bool] = None  # None: on for continuation unless distilled (official default)
+    distilled: bool = False  # the checkpoint's cfg_step_lora, 16-step list, no guidance
+    resolution: str = ""  # "" = height/width as given; 480p | 720p = bucket of the image / first frame
+    size_multiple: int = 16  # 16 (official check), 32 or 64 (the 64-px grid that suits BSA)
+
+    def resolved(self) -> "SampleRequest":
+        """A copy with the mode-dependent defaults filled in."""
+        return replace(
+            self,
+            steps=self.steps if self.steps is not None else (DISTILLED_STEPS if self.distilled else DEFAULT_STEPS),
+            guidance=self.guidance if self.guidance is not None else (1.0 if self.distilled else DEFAULT_GUIDANCE),
+            enhance_hf=(self.mode == "continuation" and not self.distilled) if self.enhance_hf is None
+            else self.enhance_hf,
+        )
 
     def validate(self) -> "SampleRequest":
+        """Raise SampleError naming the value and the fix; returns self."""
+        if not isinstance(self.prompt, str):
+            raise SampleError(f"prompt={self.prompt!r}: must be text")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise SampleError(f"negative_prompt={self.negative_prompt!r}: must be text (or None for the empty one)")
         if self.mode not in MODES:
             raise SampleError(f"mode={self.mode!r}: choose one of {MODES}")
-        check_size(self.height, self.width, 16, "sample size")
-        check_num_frames(self.num_frames, "num_frames")
-        if self.steps < 1:
-            raise SampleError(f"steps={self.steps}: use at least 1 (50 is the official default)")
-        if self.guidance < 1:
-            raise SampleError(f"guidance={self.guidance}: use 1 (no guidance) or more (4.0 is the default)")
-        if self.fps <= 0:
-            raise SampleError(f"fps={self.fps}: must be positive (15 for the base model)")
-        if not isinstance(self.seed, int):
-            raise SampleError(f"seed={self.seed!r}: must be a whole number")
-        if self.mode == "i2v" and self.image is None:
-            raise SampleError("mode='i2v' needs an image (a path or an array)")
+        if self.resolution not in ("",) + RESOLUTIONS:
+            raise SampleError(f"resolution={self.resolution!r}: use '' (height/width as given), '480p' or '720p'")
+        if self.size_multiple not in (16, 32, 64):
+            raise SampleError(f"size_multiple={self.size_multiple!r}: use 16 (official), 32 or 64")
+        for name in ("height", "width", "num_frames", "num_cond_frames", "steps"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                raise SampleError(f"{name}={v!r}: must be a whole number")
+        try:
+            check_size(self.height, self.width, self.size_multiple, "sample size")
+            check_num_frames(self.num_frames, "num_frames")
+        except ValueError as e:
+            raise SampleError(str(e)) from None
+        if self.steps is not None and self.steps < 1:
+            raise SampleError(f"steps={self.steps}: use at least 1 (50 is the official default, 16 distilled)")
+        if self.guidance is not None and (isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float))
+                                          or not math.isfinite(self.guidance) or self.guidance < 1):
+            raise SampleError(f"guidance={self.guidance!r}: use 1 (no guidance) or more (4.0 is the official default)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**63:
+            raise SampleError(f"seed={self.seed!r}: must be a whole number from 0 to 2**63 − 1 (e.g. seed=0)")
+        if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not self.fps > 0:
+            raise SampleError(f"fps={self.fps!r}: must be a positive number (15 for the base model)")
+        if self.distilled and self.enhance_hf:
+            raise SampleError("distilled=True with enhance_hf=True: the distilled 16-step list cannot take the "
+                              "enhance_hf tail; set enhance_hf=False (or None)")
+        if self.mode == "i2v" and _missing(self.image):
+            raise SampleError("mode='i2v' needs an image: image='path/to.png' (or an uint8 [H, W, 3] array)")
         if self.mode == "continuation":
-            if self.video is None:
-                raise SampleError("mode='continuation' needs a video to continue (a path or frames)")
-            check_num_frames(self.num_cond_frames, "num_cond_frames")
+            if _missing(self.video):
+                raise SampleError("mode='continuation' needs a video to continue: video='path/to.mp4' (or frames)")
+            try:
+                check_num_frames(self.num_cond_frames, "num_cond_frames")
+            except ValueError as e:
+                raise SampleError(str(e)) from None
             if self.num_cond_frames >= self.num_frames:
-                raise SampleError(f"num_cond_frames={self.num_cond_frames} must be below num_frames={self.num_frames}")
+                raise SampleError(f"num_cond_frames={self.num_cond_frames} must be below num_frames={self.num_frames} "
+                                  "(official: 13 of 93)")
         return self
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, str) and not x.strip())
 
 
 @dataclass
 class SampleResult:
     video: np.ndarray  # uint8 [F, H, W, 3]
-    latents: torch.Tensor  # normalized [1, 16, T, h, w]
-    settings: dict = field(default_factory=dict)
+    latents: torch.Tensor  # normalized latents [1, 16, T, h, w] on the CPU (conditioning frames included)
+    settings: dict = field(default_factory=dict)  # what made it (JSON-ready)
     seconds: float = 0.0
 
-
-# ---------------------------------------------------------------------------------------------
-# the loop
-# ---------------------------------------------------------------------------------------------
-def _as_frames(obj) -> np.ndarray:
-    if isinstance(obj, (str, Path)):
-        from .data.video import VIDEO_EXTS, decode_frames, load_image, probe
-
-        p = Path(obj)
-        if p.suffix.lower() in VIDEO_EXTS:
-            return decode_frames(p, list(range(probe(p).frame_count)))
-        return load_image(p)[None]
-    arr = np.asarray(obj, dtype=np.uint8)
-    return arr[None] if arr.ndim == 3 else arr
-
-
-def _condition_latents(vae, req: SampleRequest, g: torch.Generator) -> tuple[Optional[torch.Tensor], int]:
-    from .data.video import crop_resize
-
-    if req.mode == "t2v":
-        return None, 0
-    if req.mode == "i2v":
-        frames = _as_frames(req.image)[:1]
-    else:
-        frames = _as_frames(req.video)
-        if len(frames) < req.num_cond_frames:
-            raise SampleError(f"the video has {len(frames)} frames; continuation needs num_cond_frames={req.num_cond_frames}")
-        frames = frames[-req.num_cond_frames:]
-    # resize without crop, like the pipeline's VideoProcessor
-    frames = crop_resize(frames, req.height, req.width, policy="none")
-    z = encode_video(vae, from_uint8_frames(frames), generator=g)
-    return z, z.shape[2]
-
-
-@torch.no_grad()
-def generate(components, req: SampleRequest, loras: Optional[list] = None, progress: Optional[Callable] = None,
-             callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
-             text: Optional[tuple] = None, offload_text_encoder: bool = True) -> SampleResult:
-    """Sample one video. ``components`` needs dit, vae, scheduler and (unless ``text`` gives
-    precomputed (embeds, mask) for [negative, positive]) tokenizer + text_encoder. ``callback(i, t,
-    latents)`` sees the latents after every step. LoRAs [(path, scale)] are applied for this call."""
-    from . import lora as lora_lib
-
-    req.validate()
-    t0 = time.time()
-    dit, vae = components.dit, components.vae
-    device = next(dit.parameters()).device
-    dtype = next(p for p in dit.parameters() if p.is_floating_point()).dtype
-    g = torch.Generator().manual_seed(req.seed)
-    guided = req.guidance > 1 and req.schedule != "distilled"
-
-    # text: encode, then move the encoder off the accelerator
-    if text is None:
-        prompts = ([req.negative_prompt or ""] if guided else []) + [req.prompt]
-        emb, mask = encode_prompts(components.tokenizer, components.text_encoder, prompts, device=device, dtype=dtype)
-        if offload_text_encoder and next(components.text_encoder.parameters()).device.type != "cpu":
-            components.text_encoder.to("cpu")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    else:
-        emb, mask = (x.to(device) for x in text)
-        emb = emb.to(dtype)
-        if not guided:
-            emb, mask = emb[-1:], mask[-1:]
-
-    # latents: noise from a CPU generator (same on every device), conditioning frames in front
-    C = dit.config.in_channels
-    T = 1 + (req.num_frames - 1) // 4
-    shape = (1, C, T, req.height // 8, req.width // 8)
-    latents = torch.randn(shape, generator=g, dtype=torch.float32).to(device)
-    cond, n_cond = _condition_latents(vae, req, g)
-    if cond is not None:
-        latents[:, :, :n_cond] = cond.to(device)
-    kv_cache = None
-    if n_cond and req.mode == "continuation" and req.use_kv_cache:
-        # prompt-independent cache of the conditioning tokens (spec §4), shared by the CFG batch
-        _, kv_cache = dit(latents[:, :, :n_cond].to(dtype), torch.zeros(1, n_cond, device=device),
-                          torch.zeros_like(emb[:1]), None, return_kv=True, skip_crs_attn=True)
-
-    names = lora_lib.apply_loras(dit, loras) if loras else []
-    sched = components.scheduler
-    timesteps = set_scheduler(sched, req.steps, req.schedule, device)
-    bar = progress(total=len(timesteps), desc="denoising") if progress else None
-    try:
-        for i, t in enumerate(timesteps):
-            x = latents.to(dtype)
-            B = emb.shape[0]
-            if kv_cache is not None:
-                x_in = x[:, :, n_cond:].expand(B, -1, -1, -1, -1)
-                ts = torch.full((B,), float(t), device=device)
-                out = dit(x_in, ts, emb, mask, num_cond_latents=n_cond, kv_cache_dict=kv_cache)
-                out = torch.cat([out.new_zeros(B, C, n_cond, *out.shape[3:]), out], dim=2)
-            else:
-                ts = torch.full((B, T), float(t), device=device)
-                ts[:, :n_cond] = 0.0
-                out = dit(x.expand(B, -1, -1, -1, -1), ts, emb, mask, num_cond_latents=n_cond)
-            v = cfg_zero_star(out[1:], out[:1], req.guidance) if guided else out.float()
-            # the DiT predicts x0 − ε; the Euler step of the scheduler wants dx/dσ = ε − x0
-            stepped = sched.step(-v, t, latents, return_dict=False)[0]
-            latents = torch.cat([latents[:, :, :n_cond], stepped[:, :, n_cond:]], dim=2) if n_cond else stepped
-            if callback is not None:
-                callback(i, float(t), latents)
-            if bar is not None:
-                bar.update(1)
-    except torch.cuda.OutOfMemoryError as e:
-        from .planner import PlanSettings, suggest
-
-        budget = torch.cuda.get_device_properties(device).total_memory / 2**30 - 1
-        sug = suggest(PlanSettings(mode="sample", height=req.height, width=req.width, num_frames=req.num_frames,
-                                   cfg=guided), budget)
-        fix = f"load with {sug[0]} (memory.apply_block_swap)" if sug else "lower the resolution or the frame count"
-        raise SampleError(f"out of GPU memory while sampling {req.height}x{req.width}x{req.num_frames}: {fix}") from e
-    finally:
-        if bar is not None:
-            bar.close()
-        if names:
-            lora_lib.remove_loras(dit, names)
-
-    video = decode_latents(vae, latents.to(next(vae.parameters()).device))
-    frames = to_uint8_frames(video)[0]
-    settings = {k: v for k, v in asdict(req).items() if k not in ("image", "video")}
-    settings.update(image=str(req.image) if isinstance(req.image, (str, Path)) else None,
-                    video=str(req.video) if isinstance(req.video, (str, Path)) else None,
-                    loras=[[str(p), float(s)] for p, s in (loras or [])], timesteps=[round(x, 3) for x in timesteps])
-    return SampleResult(video=frames, latents=latents.cpu(), settings=settings, seconds=time.time() - t0)
-
-
-def save_sample(result: SampleResult, run_dir, name: str, fps: Optional[int] = None) -> Path:
-    """run_dir/samples/<name>.mp4 plus <name>.json with the settings that made it."""
-    from .data.video import write_mp4
-
-    out = Path(run_dir) / "samples" / f"{name}.mp4"
-    write_mp4(out, result.video, fps or result.settings.get("fps", 15))
-    atomic_write_json(out.with_suffix(".json"), {**result.settings, "seconds": round(result.seconds, 2)})
-    return out
+    @property
+    def fps(self) -> float:
+        return self.settings.get("fps", BASE_FPS)
 
 
 def checkpoint_offers(components) -> dict:
     """Optional modes the checkpoint's lora/ folder enables."""
-    return {"distilled": "cfg_step_lora" in components.loras, "refinement": "refinement_lora" in components.loras}
+    loras = getattr(components, "loras", None) or {}
+    return {"distilled": DISTILL_LORA in loras, "refinement": REFINE_LORA in loras}
 
 
 # ---------------------------------------------------------------------------------------------
-# 720p refinement stage (spec §7.9): stage-1 video -> 704x1280 (30 fps) with refinement_lora + BSA
+# inputs: conditioning frames
 # ---------------------------------------------------------------------------------------------
-BUCKETS_720P_F64 = {
-    0.22: (448, 2048), 0.29: (512, 1792), 0.36: (576, 1600), 0.45: (640, 1408), 0.55: (704, 1280),
-    0.63: (768, 1216), 0.76: (832, 1088), 0.88: (896, 1024), 1.00: (960, 960), 1.14: (1024, 896),
-    1.31: (1088, 832), 1.50: (1152, 768), 1.58: (1216, 768), 1.82: (1280, 704), 1.91: (1344, 704),
-    2.20: (1408, 640), 2.30: (1472, 640), 2.67: (1536, 576), 2.89: (1664, 576), 3.62: (1856, 512),
-    3.75: (1920, 512),
-}
+def load_image_frames(image) -> np.ndarray:
+    """A path, PIL image or uint8 array -> uint8 [1, H, W, 3]."""
+    if isinstance(image, (str, Path)):
+        from .data.video import load_image
+
+        path = Path(image)
+        if not path.exists():
+            raise SampleError(f"image {path} does not exist")
+        return load_image(path)[None]
+    if hasattr(image, "convert"):  # PIL
+        return np.asarray(image.convert("RGB"))[None]
+    return _as_uint8_frames(image, "image")
 
 
-def refine_size(height: int, width: int) -> tuple[int, int]:
-    ratio = height / width
-    return BUCKETS_720P_F64[min(BUCKETS_720P_F64, key=lambda r: abs(r - ratio))]
+def load_video_frames(video, fps: Optional[float] = BASE_FPS, last: Optional[int] = None) -> np.ndarray:
+    """A path (resampled to ``fps`` by taking every round(src_fps/fps)-th frame, as the official
+    continuation demo does) or frames -> uint8 [F, H, W, 3]; ``last`` keeps the last frames only."""
+    if isinstance(video, (str, Path)):
+        from .data.video import IMAGE_EXTS, decode_frames, probe
+
+        path = Path(video)
+        if not path.exists():
+            raise SampleError(f"video {path} does not exist")
+        if path.suffix.lower() in IMAGE_EXTS:
+            return load_image_frames(path)
+        info = probe(path)
+        stride = max(1, round(info.fps / fps)) if fps and info.fps else 1
+        idx = list(range(0, info.frame_count, stride))
+        if last:
+            idx = idx[-last:]
+        return decode_frames(path, idx)
+    if isinstance(video, (list, tuple)) and video and hasattr(video[0], "convert"):
+        frames = np.stack([np.asarray(im.convert("RGB")) for im in video])
+    else:
+        frames = _as_uint8_frames(video, "video")
+    return frames[-last:] if last else frames
+
+
+def _as_uint8_frames(x, what: str) -> np.ndarray:
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise SampleError(f"{what}: expected uint8 frames [F, H, W, 3] (or [H, W, 3]), got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.min() >= 0 and arr.max() <= 1:
+            arr = arr * 255.0
+        arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+    return arr
+
+
+def image_from_upload(value) -> Optional[np.ndarray]:
+    """ipywidgets FileUpload value (v8 tuple of dicts, v7 dict) -> uint8 [H, W, 3], or None."""
+    if not value:
+        return None
+    item = value[0] if isinstance(value, (list, tuple)) else next(iter(value.values()))
+    import io
+
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(bytes(item["content"]))) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def preprocess_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> [1, 3, F, height, width] in [−1, 1]: diffusers' VideoProcessor as the
+    pipeline uses it (resize without crop, Lanczos, normalize)."""
+    from diffusers.video_processor import VideoProcessor
+    from PIL import Image
+
+    vp = VideoProcessor(vae_scale_factor=8)
+    return vp.preprocess_video([Image.fromarray(np.ascontiguousarray(f)) for f in frames], height=height, width=width)
+
+
+# ---------------------------------------------------------------------------------------------
+# devices and memory
+# ---------------------------------------------------------------------------------------------
+def _param_device(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def dit_dtype(dit) -> torch.dtype:
+    """Compute dtype of the DiT (its patch embedding is never quantized or LoRA-wrapped)."""
+    return dit.x_embedder.proj.weight.dtype
+
+
+def _exec_device(dit, offload: str, device) -> torch.device:
+    if offload not in OFFLOAD:
+        raise SampleError(f"offload={offload!r}: use 'none' (models stay where they are) or 'model' "
+                          "(each model on the GPU only while it runs)")
+    home = _param_device(dit)
+    if offload == "none":
+        d = torch.device(device) if device is not None else home
+        if d.type != home.type or (d.index is not None and d.index != home.index):
+            raise SampleError(f"device={device!r} but the DiT is on {home}: move it there first, "
+                              "or use offload='model'")
+        return home
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else home
+
+
+@contextlib.contextmanager
+def placed(module, device: torch.device, enabled: bool = True):
+    """Move ``module`` to ``device`` for the block and back to where it was (offload='model').
+    This is the one place a later memory strategy (e.g. block swap) hooks into."""
+    if not enabled or module is None or _param_device(module) == device:
+        yield module
+        return
+    home = _param_device(module)
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def vae_tiling(vae, enabled: Optional[bool]):
+    """Tiled VAE decode/encode for the block (None leaves the VAE as it is)."""
+    if enabled is None:
+        yield
+        return
+    before = bool(getattr(vae, "use_tiling", False))
+    set_tiling(vae, enabled)
+    try:
+        yield
+    finally:
+        set_tiling(vae, before)
+
+
+@contextlib.contextmanager
+def temporary_loras(dit, loras: Sequence[tuple]):
+    """Apply LoRA files [(path, scale)] for the block (lora.apply_loras: any layout, scale 0 ==
+    base), then remove them; adapters that were active before (a LoRA being trained) stay active
+    alongside and keep their requires_grad flags."""
+    loras = [(str(p), float(s)) for p, s in loras]
+    if not loras:
+        yield []
+        return
+    from . import lora as lora_lib
+
+    grad = {n: p.requires_grad for n, p in dit.named_parameters()}
+    before = _active_adapters(dit)
+    with warnings.catch_warnings():  # a second adapter on the same model is what we mean to do
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        names = lora_lib.apply_loras(dit, loras)
+    if before:
+        _activate(dit, before + names)
+    try:
+        yield names
+    finally:
+        lora_lib.remove_loras(dit, names)
+        if before:
+            _activate(dit, before)
+        for n, p in dit.named_parameters():
+            if n in grad:
+                p.requires_grad_(grad[n])
+
+
+def _tuner_layers(model):
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _active_adapters(model) -> list:
+    for m in _tuner_layers(model):
+        return [a for a in m.active_adapters]
+    return []
+
+
+def _activate(model, names: list) -> None:
+    for m in _tuner_layers(model):
+        m.set_adapter(names)
+
+
+def _progress(progress, total: int, desc: str):
+    if not progress:
+        return None
+    if progress is True:
+        from .ui.widgets import progress as bar
+
+        return bar(total=total, desc=desc)
+    return progress(total=total, desc=desc)
+
+
+def _oom_error(e: Exception, device, height: int, width: int, num_frames: int, guided: bool) -> SampleError:
+    from .planner import PlanSettings, suggest
+
+    budget = torch.cuda.get_device_properties(device).total_memory / 2**30 - 1
+    sug = suggest(PlanSettings(mode="sample", height=height, width=width, num_frames=num_frames, cfg=guided), budget)
+    fix = (f"load the DiT with {sug[0]} (memory.apply_block_swap), or sample with offload='model'" if sug
+           else "lower the resolution or the frame count")
+    return SampleError(f"out of GPU memory while sampling {height}x{width}x{num_frames}: {fix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# text
+# ---------------------------------------------------------------------------------------------
+def encode_text(components, prompt: str, negative_prompt: Optional[str], guided: bool, device, dtype,
+                offload: str = "none", text_encoder_to_cpu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings [B, 1, 512, C], mask [B, 512]) for [negative, positive] (guided) or [positive].
+    The text encoder runs where it is (offload='model': on ``device`` for the call) and is moved to
+    the CPU afterwards when ``text_encoder_to_cpu`` (it is not needed while denoising)."""
+    tok, enc = components.tokenizer, components.text_encoder
+    if tok is None or enc is None:
+        raise SampleError("no text encoder loaded: load_components(...) with the 'tokenizer' and 'text_encoder' "
+                          "parts, or pass text=(embeddings, mask) for [negative, positive]")
+    prompts = ([negative_prompt or ""] if guided else []) + [prompt]
+    device = torch.device(device)
+    with placed(enc, device, offload == "model"):
+        emb, mask = encode_prompts(tok, enc, prompts, device=device, dtype=dtype)
+    if text_encoder_to_cpu and offload != "model" and _param_device(enc).type != "cpu":
+        enc.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return emb, mask
+
+
+def _text_batch(text, guided: bool, device, dtype):
+    emb, mask = text
+    emb, mask = emb.to(device=device, dtype=dtype), mask.to(device)
+    if emb.dim() == 3:
+        emb = emb[:, None]
+    if guided and emb.shape[0] < 2:
+        raise SampleError("guidance > 1 needs text=(embeddings, mask) for [negative, positive] (2 rows); "
+                          "encode the empty prompt as the negative")
+    return (emb[-2:], mask[-2:]) if guided else (emb[-1:], mask[-1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# the denoising loop
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def build_kv_cache(dit, cond_latents: torch.Tensor, text_like: torch.Tensor, offload_kv_cache: bool = False) -> dict:
+    """Per-block (k, v) of the conditioning tokens (t = 0, self-attention only, no text): prompt
+    independent, shared by both CFG rows (spec §4)."""
+    dtype = dit_dtype(dit)
+    n = cond_latents.shape[2]
+    t = torch.zeros(cond_latents.shape[0], n, device=cond_latents.device, dtype=dtype)
+    _, cache = dit(cond_latents.to(dtype), t, torch.zeros_like(text_like[:1]), None, return_kv=True,
+                   skip_crs_attn=True, offload_kv_cache=offload_kv_cache)
+    return cache
+
+
+@torch.no_grad()
+def predict_velocity(dit, latents: torch.Tensor, t: float, emb: torch.Tensor, mask: torch.Tensor,
+                     guidance: float, num_cond_latents: int = 0, kv_cache: Optional[dict] = None) -> torch.Tensor:
+    """One guided DiT evaluation: the velocity (x0 − ε, float32) for the noisy frames of ``latents``
+    [1, C, T, h, w]. The CFG batch is [negative, positive] when guidance > 1."""
+    dtype = dit_dtype(dit)
+    n = num_cond_latents
+    B = emb.shape[0]
+    if kv_cache is not None:
+        x = latents[:, :, n:].to(dtype)
+        ts = torch.full((B,), float(t), device=latents.device, dtype=dtype)
+        out = dit(torch.cat([x] * B), ts, emb, mask, num_cond_latents=n, kv_cache_dict=kv_cache)
+    else:
+        x = latents.to(dtype)
+        ts = torch.full((B, latents.shape[2]), float(t), device=latents.device, dtype=dtype)
+        ts[:, :n] = 0  # conditioning frames are clean
+        out = dit(torch.cat([x] * B), ts, emb, mask, num_cond_latents=n)
+    # CFG over every output element, conditioning frames included (as the pipeline sums them)
+    v = cfg_zero_star(out[1:], out[:1], guidance) if guidance > 1 else out.float()
+    return v if kv_cache is not None else v[:, :, n:]
+
+
+@torch.no_grad()
+def denoise(dit, scheduler, latents: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor, steps: int,
+            schedule: str = "normal", guidance: float = 1.0, num_cond_latents: int = 0, use_kv_cache: bool = False,
+            offload_kv_cache: bool = False, t_thresh: float = 0.5, progress=None,
+            callback: Optional[Callable[[int, float, torch.Tensor], None]] = None) -> tuple[torch.Tensor, list]:
+    """Run the Euler loop on ``latents`` [1, C, T, h, w] (fp32; the first ``num_cond_latents`` frames
+    are clean conditioning and are never changed). Returns (latents, timesteps).
+    ``callback(i, t, latents)`` sees all frames after every step."""
+    n = num_cond_latents
+    timesteps = set_scheduler(scheduler, steps, schedule, latents.device, t_thresh)
+    kv_cache = build_kv_cache(dit, latents[:, :, :n], emb, offload_kv_cache) if (use_kv_cache and n) else None
+    bar = _progress(progress, len(timesteps), "refining" if schedule == "refine" else "denoising")
+    try:
+        for i, t in enumerate(scheduler.timesteps):
+            v = predict_velocity(dit, latents, t, emb, mask, guidance, n, kv_cache)
+            # the DiT predicts x0 − ε; the scheduler's Euler step wants dx/dσ = ε − x0
+            noisy = scheduler.step(-v, t, latents[:, :, n:], return_dict=False)[0]
+            latents = torch.cat([latents[:, :, :n], noisy], dim=2) if n else noisy
+            if callback is not None:
+                callback(i, float(t), latents)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return latents, timesteps
+
+
+def _schedule_name(req: SampleRequest) -> str:
+    if req.distilled:
+        return "distilled"
+    return "enhance_hf" if req.enhance_hf else "normal"
+
+
+def _describe(x) -> Optional[str]:
+    if x is None or isinstance(x, (str, Path)):
+        return str(x) if x is not None and str(x) else None
+    shape = getattr(x, "shape", None) or getattr(x, "size", None)
+    return f"<{type(x).__name__} {tuple(shape) if shape is not None else ''}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(components, request: SampleRequest, loras: Optional[Sequence[tuple]] = None, progress=True,
+             callback: Optional[Callable[[int, float, torch.Tensor], None]] = None, *,
+             text: Optional[tuple] = None, offload: str = "none", device=None, text_encoder_to_cpu: bool = True,
+             vae_tiling_enabled: Optional[bool] = None, offload_kv_cache: bool = False) -> SampleResult:
+    """Sample one video (T2V, I2V or continuation) with loaded ``components`` (dit, vae, scheduler,
+    and tokenizer + text_encoder unless ``text`` gives precomputed (embeddings, mask) rows
+    [negative, positive]).
+
+    loras: [(path, scale), ...] applied for this call only (any layout; scale 0 == base).
+    progress: True = a tqdm bar (text when headless), False = none, or a tqdm-like factory.
+    callback(i, t, latents): after every step, with all latent frames (conditioning included).
+    offload: 'none' (models stay where they are) or 'model' (text encoder, DiT and VAE each moved
+    to ``device`` only while they run). vae_tiling_enabled: tiled VAE for this call (None = as is).
+    """
+    req = request.resolved().validate()
+    t0 = time.time()
+    dit, vae = components.dit, components.vae
+    if dit is None or vae is None or components.scheduler is None:
+        raise SampleError("generate needs components with dit, vae and scheduler loaded (checkpoint.load_components)")
+    dev = _exec_device(dit, offload, device)
+    dtype = dit_dtype(dit)
+    guided = req.guidance > 1
+    lora_list = list(loras or [])
+    if req.distilled:
+        if DISTILL_LORA not in (components.loras or {}):
+            where = Path(components.folder) / "lora" / f"{DISTILL_LORA}.safetensors"
+            raise SampleError(f"distilled=True needs {where} (download lora/ from meituan-longcat/LongCat-Video), "
+                              "or set distilled=False")
+        lora_list = [(components.loras[DISTILL_LORA], 1.0)] + lora_list
+
+    # conditioning frames decide the size when a bucket resolution is asked for
+    cond_frames = None
+    if req.mode == "i2v":
+        cond_frames = load_image_frames(req.image)
+    elif req.mode == "continuation":
+        cond_frames = load_video_frames(req.video, req.fps, last=req.num_cond_frames)
+        if len(cond_frames) < req.num_cond_frames:
+            raise SampleError(f"the video has {len(cond_frames)} frames at {req.fps} fps; continuation needs "
+                              f"num_cond_frames={req.num_cond_frames}: lower it (4k+1) or give a longer video")
+        cond_frames = cond_frames[-req.num_cond_frames:]
+    if req.resolution and cond_frames is not None:
+        req.height, req.width = i2v_bucket(cond_frames.shape[1:3], req.resolution)
+        req.validate()
+
+    # text first, so the encoder can leave the GPU before the DiT needs it
+    if text is not None:
+        emb, mask = _text_batch(text, guided, dev, dtype)
+    else:
+        emb, mask = encode_text(components, req.prompt, req.negative_prompt, guided, dev, dtype, offload,
+                                text_encoder_to_cpu)
+
+    # noise from a CPU generator, then the conditioning frames with the same generator (official order)
+    g = torch.Generator().manual_seed(int(req.seed))
+    C = dit.config.in_channels
+    T = 1 + (req.num_frames - 1) // 4
+    latents = torch.randn((1, C, T, req.height // 8, req.width // 8), generator=g, dtype=torch.float32)
+    n_cond = 0
+    if cond_frames is not None:
+        pixels = preprocess_frames(cond_frames, req.height, req.width)
+        with placed(vae, dev, offload == "model"):
+            z = encode_video(vae, pixels, generator=g)
+        n_cond = z.shape[2]
+        latents[:, :, :n_cond] = z.float().cpu()
+    latents = latents.to(dev)
+
+    schedule = _schedule_name(req)
+    try:
+        with temporary_loras(dit, lora_list), placed(dit, dev, offload == "model"):
+            latents, timesteps = denoise(
+                dit, components.scheduler, latents, emb, mask, req.steps, schedule, req.guidance, n_cond,
+                use_kv_cache=req.mode == "continuation" and req.use_kv_cache, offload_kv_cache=offload_kv_cache,
+                progress=progress, callback=callback)
+    except torch.cuda.OutOfMemoryError as e:
+        raise _oom_error(e, dev, req.height, req.width, req.num_frames, guided) from e
+
+    with placed(vae, dev, offload == "model"), vae_tiling(vae, vae_tiling_enabled):
+        frames = to_uint8_frames(decode_latents(vae, latents))[0]
+    settings = {k: v for k, v in asdict(req).items() if k not in ("image", "video")}
+    settings.update(
+        image=_describe(req.image), video=_describe(req.video), schedule=schedule,
+        num_cond_latents=n_cond, loras=[[str(p), float(s)] for p, s in lora_list],
+        timesteps=[round(float(x), 3) for x in timesteps], checkpoint=str(getattr(components, "folder", "")),
+        device=str(dev), dtype=str(dtype).replace("torch.", ""),
+    )
+    return SampleResult(video=frames, latents=latents.cpu(), settings=settings, seconds=time.time() - t0)
+
+
+def compare_base_and_lora(components, request: SampleRequest, lora=None, scale: float = 1.0,
+                          progress=True, **kwargs) -> dict:
+    """{'base': result, 'lora': result} with the same seed and settings (text encoded once); only
+    'base' when ``lora`` is None. ``kwargs`` go to ``generate`` (offload, device, ...)."""
+    req = request.resolved().validate()
+    text = kwargs.pop("text", None)
+    if text is None:
+        dev = _exec_device(components.dit, kwargs.get("offload", "none"), kwargs.get("device"))
+        text = encode_text(components, req.prompt, req.negative_prompt, req.guidance > 1, dev,
+                           dit_dtype(components.dit), kwargs.get("offload", "none"),
+                           kwargs.get("text_encoder_to_cpu", True))
+    out = {"base": generate(components, req, None, progress, text=text, **kwargs)}
+    if lora:
+        out["lora"] = generate(components, req, [(lora, scale)], progress, text=text, **kwargs)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+def write_video(path, frames: np.ndarray, fps: float) -> Path:
+    """H.264 mp4 through mediapy (imageio-ffmpeg's binary when there is no ffmpeg on PATH), written
+    to a temporary name and renamed. Falls back to PyAV when no ffmpeg can be found."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = np.asarray(frames, dtype=np.uint8)
+    frames = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]  # yuv420p needs even sizes
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
+    os.close(fd)
+    try:
+        try:
+            import mediapy
+
+            from .ui.video import ensure_ffmpeg
+
+            ensure_ffmpeg()
+            mediapy.write_video(tmp, frames, fps=fps, codec="h264", crf=20)
+        except (RuntimeError, OSError, ImportError):  # no ffmpeg binary at all: PyAV has its own
+            from .data.video import write_mp4
+
+            write_mp4(tmp, frames, fps)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_sample(result: SampleResult, run_dir, name: str, fps: Optional[float] = None) -> Path:
+    """run_dir/samples/<name>.mp4 plus <name>.json with the settings that made it (both atomic)."""
+    out = Path(run_dir) / "samples" / f"{name}.mp4"
+    fps = fps or result.fps
+    write_video(out, result.video, fps)
+    meta = {**result.settings, "fps": fps, "seconds": round(result.seconds, 2), "file": out.name,
+            "frames": int(result.video.shape[0]), "size": [int(result.video.shape[1]), int(result.video.shape[2])]}
+    atomic_write_json(out.with_suffix(".json"), meta)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# notebook helpers
+# ---------------------------------------------------------------------------------------------
+TINY_DEFAULTS = dict(height=64, width=64, num_frames=9, steps=8)
+OFFICIAL_DEFAULTS = dict(height=480, width=832, num_frames=93, steps=DEFAULT_STEPS)
+
+
+def auto_settings(values: dict, checkpoint: str = "") -> dict:
+    """Fill the 0 ('auto') entries of height/width/num_frames/steps/guidance: the official 480x832x93,
+    50 steps (16 distilled), guidance 4 (1 distilled) for a real checkpoint; 64x64x9, 8 steps for
+    the tiny default checkpoint (checkpoint == ''), so a CPU run takes seconds."""
+    out = dict(values)
+    base = TINY_DEFAULTS if not checkpoint else OFFICIAL_DEFAULTS
+    distilled = bool(out.get("distilled"))
+    for k in ("height", "width", "num_frames"):
+        if not out.get(k):
+            out[k] = base[k]
+    if not out.get("steps"):
+        out["steps"] = DISTILLED_STEPS if distilled else base["steps"]
+    if not out.get("guidance"):
+        out["guidance"] = 1.0 if distilled else DEFAULT_GUIDANCE
+    return out
+
+
+def pick_lora(run_dir, lora_path: str = "") -> Optional[Path]:
+    """'' = the newest LoRA trained in run_dir/lora/ (None if there is none); 'none' = no LoRA."""
+    from .lora import newest_lora
+
+    if not lora_path:
+        return newest_lora(run_dir)
+    if str(lora_path).lower() == "none":
+        return None
+    p = Path(lora_path)
+    if not p.exists():
+        raise SampleError(f"lora_path={lora_path!r} does not exist; give a .safetensors file, '' for the newest "
+                          f"in {Path(run_dir) / 'lora'}, or 'none'")
+    return p
+
+
+def request_from_values(values: dict, uploaded_image=None) -> SampleRequest:
+    """A SampleRequest from the 04_sample form (``bucket`` is the request's ``resolution``); an
+    uploaded image is used for i2v (and switches a t2v request to i2v)."""
+    v = dict(values)
+    image = uploaded_image if uploaded_image is not None else (v.get("image") or None)
+    mode = v.get("mode", "t2v")
+    if uploaded_image is not None and mode == "t2v":
+        mode = "i2v"
+    return SampleRequest(
+        prompt=v["prompt"], negative_prompt=v.get("negative_prompt") or None, mode=mode, image=image,
+        video=v.get("video") or None, num_cond_frames=int(v.get("num_cond_frames", 13)),
+        height=int(v["height"]), width=int(v["width"]), num_frames=int(v["num_frames"]), steps=int(v["steps"]),
+        guidance=float(v["guidance"]), seed=int(v.get("seed", 0)), fps=v.get("fps", BASE_FPS),
+        distilled=bool(v.get("distilled", False)), resolution=v.get("bucket", v.get("resolution", "")) or "",
+        use_kv_cache=bool(v.get("use_kv_cache", True)),
+    )
+
+
+def load_sampling_components(model, offload: str = "none"):
+    """Components for sampling from the run's ``model`` settings (config.ModelSettings). With
+    offload='model' every part is loaded on the CPU in the dtype it will run in on the accelerator
+    (bf16 for 'auto', not the CPU's float32), and ``generate(..., offload='model')`` moves each to
+    the GPU only while it runs."""
+    from .checkpoint import load_components, pick_device, pick_dtype
+
+    if offload not in OFFLOAD:
+        raise SampleError(f"offload={offload!r}: use 'none' or 'model'")
+    dev = pick_device(model.device)
+    dtypes = {"dit": model.dit_dtype, "vae": model.vae_dtype, "text_encoder": model.text_encoder_dtype}
+    if offload == "model":
+        dtypes = {k: pick_dtype(v, dev) for k, v in dtypes.items()}
+        dev = torch.device("cpu")
+    return load_components(model.checkpoint, device=str(dev), dtypes=dtypes, attention=model.attention)
+
+
+def settings_record(request: SampleRequest, lora=None, scale: float = 1.0, offload: str = "none") -> dict:
+    """The run config's ``sample`` section (config.SampleSettings) for what was just sampled."""
+    r = request.resolved()
+    return dict(
+        prompt=r.prompt, negative_prompt=r.negative_prompt or "", mode=r.mode,
+        image=str(r.image) if isinstance(r.image, (str, Path)) else ("<uploaded>" if r.image is not None else ""),
+        video=str(r.video) if isinstance(r.video, (str, Path)) else "", num_cond_frames=r.num_cond_frames,
+        resolution=r.resolution, height=r.height, width=r.width, num_frames=r.num_frames, steps=r.steps,
+        guidance=r.guidance, seed=r.seed, fps=int(round(r.fps)), distilled=r.distilled, use_kv_cache=r.use_kv_cache,
+        enhance_hf=bool(r.enhance_hf), offload=offload,
+        loras=[{"path": str(lora), "scale": float(scale)}] if lora else [],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 720p refinement stage (spec §7.9): stage-1 clip -> 704x1280 at 30 fps, refinement_lora + BSA
+# ---------------------------------------------------------------------------------------------
+BSA_LATENT_GRANULARITY = 4  # BSA's 4x4x4 blocks: latent frame counts are padded to multiples of 4
 
 
 def upsample_for_refinement(frames: np.ndarray, height: int, width: int, double_frames: bool = True) -> torch.Tensor:
-    """uint8 [F1, H, W, 3] -> [1, 3, F2, height, width] in [-1, 1]: bilinear in space, then linear in
-    time to 2·F1 frames (both align_corners=True), as the official refinement input."""
+    """uint8 [F1, H, W, 3] -> [1, 3, F2, height, width] in [−1, 1]: bilinear in space, then linear in
+    time to F2 = 2·F1 (or F1) frames, both with align_corners=True, as the pipeline's input."""
     import torch.nn.functional as F
 
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
@@ -314,63 +818,119 @@ def upsample_for_refinement(frames: np.ndarray, height: int, width: int, double_
     return x * 2 - 1
 
 
-@torch.no_grad()
-def refine(components, frames: np.ndarray, prompt: str = "", steps: int = 50, t_thresh: float = 0.5,
-           size: Optional[tuple] = None, double_frames: bool = True, seed: int = 0,
-           loras: Optional[list] = None, use_bsa: bool = True, progress: Optional[Callable] = None) -> SampleResult:
-    """Refine a stage-1 (480p, 15 fps) text-to-video clip to 720p/30 fps. Uses the checkpoint's
-    ``refinement_lora`` unless ``loras`` is given, positive prompt only, no guidance, block-sparse
-    attention when available, 5 denoising steps from σ = t_thresh (with steps = 50)."""
-    from . import lora as lora_lib
-    from .vae import latent_frames
+def refinement_padding(num_frames: int, num_cond_frames: int = 0) -> dict:
+    """Latent counts in multiples of 4 (spec §7.9 step 3) for F2 frames with k conditioning frames:
+    n = ⌈(1 + ⌈(k−1)/4⌉)/4⌉·4 conditioning latents (0 when k = 0) made of 1 + 4(n−1) frames (the
+    first frame repeated in front), m = ⌈⌈(F2−k)/4⌉/4⌉·4 noisy latents (last frame repeated at the end)."""
+    k, f2, g = num_cond_frames, num_frames, BSA_LATENT_GRANULARITY
+    n = math.ceil((1 + math.ceil((k - 1) / 4)) / g) * g if k > 0 else 0
+    front = 1 + 4 * (n - 1) - k if k > 0 else 0
+    m = math.ceil(math.ceil((f2 - k) / 4) / g) * g
+    back = 4 * m - (f2 - k)
+    return {"cond_latents": n, "noisy_latents": m, "front": front, "back": back}
 
-    dit, vae = components.dit, components.vae
-    device = next(dit.parameters()).device
-    dtype = next(p for p in dit.parameters() if p.is_floating_point()).dtype
-    if loras is None:
-        if "refinement_lora" not in components.loras:
-            raise SampleError(f"refinement needs {components.folder}/lora/refinement_lora.safetensors "
-                              "(or pass loras=[(path, scale)])")
-        loras = [(components.loras["refinement_lora"], 1.0)]
-    h, w = size or refine_size(frames.shape[1], frames.shape[2])
-    check_size(h, w, 16, "refinement size")
+
+@torch.no_grad()
+def refine(components, stage1, prompt: Optional[str] = None, *, image=None, video=None, num_cond_frames: int = 0,
+           steps: int = DEFAULT_STEPS, t_thresh: float = 0.5, spatial_refine_only: bool = False,
+           size: Optional[tuple] = None, seed: int = 0, loras: Optional[Sequence[tuple]] = None,
+           use_bsa: bool = True, progress=True, callback=None, offload: str = "none", device=None,
+           text_encoder_to_cpu: bool = True, vae_tiling_enabled: Optional[bool] = None) -> SampleResult:
+    """Refine a stage-1 clip (a SampleResult or uint8 [F1, H, W, 3], normally the 480p/15 fps
+    distilled output) to the 720p 64-px bucket (480x832 -> 704x1280) and, unless
+    ``spatial_refine_only``, twice the frames (30 fps).
+
+    The checkpoint's ``refinement_lora`` (or ``loras``) is applied for the call, block-sparse
+    attention is switched on (dense where BSA cannot run), the positive prompt only, no guidance.
+    The upsampled clip is encoded, then re-noised to σ = t_thresh: x = (1 − t)·z + t·ε, and denoised
+    with the refine schedule (5 steps from t = 500 for steps = 50). For I2V/continuation give
+    ``image`` (k = 1) or ``video`` (its last ``num_cond_frames`` frames at the refined frame rate): they
+    are encoded at the target size and held clean in front, padded to 4 latents. ε and the posterior
+    samples come from a seeded generator (the official code draws them unseeded)."""
     t0 = time.time()
-    g = torch.Generator().manual_seed(seed)
-    video = upsample_for_refinement(frames, h, w, double_frames)
-    f2 = video.shape[2]
-    # latents in multiples of 4 for BSA's 4x4x4 blocks: pad the end with copies of the last frame
-    m = math.ceil(math.ceil(f2 / 4) / 4) * 4
-    padded = 1 + 4 * (m - 1)
-    if padded > f2:
-        video = torch.cat([video, video[:, :, -1:].expand(-1, -1, padded - f2, -1, -1)], dim=2)
-    z = encode_video(vae, video, generator=g).to(device)
-    noise = torch.randn(z.shape, generator=g, dtype=torch.float32).to(device)
-    latents = (1 - t_thresh) * z + t_thresh * noise
-    emb, mask = encode_prompts(components.tokenizer, components.text_encoder, [prompt], device=device, dtype=dtype)
-    names = lora_lib.apply_loras(dit, loras)
-    previous = getattr(dit, "attention_backend", "sdpa")
-    if use_bsa:
-        dit.enable_bsa()
-    ts_all = timesteps_for(steps, "refine")
-    ts_all[0] = 1000.0 * t_thresh
-    sched = components.scheduler
-    sig = torch.tensor(ts_all) / NUM_TRAIN_TIMESTEPS
-    sched.set_timesteps(len(ts_all), sigmas=(sig / (SHIFT - (SHIFT - 1) * sig)).tolist(), device=device)
-    bar = progress(total=len(ts_all), desc="refining") if progress else None
+    if isinstance(stage1, SampleResult):
+        frames, src = stage1.video, stage1.settings
+        prompt = src.get("prompt", "") if prompt is None else prompt
+        base_fps = float(src.get("fps", BASE_FPS))
+    else:
+        frames, base_fps = _as_uint8_frames(stage1, "stage1"), float(BASE_FPS)
+        prompt = prompt or ""
+    if not 0 < t_thresh < 1:
+        raise SampleError(f"t_thresh={t_thresh}: use a value in (0, 1) (official 0.5)")
+    if steps < 1:
+        raise SampleError(f"steps={steps}: use at least 1 (official 50, which gives 5 refinement steps)")
+    if image is not None and video is not None:
+        raise SampleError("refine: give image or video for conditioning, not both")
+    dit, vae = components.dit, components.vae
+    dev = _exec_device(dit, offload, device)
+    dtype = dit_dtype(dit)
+    if loras is None:
+        if REFINE_LORA not in (components.loras or {}):
+            raise SampleError(f"refinement needs {Path(components.folder) / 'lora' / (REFINE_LORA + '.safetensors')} "
+                              "(from meituan-longcat/LongCat-Video), or pass loras=[(path, scale)]")
+        loras = [(components.loras[REFINE_LORA], 1.0)]
+    h, w = tuple(size) if size else refine_bucket(frames.shape[1], frames.shape[2])
     try:
-        for t in sched.timesteps.tolist():
-            out = dit(latents.to(dtype), torch.full((1,), float(t), device=device), emb, mask)
-            latents = sched.step(-out.float(), t, latents, return_dict=False)[0]
-            if bar is not None:
-                bar.update(1)
+        check_size(h, w, 64, "refinement size")  # 64-px grid: the latent grid splits into BSA's 4x4 blocks
+    except ValueError as e:
+        raise SampleError(str(e)) from None
+
+    cond = None
+    if image is not None:
+        cond = load_image_frames(image)
+        num_cond_frames = 1
+    elif video is not None:
+        if num_cond_frames < 1:
+            raise SampleError("refine with video conditioning needs num_cond_frames >= 1 (official: 26 at 30 fps)")
+        cond = load_video_frames(video, None)
+        if len(cond) < num_cond_frames:
+            raise SampleError(f"conditioning video has {len(cond)} frames < num_cond_frames={num_cond_frames}")
+        cond = cond[-num_cond_frames:]
+    else:
+        num_cond_frames = 0
+
+    emb, mask = encode_text(components, prompt, None, False, dev, dtype, offload, text_encoder_to_cpu)
+    g = torch.Generator().manual_seed(int(seed))
+    up = upsample_for_refinement(frames, h, w, not spatial_refine_only)
+    f2 = up.shape[2]
+    pad = refinement_padding(f2, num_cond_frames)
+    n, m = pad["cond_latents"], pad["noisy_latents"]
+    up = torch.cat([up[:, :, :1].expand(-1, -1, pad["front"], -1, -1), up,
+                    up[:, :, -1:].expand(-1, -1, pad["back"], -1, -1)], dim=2)
+    up = up[:, :, : 1 + 4 * (n + m - 1)]  # the VAE reads 1 + 4(L − 1) frames for L latents (k = 0: 3 unused)
+    with placed(vae, dev, offload == "model"), vae_tiling(vae, vae_tiling_enabled):
+        z = encode_video(vae, up, generator=g).float().cpu()
+        noise = torch.randn(z.shape, generator=g, dtype=torch.float32)
+        latents = (1 - t_thresh) * z + t_thresh * noise
+        if cond is not None:
+            pixels = preprocess_frames(cond, h, w)
+            pixels = torch.cat([pixels[:, :, :1].expand(-1, -1, pad["front"], -1, -1), pixels], dim=2)
+            latents[:, :, :n] = encode_video(vae, pixels, generator=g).float().cpu()
+    del up
+    latents = latents.to(dev)
+
+    previous = getattr(dit, "attention_backend", "sdpa")
+    try:
+        with temporary_loras(dit, loras), placed(dit, dev, offload == "model"):
+            if use_bsa:
+                dit.enable_bsa()
+            latents, timesteps = denoise(dit, components.scheduler, latents, emb, mask, steps, "refine", 1.0, n,
+                                         t_thresh=t_thresh, progress=progress, callback=callback)
+    except torch.cuda.OutOfMemoryError as e:
+        raise _oom_error(e, dev, h, w, f2, False) from e
     finally:
-        if bar is not None:
-            bar.close()
-        lora_lib.remove_loras(dit, names)
         dit.set_attention_backend(previous)
-    out_frames = to_uint8_frames(decode_latents(vae, latents.to(next(vae.parameters()).device)))[0][:f2]
-    settings = {"mode": "refine", "prompt": prompt, "height": h, "width": w, "num_frames": int(f2), "steps": steps,
-                "t_thresh": t_thresh, "seed": seed, "fps": 30 if double_frames else 15,
-                "latent_frames": int(latent_frames(padded)), "loras": [[str(p), float(s)] for p, s in loras],
-                "timesteps": [round(x, 3) for x in sched.timesteps.tolist()]}
-    return SampleResult(video=out_frames, latents=latents.cpu(), settings=settings, seconds=time.time() - t0)
+
+    with placed(vae, dev, offload == "model"), vae_tiling(vae, vae_tiling_enabled):
+        out = to_uint8_frames(decode_latents(vae, latents))[0]
+    out = out[pad["front"]: pad["front"] + f2]
+    fps = base_fps if spatial_refine_only else 2 * base_fps
+    settings = {
+        "mode": "refine", "prompt": prompt, "height": h, "width": w, "num_frames": int(len(out)), "steps": steps,
+        "t_thresh": t_thresh, "seed": seed, "fps": fps, "spatial_refine_only": spatial_refine_only,
+        "num_cond_frames": num_cond_frames, "num_cond_latents": n, "latent_frames": n + m, "padding": pad,
+        "bsa": use_bsa, "loras": [[str(p), float(s)] for p, s in loras],
+        "timesteps": [round(float(x), 3) for x in timesteps], "checkpoint": str(getattr(components, "folder", "")),
+        "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
+    }
+    return SampleResult(video=out, latents=latents.cpu(), settings=settings, seconds=time.time() - t0)

@@ -1,16 +1,23 @@
-"""The sampler on the tiny model: schedules, guidance, determinism, conditioning, LoRA scale 0."""
+"""The sampler on the tiny model: schedules, guidance, determinism, conditioning, KV cache, LoRAs,
+the distilled and refinement modes (with official-layout LoRA files made here), files, notebook 04."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from longcat_nb.checkpoint import load_components
-from longcat_nb.sample import (SampleError, SampleRequest, cfg_zero_star, generate, i2v_bucket, save_sample,
-                               set_scheduler, timesteps_for)
 from helpers import SAMPLES
+from longcat_nb.checkpoint import load_components
+from longcat_nb.resolution import i2v_bucket, nearest_bucket, refine_bucket
+from longcat_nb.sample import (SampleError, SampleRequest, base_sigmas, cfg_zero_star, checkpoint_offers,
+                               compare_base_and_lora, generate, refine, refinement_padding, save_sample,
+                               set_scheduler, timesteps_for)
 
-SMALL = dict(height=64, width=64, num_frames=9, steps=4)
+SMALL = dict(height=64, width=64, num_frames=9, steps=3)
+IMAGE = str(SAMPLES / "red_ball_bounce.png")
+VIDEO = str(SAMPLES / "rain_stripes.mp4")
 
 
 @pytest.fixture(scope="module")
@@ -18,77 +25,226 @@ def comps(tiny_ckpt):
     return load_components(tiny_ckpt, device="cpu")
 
 
+def official_lora(dit, path, modules, rank=2, alpha_scale=0.5, seed=0):
+    """A LoRA file in the official layout (spec §9.1): n-way split ups for the fused layers."""
+    splits = {"attn.qkv": 3, "cross_attn.kv_linear": 2, "adaLN_modulation.1": 6}
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for mod in modules:
+        lin = dit.get_submodule(mod)
+        n = 2 if mod == "final_layer.adaLN_modulation.1" else splits.get(mod.split(".", 2)[-1], 1)
+        key = "lora___lorahyphen___" + mod.replace(".", "___lorahyphen___")
+        sd[f"{key}.lora_down.weight"] = torch.randn(n * rank, lin.in_features, generator=g) * 0.3
+        if n == 1:
+            sd[f"{key}.lora_up.weight"] = torch.randn(lin.out_features, rank, generator=g) * 0.3
+        for j in range(n if n > 1 else 0):
+            sd[f"{key}.lora_up.blocks.{j}.weight"] = torch.randn(lin.out_features // n, rank, generator=g) * 0.3
+        sd[f"{key}.alpha_scale"] = torch.tensor(alpha_scale)
+    save_file(sd, str(path))
+    return path
+
+
+CFG_STEP_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "ffn.w1", "ffn.w2", "ffn.w3"]
+
+
+@pytest.fixture(scope="module")
+def comps_with_loras(tiny_ckpt, comps, tmp_path_factory):
+    """The tiny checkpoint plus lora/cfg_step_lora and lora/refinement_lora in the official layout."""
+    root = tmp_path_factory.mktemp("ckpt_with_loras")
+    for part in ("dit", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (root / part).symlink_to(tiny_ckpt / part)
+    (root / "lora").mkdir()
+    blocks = [f"blocks.{i}.{t}" for i in range(len(comps.dit.blocks)) for t in CFG_STEP_TARGETS]
+    official_lora(comps.dit, root / "lora" / "cfg_step_lora.safetensors", blocks, seed=1)
+    ref = blocks + [f"blocks.{i}.adaLN_modulation.1" for i in range(len(comps.dit.blocks))]
+    official_lora(comps.dit, root / "lora" / "refinement_lora.safetensors",
+                  ref + ["final_layer.adaLN_modulation.1", "final_layer.linear"], seed=2)
+    return load_components(root, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# pure functions
+# ---------------------------------------------------------------------------------------------
 def test_schedules_match_the_official_numbers(comps):
     t = timesteps_for(50)
     assert len(t) == 50 and t[0] == pytest.approx(1000.0) and t[1] == pytest.approx(998.27, abs=0.01)
-    assert [round(x, 2) for x in t[-4:]] == [443.02, 343.47, 207.77, 11.87]
+    assert [round(x, 2) for x in t[1:4]] == [998.27, 996.47, 994.60]
+    assert [round(x, 2) for x in t[-8:]] == [668.22, 627.99, 579.30, 519.17, 443.02, 343.47, 207.77, 11.87]
     assert sum(x > 500 for x in t) == 46
     d = timesteps_for(16, "distilled")
     assert [round(x, 1) for x in d] == [1000.0, 994.7, 988.8, 982.0, 974.4, 965.5, 955.2, 943.1, 923.1, 904.1,
                                         880.3, 849.6, 808.3, 750.0, 661.4, 510.6]
-    assert len(timesteps_for(50, "enhance_hf")) == 56
+    assert [round(x, 2) for x in base_sigmas(16, distilled=True).tolist()] == [
+        1.0, 0.94, 0.88, 0.82, 0.76, 0.70, 0.64, 0.58, 0.50, 0.44, 0.38, 0.32, 0.26, 0.20, 0.14, 0.08]
+    e = timesteps_for(50, "enhance_hf")
+    assert len(e) == 56 and e[:46] == t[:46] and e[46:] == [500.0 - 50 * i for i in range(10)]
     assert [round(x, 2) for x in timesteps_for(50, "refine")] == [500.0, 443.02, 343.47, 207.77, 11.87]
-    # the checkpoint's scheduler reproduces them (its shift 12 applied to the explicit sigma list)
-    got = set_scheduler(comps.scheduler, 16, "distilled", "cpu")
-    assert np.allclose(got, d, atol=0.05)
-    assert np.allclose(set_scheduler(comps.scheduler, 50, "refine", "cpu"), timesteps_for(50, "refine"), atol=0.05)
+    with pytest.raises(SampleError, match="schedule"):
+        timesteps_for(50, "karras")
+
+
+@pytest.mark.parametrize("steps,schedule", [(50, "normal"), (16, "distilled"), (50, "enhance_hf"), (50, "refine")])
+def test_the_checkpoint_scheduler_runs_exactly_those_lists(comps, steps, schedule):
+    got = set_scheduler(comps.scheduler, steps, schedule, "cpu")
+    assert got == timesteps_for(steps, schedule)  # bit for bit: the pure function is the scheduler's math
+    sig = comps.scheduler.sigmas
+    assert sig[-1] == 0 and len(sig) == len(got) + 1
+    assert torch.allclose(sig[:-1] * 1000, torch.tensor(got), atol=1e-2)  # σ = t / 1000, no second shift
 
 
 def test_cfg_zero_star_formula_per_sample():
-    c = torch.randn(2, 16, 3, 4, 4)
-    u = torch.randn(2, 16, 3, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    c, u = torch.randn(2, 16, 3, 4, 4, generator=g), torch.randn(2, 16, 3, 4, 4, generator=g)
+    u[1] *= 5  # a different optimized scale per sample: a 4-D broadcast would mix them up
     out = cfg_zero_star(c, u, 4.0)
     for b in range(2):
         s = (c[b] * u[b]).sum() / (u[b].square().sum() + 1e-8)
         assert torch.allclose(out[b], s * u[b] + 4.0 * (c[b] - s * u[b]), atol=1e-5)
-    assert torch.allclose(cfg_zero_star(c, c, 1.0), c, atol=1e-5)
+    assert torch.allclose(cfg_zero_star(c, u, 1.0), c, atol=1e-5)  # scale 1 = the conditional output
+    assert torch.allclose(cfg_zero_star(3 * u, u, 7.0), 3 * u, atol=1e-4)  # parallel outputs: s* = 3, no push
 
 
-def test_determinism_and_seed(comps):
-    a = generate(comps, SampleRequest("a red ball", seed=1, **SMALL))
-    b = generate(comps, SampleRequest("a red ball", seed=1, **SMALL))
-    c = generate(comps, SampleRequest("a red ball", seed=2, **SMALL))
+def test_buckets_are_the_official_tables():
+    assert i2v_bucket((1080, 1920)) == (480, 832) and i2v_bucket((1920, 1080)) == (832, 480)
+    assert i2v_bucket((1080, 1920), "720p") == (704, 1312) and i2v_bucket((512, 512)) == (608, 640)  # tie: the first key wins
+    assert refine_bucket(480, 832) == (704, 1280) and nearest_bucket(480, 832, "480p", 64) == (448, 896)
+    with pytest.raises(ValueError, match="resolution"):
+        i2v_bucket((480, 832), "1080p")
+
+
+def test_refinement_padding_matches_the_spec_examples():
+    assert refinement_padding(186, 0) == {"cond_latents": 0, "noisy_latents": 48, "front": 0, "back": 6}
+    i2v = refinement_padding(186, 1)
+    assert (i2v["cond_latents"], i2v["front"], i2v["noisy_latents"]) == (4, 12, 48)
+    vc = refinement_padding(186, 26)
+    assert (vc["cond_latents"], vc["front"], vc["noisy_latents"]) == (8, 3, 40)
+
+
+def test_settings_errors_name_value_and_fix(comps):
+    cases = [
+        (dict(height=60), "height=60 must be divisible by 16; e.g. height=64"),
+        (dict(height=80, size_multiple=64), "divisible by 64"),
+        (dict(num_frames=10), "num_frames=10: the VAE needs 4k\\+1 frames.*use 9 or 13"),
+        (dict(steps=0), "steps=0: use at least 1"),
+        (dict(guidance=0.5), "guidance=0.5: use 1"),
+        (dict(seed="1"), "seed='1': must be a whole number"),
+        (dict(seed=-1), "seed=-1"),
+        (dict(fps=0), "fps=0: must be a positive number"),
+        (dict(mode="v2v"), "mode='v2v': choose one of"),
+        (dict(mode="i2v"), "needs an image"),
+        (dict(mode="continuation"), "needs a video"),
+        (dict(mode="continuation", video=VIDEO, num_cond_frames=4), "num_cond_frames=4: the VAE needs 4k\\+1"),
+        (dict(mode="continuation", video=VIDEO, num_cond_frames=9), "must be below num_frames=9"),
+        (dict(distilled=True, enhance_hf=True), "enhance_hf=False"),
+        (dict(resolution="1080p"), "resolution='1080p'"),
+    ]
+    for change, message in cases:
+        with pytest.raises(SampleError, match=message):
+            generate(comps, SampleRequest("x", **{**SMALL, **change}), progress=False)
+    with pytest.raises(SampleError, match="image .* does not exist"):
+        generate(comps, SampleRequest("x", mode="i2v", image="/nope.png", **SMALL), progress=False)
+    with pytest.raises(SampleError, match="offload='bogus'"):
+        generate(comps, SampleRequest("x", **SMALL), progress=False, offload="bogus")
+    with pytest.raises(SampleError, match="cfg_step_lora.safetensors"):
+        generate(comps, SampleRequest("x", distilled=True, **SMALL), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+def test_determinism_seed_and_negative_prompt(comps):
+    a = generate(comps, SampleRequest("a red ball", seed=1, **SMALL), progress=False)
+    b = generate(comps, SampleRequest("a red ball", seed=1, **SMALL), progress=False)
+    c = generate(comps, SampleRequest("a red ball", seed=2, **SMALL), progress=False)
     assert np.array_equal(a.video, b.video) and torch.equal(a.latents, b.latents)
     assert not torch.equal(a.latents, c.latents)
     assert a.video.shape == (9, 64, 64, 3) and a.video.dtype == np.uint8
+    assert a.settings["guidance"] == 4.0 and a.settings["schedule"] == "normal" and len(a.settings["timesteps"]) == 3
+    # guidance > 1 without a negative prompt = the empty negative; another negative changes the result
+    empty = generate(comps, SampleRequest("a red ball", negative_prompt="", seed=1, **SMALL), progress=False)
+    other = generate(comps, SampleRequest("a red ball", negative_prompt="blurry, static", seed=1, **SMALL), progress=False)
+    assert torch.equal(a.latents, empty.latents) and not torch.equal(a.latents, other.latents)
+    # precomputed [negative, positive] text gives the same video (the training loop's validation path)
+    from longcat_nb.text import encode_prompts
+
+    text = encode_prompts(comps.tokenizer, comps.text_encoder, ["", "a red ball"])
+    assert torch.equal(generate(comps, SampleRequest("a red ball", seed=1, **SMALL), progress=False, text=text).latents,
+                       a.latents)
+    # offload='model' computes the same thing (here the execution device is the CPU itself)
+    off = generate(comps, SampleRequest("a red ball", seed=1, **SMALL), progress=False, offload="model",
+                   vae_tiling_enabled=True)
+    assert torch.equal(off.latents, a.latents)
+
+
+def test_guidance_one_runs_a_single_branch(comps):
+    batches = []
+    h = comps.dit.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        generate(comps, SampleRequest("a red ball", guidance=1.0, **SMALL), progress=False)
+        generate(comps, SampleRequest("a red ball", guidance=3.0, **SMALL), progress=False)
+    finally:
+        h.remove()
+    assert batches == [1, 1, 1, 2, 2, 2]
 
 
 def test_i2v_keeps_the_conditioning_latent_through_every_step(comps):
     seen = []
-    r = generate(comps, SampleRequest("a red ball", mode="i2v", image=str(SAMPLES / "red_ball_bounce.png"), **SMALL),
+    r = generate(comps, SampleRequest("a red ball", mode="i2v", image=IMAGE, **SMALL), progress=False,
                  callback=lambda i, t, lat: seen.append(lat.clone()))
-    assert len(seen) == 4
+    assert len(seen) == 3 and r.settings["num_cond_latents"] == 1
     assert all(torch.equal(seen[0][:, :, :1], s[:, :, :1]) for s in seen)
     assert not torch.equal(seen[0][:, :, 1:], seen[-1][:, :, 1:])
-    assert r.video.shape[0] == 9
+    # frame 0 is the encoded image, not the noise of a T2V run with the same seed
+    t2v = generate(comps, SampleRequest("a red ball", **SMALL), progress=False)
+    assert not torch.allclose(t2v.latents[:, :, :1], r.latents[:, :, :1])
+    assert r.video.shape[0] == 9 and r.settings["image"] == IMAGE
 
 
-def test_continuation_keeps_k_latents_and_kv_cache_matches(comps):
-    kw = dict(SMALL, num_frames=13, steps=3)
+def test_bucket_resolution_takes_the_size_from_the_image(comps, monkeypatch):
+    import longcat_nb.sample as S
+
+    asked = []
+    monkeypatch.setattr(S, "i2v_bucket", lambda hw, res: asked.append((tuple(hw), res)) or (64, 96))
+    r = generate(comps, SampleRequest("a red ball", mode="i2v", image=IMAGE, resolution="480p", **SMALL), progress=False)
+    assert asked == [((144, 256), "480p")] and r.video.shape == (9, 64, 96, 3)
+    assert (r.settings["height"], r.settings["width"]) == (64, 96)
+
+
+def test_block_swap_hooks_do_not_change_the_result(comps):
+    from longcat_nb.memory import apply_block_swap
+
+    req = SampleRequest("a red ball", seed=4, **SMALL)
+    plain = generate(comps, req, progress=False)
+    swap = apply_block_swap(comps.dit, 1, "cpu")
+    try:
+        swapped = generate(comps, req, progress=False)
+    finally:
+        swap.remove()
+    assert torch.equal(plain.latents, swapped.latents)
+
+
+def test_continuation_keeps_k_latents_and_kv_cache_equals_the_full_pass(comps):
+    kw = dict(SMALL, num_frames=13, enhance_hf=False)
     seen = []
-    with_cache = generate(comps, SampleRequest("rain", mode="continuation", video=str(SAMPLES / "rain_stripes.mp4"),
-                                               num_cond_frames=5, use_kv_cache=True, **kw),
-                          callback=lambda i, t, lat: seen.append(lat[:, :, :2].clone()))
-    assert all(torch.equal(seen[0], s) for s in seen)  # 5 frames -> 2 conditioning latents, untouched
-    no_cache = generate(comps, SampleRequest("rain", mode="continuation", video=str(SAMPLES / "rain_stripes.mp4"),
-                                             num_cond_frames=5, use_kv_cache=False, **kw))
+    req = SampleRequest("rain", mode="continuation", video=VIDEO, num_cond_frames=5, **kw)
+    with_cache = generate(comps, req, progress=False, callback=lambda i, t, lat: seen.append(lat[:, :, :2].clone()))
+    assert len(seen) == 3 and with_cache.settings["num_cond_latents"] == 2  # 5 frames -> 2 latents
+    assert all(torch.equal(seen[0], s) for s in seen)
+    no_cache = generate(comps, replace(req, use_kv_cache=False), progress=False)
+    assert torch.equal(no_cache.latents[:, :, :2], with_cache.latents[:, :, :2])
     rel = (with_cache.latents - no_cache.latents).norm() / no_cache.latents.norm()
+    # with CFG the two official paths differ only in CFG-Zero*'s sums (the full pass includes the
+    # conditioning frames' outputs); without guidance they are the same computation
     assert rel < 1e-3
+    one = replace(req, guidance=1.0)
+    a, b = generate(comps, one, progress=False), generate(comps, replace(one, use_kv_cache=False), progress=False)
+    assert (a.latents - b.latents).norm() / b.latents.norm() < 1e-6
+    # the official continuation default: enhance_hf schedule (normal steps > 500, then 500 ... 50)
+    enh = generate(comps, replace(req, enhance_hf=None, steps=2), progress=False)
+    assert enh.settings["schedule"] == "enhance_hf" and enh.settings["timesteps"][-10:] == [500.0 - 50 * i for i in range(10)]
 
 
-def test_settings_errors_name_value_and_fix(comps):
-    with pytest.raises(ValueError, match="divisible by 16"):
-        generate(comps, SampleRequest("x", height=60, width=64, num_frames=9))
-    with pytest.raises(ValueError, match="4k\\+1"):
-        generate(comps, SampleRequest("x", height=64, width=64, num_frames=10))
-    with pytest.raises(SampleError, match="guidance"):
-        generate(comps, SampleRequest("x", guidance=0.5, **{k: v for k, v in SMALL.items()}))
-    with pytest.raises(SampleError, match="needs an image"):
-        generate(comps, SampleRequest("x", mode="i2v", **SMALL))
-    assert i2v_bucket(1080, 1920) == (480, 832) and i2v_bucket(1920, 1080) == (832, 480)
-
-
-def test_lora_scale_zero_equals_base_and_files_written(comps, tmp_path):
+def test_lora_scale_zero_equals_base_and_nothing_stays_applied(comps, tmp_path):
     from longcat_nb import lora as L
 
     L.add_lora(comps.dit, rank=4, alpha=4, adapter_name="tmp")
@@ -100,28 +256,147 @@ def test_lora_scale_zero_equals_base_and_files_written(comps, tmp_path):
     L.remove_loras(comps.dit)
     for p in comps.dit.parameters():
         p.requires_grad_(False)
-    base = generate(comps, SampleRequest("a cat", seed=5, **SMALL))
-    zero = generate(comps, SampleRequest("a cat", seed=5, **SMALL), loras=[(path, 0.0)])
-    one = generate(comps, SampleRequest("a cat", seed=5, **SMALL), loras=[(path, 1.0)])
+    req = SampleRequest("a cat", seed=5, **SMALL)
+    base = generate(comps, req, progress=False)
+    zero = generate(comps, req, loras=[(path, 0.0)], progress=False)
+    one = generate(comps, req, loras=[(path, 1.0)], progress=False)
     assert torch.equal(base.latents, zero.latents)
     assert not torch.equal(base.latents, one.latents)
-    out = save_sample(one, tmp_path, "lora_one")
+    assert torch.equal(generate(comps, req, progress=False).latents, base.latents)  # removed after the call
+    pair = compare_base_and_lora(comps, req, path, 1.0, progress=False)
+    assert torch.equal(pair["base"].latents, base.latents) and torch.equal(pair["lora"].latents, one.latents)
+    out = save_sample(pair["lora"], tmp_path, "t2v_seed5_lora")
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert out.exists() and out.stat().st_size > 0 and meta["seed"] == 5 and meta["loras"][0][1] == 1.0
+    assert meta["seed"] == 5 and meta["loras"] == [[str(path), 1.0]] and meta["prompt"] == "a cat"
+    from longcat_nb.data.video import decode_frames, probe
+
+    info = probe(out)
+    assert (info.frame_count, info.width, info.height, info.fps) == (9, 64, 64, 15.0)
+    assert np.abs(decode_frames(out, [0]).astype(int) - one.video[0].astype(int)).mean() < 12
+    assert not list((tmp_path / "samples").glob(".*"))  # no temporary files left
 
 
-def test_refinement_stage_doubles_frames_and_uses_the_lora(comps, tmp_path):
+def test_a_lora_being_trained_stays_active_and_trainable(comps, tiny_ckpt, tmp_path):
+    """The training loop validates with its own adapter injected; a sampling LoRA must not disturb it."""
     from longcat_nb import lora as L
-    from longcat_nb.sample import refine, refine_size
 
-    assert refine_size(480, 832) == (704, 1280)
-    L.add_lora(comps.dit, rank=2, alpha=2, adapter_name="ref", targets=["attn", "ffn"])
-    path = L.save_official(tmp_path / "refinement_lora.safetensors", L.lora_state_dict(comps.dit, "ref"), {"rank": 2, "alpha": 2})
-    L.remove_loras(comps.dit)
-    for p in comps.dit.parameters():
-        p.requires_grad_(False)
-    stage1 = generate(comps, SampleRequest("a red ball", **SMALL)).video  # 9 frames at 64x64
-    res = refine(comps, stage1, "a red ball", steps=50, size=(128, 128), loras=[(path, 1.0)])
-    assert res.video.shape == (18, 128, 128, 3)
+    def fresh_dit_with_lora(name):
+        dit = load_components(tiny_ckpt, parts=["dit"], device="cpu").dit
+        names = L.add_lora(dit, rank=2, alpha=2, adapter_name=name)
+        with torch.no_grad():
+            for n, p in dit.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        return dit, names
+
+    other, _ = fresh_dit_with_lora("other")
+    path = L.save_lora(tmp_path / "o.safetensors", L.lora_state_dict(other, "other"), {"rank": 2, "alpha": 2})
+    dit, trainable = fresh_dit_with_lora("default")
+    c = replace(comps, dit=dit)
+    req = SampleRequest("a cat", seed=3, **SMALL)
+    trained = generate(c, req, progress=False)
+    assert not torch.equal(trained.latents, generate(comps, req, progress=False).latents)  # the adapter acts
+    generate(c, req, loras=[(path, 1.0)], progress=False)
+    assert torch.equal(generate(c, req, progress=False).latents, trained.latents)
+    assert {n for n, p in dit.named_parameters() if p.requires_grad} == set(trainable)
+
+
+def test_distilled_mode_uses_the_checkpoint_cfg_step_lora(comps_with_loras):
+    c = comps_with_loras
+    assert checkpoint_offers(c) == {"distilled": True, "refinement": True}
+    batches = []
+    h = c.dit.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        r = generate(c, SampleRequest("a red ball", distilled=True, height=64, width=64, num_frames=9), progress=False)
+    finally:
+        h.remove()
+    assert r.settings["steps"] == 16 and r.settings["guidance"] == 1.0 and r.settings["schedule"] == "distilled"
+    assert [round(t, 1) for t in r.settings["timesteps"]] == [round(t, 1) for t in timesteps_for(16, "distilled")]
+    assert batches == [1] * 16  # no CFG
+    assert r.settings["loras"] == [[str(c.loras["cfg_step_lora"]), 1.0]]
+    plain = generate(c, SampleRequest("a red ball", height=64, width=64, num_frames=9, steps=16, guidance=1.0),
+                     progress=False)
+    assert plain.settings["loras"] == [] and not torch.equal(plain.latents, r.latents)
+
+
+def test_refinement_stage_t2v_and_i2v(comps_with_loras):
+    c = comps_with_loras
+    dit = c.dit
+    backend = dit.attention_backend
+    stage1 = generate(c, SampleRequest("a red ball", **{**SMALL, "num_frames": 5}), progress=False)  # 5 frames, 64x64
+    g = torch.Generator().manual_seed(0)
+    probe_in = (torch.randn(1, 16, 2, 4, 4, generator=g), torch.full((1,), 300.0),
+                torch.randn(1, 1, 8, dit.config.caption_channels, generator=g), torch.ones(1, 8, dtype=torch.long))
+    before = dit(*probe_in)
+    res = refine(c, stage1, size=(64, 64), progress=False)
+    assert res.video.shape == (10, 64, 64, 3) and res.settings["fps"] == 30
     assert [round(t) for t in res.settings["timesteps"]] == [500, 443, 343, 208, 12]
-    assert res.settings["latent_frames"] % 4 == 0
+    assert res.settings["latent_frames"] % 4 == 0 and res.settings["prompt"] == "a red ball"
+    assert res.settings["loras"] == [[str(c.loras["refinement_lora"]), 1.0]]
+    assert dit.attention_backend == backend and torch.equal(dit(*probe_in), before)  # BSA off, LoRA gone
+    again = refine(c, stage1, size=(64, 64), progress=False)
+    assert np.array_equal(again.video, res.video)  # seeded re-noising
+    no_lora = refine(c, stage1, size=(64, 64), progress=False, loras=[])
+    assert not np.array_equal(no_lora.video, res.video)
+    # I2V refinement: the image is held clean in 4 padded conditioning latents through every step
+    seen = []
+    i2v = refine(c, stage1.video, "a red ball", image=IMAGE, size=(64, 64), spatial_refine_only=True,
+                 progress=False, callback=lambda i, t, lat: seen.append(lat[:, :, :4].clone()))
+    assert i2v.settings["num_cond_latents"] == 4 and i2v.video.shape == (5, 64, 64, 3) and i2v.settings["fps"] == 15
+    assert len(seen) == 5 and all(torch.equal(seen[0], s) for s in seen)
+    with pytest.raises(SampleError, match="divisible by 64"):
+        refine(c, stage1, size=(720, 1280), progress=False)
+
+
+def test_refine_without_the_lora_file_explains(comps):
+    stage1 = np.zeros((5, 64, 64, 3), np.uint8)
+    with pytest.raises(SampleError, match="refinement_lora.safetensors"):
+        refine(comps, stage1, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# notebook
+# ---------------------------------------------------------------------------------------------
+def test_notebook_helpers(tmp_path):
+    from longcat_nb.sample import auto_settings, image_from_upload, pick_lora, request_from_values
+
+    assert auto_settings(dict(height=0, width=0, num_frames=0, steps=0, guidance=0.0), "") == dict(
+        height=64, width=64, num_frames=9, steps=8, guidance=4.0)
+    real = auto_settings(dict(height=0, width=0, num_frames=0, steps=0, guidance=0.0, distilled=True), "/ckpt")
+    assert (real["height"], real["width"], real["num_frames"], real["steps"], real["guidance"]) == (480, 832, 93, 16, 1.0)
+    assert auto_settings(dict(height=96, steps=3, guidance=2.5), "")["height"] == 96
+    upload = ({"name": "x.png", "content": memoryview(open(IMAGE, "rb").read())},)  # ipywidgets 8 FileUpload value
+    img = image_from_upload(upload)
+    assert img.shape == (144, 256, 3) and image_from_upload(()) is None
+    v = dict(prompt="p", negative_prompt="", mode="t2v", image="", video="", num_cond_frames=13, bucket="",
+             height=64, width=64, num_frames=9, steps=2, guidance=4.0, seed=1, fps=15, distilled=False)
+    req = request_from_values(v, img)
+    assert req.mode == "i2v" and req.image is img and req.negative_prompt is None
+    assert request_from_values(v).mode == "t2v"
+    assert pick_lora(tmp_path, "") is None and pick_lora(tmp_path, "none") is None
+    with pytest.raises(SampleError, match="does not exist"):
+        pick_lora(tmp_path, "missing.safetensors")
+
+
+def test_04_sample_headless_with_base_and_lora(tmp_path, tiny_ckpt):
+    from longcat_nb import lora as L
+    from longcat_nb.config import load_config
+    from longcat_nb.runner import run_notebooks
+
+    comps = load_components(tiny_ckpt, parts=["dit"], device="cpu")
+    L.add_lora(comps.dit, rank=2, alpha=2)
+    with torch.no_grad():
+        for n, p in comps.dit.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    L.save_lora(tmp_path / "lora" / "lora-step000003.safetensors", L.lora_state_dict(comps.dit), {"rank": 2, "alpha": 2})
+    outs = run_notebooks(["04_sample"], tmp_path, {"sample_steps": 2, "num_frames": 5, "seed": 7}, log=lambda *a: None)
+    nb = json.loads(outs[0].read_text())
+    errors = [o for cell in nb["cells"] for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors[:1]
+    names = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert names == ["t2v_seed7_base.json", "t2v_seed7_base.mp4", "t2v_seed7_lora.json", "t2v_seed7_lora.mp4"]
+    meta = json.loads((tmp_path / "samples" / "t2v_seed7_lora.json").read_text())
+    assert meta["steps"] == 2 and meta["num_frames"] == 5 and meta["loras"][0][0].endswith("lora-step000003.safetensors")
+    cfg = load_config(tmp_path)
+    assert cfg.sample.steps == 2 and cfg.sample.seed == 7 and cfg.sample.loras[0]["scale"] == 1.0
