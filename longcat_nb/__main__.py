@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -27,6 +28,15 @@ def main(argv=None) -> int:
 
     sub.add_parser("env", help="print the environment report as JSON")
 
+    tr = sub.add_parser("train", help="the 03_train_lora loop from RUN_DIR/config.json; also under "
+                                      "`torchrun --nproc_per_node N -m longcat_nb train` (FSDP2)")
+    tr.add_argument("--run-dir", required=True)
+    tr.add_argument("--max-steps", type=int, default=None, help="stop early (the schedule follows train.steps)")
+
+    rp = sub.add_parser("report", help="write one HTML page with the run's settings, data, loss, videos")
+    rp.add_argument("--run-dir", required=True)
+    rp.add_argument("--out", default=None, help="default: RUN_DIR/report.html")
+
     args = ap.parse_args(argv)
     if args.cmd in ("run", "demo"):
         from .runner import DEMO_PARAMETERS, parse_parameters, run_notebooks
@@ -43,6 +53,41 @@ def main(argv=None) -> int:
 
         path = build_tiny_checkpoint(args.dir, seed=args.seed, overwrite=args.overwrite)
         print(path)
+        return 0
+    if args.cmd == "train":
+        from .train import train
+
+        def log(msg: str) -> None:
+            print(msg, flush=True)
+
+        def on_step(rec: dict) -> None:
+            print(json.dumps({"event": "step", **rec}), flush=True)
+
+        def on_validation(step: int, videos: dict) -> None:
+            print(json.dumps({"event": "validation", "step": step,
+                              "files": [str(p) for p, _ in videos.values() if p is not None]}), flush=True)
+
+        try:
+            res = train(args.run_dir, on_step=on_step, on_validation=on_validation, max_steps=args.max_steps,
+                        log=log)
+        except Exception as e:  # one line a launcher can show, from whichever rank failed
+            print(json.dumps({"event": "error", "rank": int(os.environ.get("RANK", 0)),
+                              "error": f"{type(e).__name__}: {e}"}), flush=True)
+            raise
+        if res.lora_path is not None:
+            print(json.dumps({"event": "done", "steps": res.steps, "lora": str(res.lora_path),
+                              "checkpoint": str(res.checkpoint)}), flush=True)
+        from .distributed import launched_by_torchrun
+        if launched_by_torchrun():
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return 0
+    if args.cmd == "report":
+        from .report import write_report
+
+        print(write_report(args.run_dir, args.out))
         return 0
     if args.cmd == "env":
         from .envinfo import environment_report

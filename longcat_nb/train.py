@@ -79,6 +79,39 @@ def epoch_batches(groups: dict[str, list[int]], batch_size: int, seed: int, epoc
     return [batches[i] for i in order]
 
 
+class MicroBatches:
+    """The endless stream of micro-batches, epoch after epoch; position = (epoch, batch index).
+
+    The order does not depend on the number of processes: rank r of N reads ``at(position, r)`` and
+    everyone then advances by N, so a run resumes on any number of GPUs at the next unseen batch."""
+
+    def __init__(self, groups: dict[str, list[int]], batch_size: int, seed: int):
+        self.groups, self.batch_size, self.seed = groups, batch_size, seed
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def epoch(self, e: int) -> list[list[int]]:
+        if e not in self._epochs:
+            self._epochs = {e: epoch_batches(self.groups, self.batch_size, self.seed, e)}
+        return self._epochs[e]
+
+    def normalize(self, position: dict) -> dict:
+        e, b = position["epoch"], position["batch"]
+        while b >= len(self.epoch(e)):
+            b -= len(self.epoch(e))
+            e += 1
+        return {"epoch": e, "batch": b}
+
+    def at(self, position: dict, offset: int = 0) -> tuple[dict, list[int]]:
+        pos = self.normalize({"epoch": position["epoch"], "batch": position["batch"] + offset})
+        return pos, self.epoch(pos["epoch"])[pos["batch"]]
+
+
+def batch_generator(seed: int, position: dict) -> torch.Generator:
+    """Noise, timesteps and caption dropout of one micro-batch come from its own seed, so they do not
+    depend on which process draws them, how many there are, or where a run was resumed."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + position["epoch"]) * 1_000_003 + position["batch"])
+
+
 def group_by_shape(dataset) -> dict[str, list[int]]:
     """Bucket plus conditioning count, so one batch has one latent shape and one loss mask."""
     groups: dict[str, list[int]] = {}
@@ -179,8 +212,8 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, opt, gen: torch.Generator, position: dict,
-                    losses: list, settings: TrainSettings, keep: int) -> Path:
+def save_checkpoint(ckpt_dir: Path, step: int, model, opt, position: dict, losses: list,
+                    settings: TrainSettings, keep: int, world: int = 1) -> Path:
     """Write checkpoints/step-N atomically (a temp folder renamed at the end) and keep the last K."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:07d}"
@@ -190,14 +223,15 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, gen: torch.Generator,
     atomic_save_safetensors(tmp / "lora.safetensors", lora_lib.lora_state_dict(model))
     opt_tensors, opt_meta = _flatten_optimizer(opt)
     atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors)
-    rng = {"train_generator": gen.get_state(), "torch_cpu": torch.get_rng_state()}
+    # the data's noise is seeded per micro-batch (batch_generator); these only drive LoRA dropout
+    rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, st in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda_{i}"] = st
     atomic_save_safetensors(tmp / "rng.safetensors", rng)
     atomic_write_json(tmp / "state.json", {
         "step": step, "position": position, "losses": losses, "optimizer": opt_meta,
-        "settings": asdict(settings), "time": time.time(),
+        "settings": asdict(settings), "time": time.time(), "world_size": world,
     })
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -212,14 +246,13 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model, opt, gen: torch.Generator) -> dict:
+def load_checkpoint(path: Path, model, opt) -> dict:
     from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text())
     lora_lib.load_lora_state_dict(model, load_file(path / "lora.safetensors"))
     opt.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))
     rng = load_file(path / "rng.safetensors")
-    gen.set_state(rng["train_generator"])
     torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available():
         sts = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda_"))]
@@ -257,29 +290,48 @@ def _suggest_for_oom(s: TrainSettings) -> str:
 
 def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callable[[dict], None]] = None,
           on_validation: Optional[Callable[[int, dict], None]] = None, max_steps: Optional[int] = None,
-          log: Callable[[str], None] = print) -> TrainResult:
+          log: Callable[[str], None] = print, dataset=None, negative: Optional[tuple] = None) -> TrainResult:
     """Train the LoRA described by ``run_dir/config.json`` on ``run_dir/cache``; resumes from the
-    newest checkpoint. ``max_steps`` stops early (the schedule still follows ``train.steps``)."""
+    newest checkpoint. ``max_steps`` stops early (the schedule still follows ``train.steps``).
+
+    Under ``torchrun --nproc_per_node N`` (see ``python -m longcat_nb train``) the frozen base is
+    sharded over the N processes with FSDP2 and each takes its own micro-batches (distributed.py);
+    only rank 0 writes logs, checkpoints and files. ``dataset``/``negative`` replace the cache (for
+    benchmarks: any object with the CachedDataset interface, and the (embeds, mask) of "")."""
+    from . import distributed
     from .cache import CachedDataset, load_negative
     from .checkpoint import load_dit, pick_device
-    from .memory import apply_activation_offload, apply_base_precision, apply_block_swap, compute_dtype
+    from .memory import QUANTIZED, apply_activation_offload, apply_base_precision, apply_block_swap, compute_dtype
     from .speed import apply_compile, default_sdpa_preference, set_sdpa_preference
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
     s = cfg.train
-    device = pick_device(cfg.model.device)
+    dist = distributed.init(cfg.model.device)
+    device = dist.device if dist.enabled else pick_device(cfg.model.device)
+    quantized = s.base_precision in QUANTIZED
+    if dist.enabled:
+        if s.blocks_to_swap:
+            raise ValueError(f"blocks_to_swap={s.blocks_to_swap} with {dist.world} processes: block swap is "
+                             "single-GPU; with several GPUs the base is sharded instead, set blocks_to_swap=0")
+        if s.activation_offload:
+            raise ValueError("activation_offload is single-GPU: with several GPUs set activation_offload=False "
+                             "(gradient checkpointing stays on)")
+    if not dist.is_main:
+        log = _quiet
     dtype = compute_dtype(s.base_precision, device)
-    dataset = CachedDataset(run_dir)
+    dataset = dataset if dataset is not None else CachedDataset(run_dir)
     if len(dataset) == 0:
         raise RuntimeError(f"{run_dir}/cache holds no entries: run 02_cache first")
-    neg_text, neg_mask = load_negative(run_dir)
-    validator = Validator(run_dir, cfg) if s.validate_every and s.validation_prompts else None
+    neg_text, neg_mask = negative if negative is not None else load_negative(run_dir)
+    validator = Validator(run_dir, cfg, save=dist.is_main) if s.validate_every and s.validation_prompts else None
 
     # -- model: frozen base in the chosen precision, LoRA on top --------------------------------
     dit = components.dit if components is not None and components.dit is not None else \
         load_dit(cfg.model.checkpoint, "cpu", "float32" if dtype == torch.float32 else "bfloat16")
-    dit = apply_base_precision(dit, s.base_precision, device, log=log)
+    # sharded: cast on the CPU, fully_shard moves each rank's shard to its GPU
+    base_device = "cpu" if dist.enabled and not quantized else device
+    dit = apply_base_precision(dit, s.base_precision, base_device, log=log)
     if s.activation_offload and device.type == "cuda":
         apply_activation_offload(dit)
     elif s.gradient_checkpointing:
@@ -291,32 +343,41 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     params = [p for p in dit.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # trainable weights and their optimizer state in fp32
+    if dist.enabled:
+        distributed.shard_frozen_base(dit, dist, params, quantized)
+        for p in params:
+            p.data = p.data.to(device)
+        distributed.sync_lora(params, dist)
     swap = apply_block_swap(dit, s.blocks_to_swap, device) if device.type == "cuda" else None
     if s.compile and device.type == "cuda" and not s.activation_offload:
         apply_compile(dit)
     dit.train()
     opt = build_optimizer(params, s)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    gen = torch.Generator().manual_seed(s.seed)
 
-    groups = group_by_shape(dataset)
+    stream = MicroBatches(group_by_shape(dataset), s.batch_size, s.seed)
     step, position, losses = 0, {"epoch": 0, "batch": 0}, []
     ckpt_dir = run_dir / "checkpoints"
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
-        st = load_checkpoint(last, dit, opt, gen)
+        st = load_checkpoint(last, dit, opt)
         step, position, losses = st["step"], st["position"], st["losses"]
-        log(f"resumed from {last.name} (step {step})")
+        was = st.get("world_size", 1)
+        log(f"resumed from {last.name} (step {step})" +
+            (f", written by {was} process(es), continuing on {dist.world}" if was != dist.world else ""))
 
     log_path = run_dir / "logs" / "train.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    tb = _tensorboard(run_dir / "logs" / "tensorboard")
+    tb = None
+    if dist.is_main:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        tb = _tensorboard(run_dir / "logs" / "tensorboard")
     n_params = sum(p.numel() for p in params)
     log(f"training {n_params / 1e6:.2f}M LoRA parameters on {len(dataset)} cached samples, "
-        f"{len(groups)} bucket(s), device {device}, base {s.base_precision}")
+        f"{len(stream.groups)} bucket(s), device {device}, base {s.base_precision}" +
+        (f", {dist.world} processes (FSDP2, {'replicated quantized' if quantized else 'sharded'} base)"
+         if dist.enabled else ""))
 
     stop = min(s.steps, max_steps) if max_steps else s.steps
-    batches = epoch_batches(groups, s.batch_size, s.seed, position["epoch"])
     t_start, step_start = time.time(), step
     try:
         while step < stop:
@@ -324,11 +385,10 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
             lr = set_lr(opt, step, s, base_lrs)
             loss_sum = 0.0
             for _ in range(s.grad_accum):
-                if position["batch"] >= len(batches):
-                    position = {"epoch": position["epoch"] + 1, "batch": 0}
-                    batches = epoch_batches(groups, s.batch_size, s.seed, position["epoch"])
-                items = [dataset[i] for i in batches[position["batch"]]]
-                position["batch"] += 1
+                here, idx = stream.at(position, dist.rank)
+                position = stream.normalize({"epoch": position["epoch"], "batch": position["batch"] + dist.world})
+                items = [dataset[i] for i in idx]
+                gen = batch_generator(s.seed, here)
                 x0, text, mask, n_cond = collate(items, device, dtype)
                 drop = torch.rand(len(items), generator=gen) < s.caption_dropout
                 if drop.any():
@@ -339,6 +399,8 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
                 loss = flow_matching_loss(dit, x0, text, mask, sigma.to(device), noise, n_cond)
                 (loss / s.grad_accum).backward()
                 loss_sum += loss.item() / s.grad_accum
+            distributed.average_gradients(params, dist)
+            loss_sum = dist.mean(loss_sum)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm) if s.max_grad_norm > 0 else None
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -352,20 +414,29 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
             }
             if device.type == "cuda":
                 rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-            if tb is not None:
-                tb.add_scalar("loss", loss_sum, step)
-                tb.add_scalar("lr", lr, step)
-            if on_step is not None:
-                on_step(rec)
+                if dist.enabled:
+                    rec["mem_gib_per_gpu"] = dist.gather_floats(rec["mem_gib"])
+                    rec["mem_gib"] = max(rec["mem_gib_per_gpu"])
+            if dist.enabled:
+                rec["processes"] = dist.world
+            if dist.is_main:
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if tb is not None:
+                    tb.add_scalar("loss", loss_sum, step)
+                    tb.add_scalar("lr", lr, step)
+                if on_step is not None:
+                    on_step(rec)
             if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == stop):
-                save_checkpoint(ckpt_dir, step, dit, opt, gen, dict(position), losses, s, s.keep_checkpoints)
+                if dist.is_main:
+                    save_checkpoint(ckpt_dir, step, dit, opt, dict(position), losses, s, s.keep_checkpoints,
+                                    world=dist.world)
+                dist.barrier()
             if validator is not None and step % s.validate_every == 0:
                 dit.eval()
-                videos = validator(step, dit)
+                videos = validator(step, dit)  # every rank runs the sharded model; rank 0 writes
                 dit.train()
-                if on_validation is not None:
+                if on_validation is not None and dist.is_main:
                     on_validation(step, videos)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory(
@@ -380,20 +451,26 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
 
     dit.eval()
     result = TrainResult(run_dir=run_dir, steps=step, losses=losses, checkpoint=latest_checkpoint(ckpt_dir))
-    result.lora_path = export_lora(run_dir, dit, s, cfg.model.checkpoint, step)
+    if dist.is_main:
+        result.lora_path = export_lora(run_dir, dit, s, cfg.model.checkpoint, step)
+    dist.barrier()
     result.model = dit  # type: ignore[attr-defined]
     return result
+
+
+def _quiet(msg: str) -> None:
+    """log() of ranks other than 0."""
 
 
 class Validator:
     """Samples the validation prompts with the model being trained, through the kit's sampler.
     Prompts are encoded once up front and the text encoder freed; the VAE is loaded only to decode."""
 
-    def __init__(self, run_dir: Path, cfg):
+    def __init__(self, run_dir: Path, cfg, save: bool = True):
         from .checkpoint import load_scheduler, load_text_encoder, load_tokenizer, pick_device
         from .text import encode_prompts
 
-        self.run_dir, self.cfg, s = Path(run_dir), cfg, cfg.train
+        self.run_dir, self.cfg, self.save, s = Path(run_dir), cfg, save, cfg.train
         dev = pick_device(cfg.model.device)
         tok = load_tokenizer(cfg.model.checkpoint)
         enc = load_text_encoder(cfg.model.checkpoint, dev)
@@ -413,8 +490,9 @@ class Validator:
             req = SampleRequest(prompt=prompt, height=s.validation_height, width=s.validation_width,
                                 num_frames=s.validation_frames, steps=s.validation_steps,
                                 guidance=s.validation_guidance, seed=s.seed + i)
-            res = generate(comps, req, text=text)
-            out[prompt] = (save_sample(res, self.run_dir, f"validation/step{step:06d}_{i}"), res.video)
+            res = generate(comps, req, text=text, progress=False)
+            path = save_sample(res, self.run_dir, f"validation/step{step:06d}_{i}") if self.save else None
+            out[prompt] = (path, res.video)
         del vae
         return out
 
