@@ -23,3 +23,8 @@ def test_demo_runs_every_notebook(tmp_path, tiny_ckpt):
     assert len(list((tmp_path / "samples" / "validation").glob("*.mp4"))) == 2
     # executed notebooks stay light (small previews)
     assert all(o.stat().st_size < 2_000_000 for o in outs)
+    # the last cell of each notebook rewrote the one-page report; it shows the whole run now
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    for section in ("settings", "dataset", "cache", "loss", "validation", "samples"):
+        assert f"<section id='{section}'>" in page, section
+    assert page.count("<video") >= 4 and "<svg" in page
