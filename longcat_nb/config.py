@@ -88,6 +88,8 @@ class TrainSettings:
     keep_checkpoints: int = 3
     validate_every: int = 0
     validation_prompts: list = field(default_factory=list)
+    # one per prompt (or fewer): an image path makes that prompt image-to-video, "" keeps it text-to-video
+    validation_images: list = field(default_factory=list)
     validation_steps: int = 40
     validation_height: int = 480
     validation_width: int = 832

@@ -336,7 +336,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
         apply_activation_offload(dit)
     elif s.gradient_checkpointing:
         dit.enable_gradient_checkpointing()
-    dit.set_attention_backend(cfg.model.attention)
+    attention = dit.set_attention_backend(cfg.model.attention)
     set_sdpa_preference(default_sdpa_preference())
     torch.manual_seed(s.seed)  # LoRA init
     lora_lib.add_lora(dit, rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=s.targets)
@@ -373,7 +373,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
         tb = _tensorboard(run_dir / "logs" / "tensorboard")
     n_params = sum(p.numel() for p in params)
     log(f"training {n_params / 1e6:.2f}M LoRA parameters on {len(dataset)} cached samples, "
-        f"{len(stream.groups)} bucket(s), device {device}, base {s.base_precision}" +
+        f"{len(stream.groups)} bucket(s), device {device}, base {s.base_precision}, attention {attention}" +
         (f", {dist.world} processes (FSDP2, {'replicated quantized' if quantized else 'sharded'} base)"
          if dist.enabled else ""))
 
@@ -471,6 +471,12 @@ class Validator:
         from .text import encode_prompts
 
         self.run_dir, self.cfg, self.save, s = Path(run_dir), cfg, save, cfg.train
+        # checked now, not at the first validation step hours later
+        self.images = [str(x or "") for x in list(s.validation_images) + [""] * len(s.validation_prompts)]
+        for i, image in enumerate(self.images[:len(s.validation_prompts)]):
+            if image and not Path(image).expanduser().is_file():
+                raise FileNotFoundError(f"validation_images[{i}] = {image!r} does not exist: give an image file "
+                                        "(png/jpg) for an image-to-video validation prompt, or \"\" for text-to-video")
         dev = pick_device(cfg.model.device)
         tok = load_tokenizer(cfg.model.checkpoint)
         enc = load_text_encoder(cfg.model.checkpoint, dev)
@@ -486,13 +492,14 @@ class Validator:
         vae = load_vae(self.cfg.model.checkpoint, next(model.parameters()).device)
         comps = Components(folder=self.run_dir, dit=model, vae=vae, scheduler=self.scheduler)
         out = {}
-        for i, (prompt, text) in enumerate(zip(s.validation_prompts, self.texts)):
-            req = SampleRequest(prompt=prompt, height=s.validation_height, width=s.validation_width,
+        for i, (prompt, text, image) in enumerate(zip(s.validation_prompts, self.texts, self.images)):
+            req = SampleRequest(prompt=prompt, mode="i2v" if image else "t2v", image=image or None,
+                                height=s.validation_height, width=s.validation_width,
                                 num_frames=s.validation_frames, steps=s.validation_steps,
                                 guidance=s.validation_guidance, seed=s.seed + i)
             res = generate(comps, req, text=text, progress=False)
             path = save_sample(res, self.run_dir, f"validation/step{step:06d}_{i}") if self.save else None
-            out[prompt] = (path, res.video)
+            out[f"{i}: {prompt}"] = (path, res.video)
         del vae
         return out
 

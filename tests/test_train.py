@@ -149,3 +149,22 @@ def test_each_cpu_precision_trains(cached, tmp_path, precision, module):
             pytest.skip(f"bitsandbytes nf4 has no working CPU path here: {type(e).__name__}: {e}")
         raise
     assert sum(res.losses[-5:]) / 5 < sum(res.losses[:5]) / 5
+
+
+def test_validation_prompts_with_an_image_sample_image_to_video(cached, tmp_path):
+    from helpers import SAMPLES
+
+    run = _fresh(cached[0], tmp_path / "val")
+    image = str(SAMPLES / "red_ball_bounce.png")
+    update_section(run, "train", validation_prompts=["a green square", "a red ball"], validation_images=["", image],
+                   validation_steps=2, validation_height=64, validation_width=64, validation_frames=9)
+    cfg = T.load_config(run)
+    v = T.Validator(run, cfg)
+    model = load_components("", device="cpu").dit.float()
+    out = v(7, model)
+    assert len(out) == 2
+    modes = [json.loads((run / "samples" / "validation" / f"step000007_{i}.json").read_text())["mode"] for i in (0, 1)]
+    assert modes == ["t2v", "i2v"]
+    update_section(run, "train", validation_images=["", "missing.png"])
+    with pytest.raises(FileNotFoundError, match=r"validation_images\[1\] = 'missing.png'"):
+        T.Validator(run, T.load_config(run))
