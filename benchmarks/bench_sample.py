@@ -28,29 +28,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from longcat_nb.models import LongCatVideoTransformer3DModel  # noqa: E402
 from longcat_nb.sample import predict_velocity, set_scheduler  # noqa: E402
+from bench_dit import random_full_dit as full_size_dit  # noqa: E402  (the same seeded random weights)
 
 GIB = 2**30
-
-
-def full_size_dit(device: str = "cuda", dtype=torch.bfloat16, seed: int = 0, **config):
-    """48 blocks x 4096 (unless ``config`` says otherwise) with small random weights (std
-    1/sqrt(fan_in), norms 1, biases 0), in bf16, materialized directly on ``device``."""
-    with torch.device("meta"):
-        model = LongCatVideoTransformer3DModel(text_tokens_zero_pad=True, **config)
-    model = model.to_empty(device=device).to(dtype)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif p.dim() == 1:
-                p.zero_()
-            else:
-                p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
-    return model.eval().requires_grad_(False)
 
 
 def make_inputs(device: str = "cuda", seed: int = 1, frames: int = 93, height: int = 480, width: int = 832):
