@@ -94,3 +94,23 @@ def test_single_gpu_only_settings_are_refused_with_several_processes(cached, tmp
     run = _copy(cached, tmp_path / "swap", blocks_to_swap=1)
     with pytest.raises(TrainingFailed, match="blocks_to_swap=1 with 2 processes"):
         launch_training(run, 2, log=lambda line: None, env={"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_03_notebook_launches_two_processes_and_shows_their_validation(cached, tmp_path, monkeypatch):
+    """gpus=2 in 03_train_lora: torchrun in a subprocess, followed by the notebook (CPU here: gloo)."""
+    from longcat_nb.runner import run_notebooks
+
+    run = _copy(cached, tmp_path / "nb")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    params = dict(gpus=2, steps=2, rank=4, checkpoint_every=2, validate_every=2, validation_prompts=["a red ball"],
+                  validation_steps=2, validation_height=64, validation_width=64, validation_frames=9)
+    (out,) = run_notebooks(["03_train_lora"], run, params, strict=False)
+    nb = json.loads(out.read_text())
+    errors = [x for c in nb["cells"] for x in c.get("outputs", []) if x.get("output_type") == "error"]
+    assert not errors, errors[:1]
+    text = "".join("".join(x.get("text", "")) for c in nb["cells"] for x in c.get("outputs", []))
+    assert "2 processes (FSDP2, sharded base)" in text and "2 steps on 2 process(es)" in text
+    assert "validation at step 2:" in text
+    assert (run / "samples" / "validation" / "step000002_0.mp4").exists()
+    assert (run / "lora" / "lora-step000002.safetensors").exists()
