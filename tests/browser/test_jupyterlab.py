@@ -192,14 +192,24 @@ class NotebookInLab:
         self.select(start)
         for i in range(start, stop):
             self.page.keyboard.press("Control+Enter" if i == self.n_cells - 1 else "Shift+Enter")
-        # JupyterLab marks queued cells [*] at once and clears the queue after an error, so "no [*]
-        # and idle" is reached both when everything ran and when a cell failed.
-        self.wait_for("""() => { const p = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
-                                 const prompts = [...p.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')]
-                                                 .map(e => e.innerText.trim());
-                                 const ind = p.querySelector('.jp-Notebook-ExecutionIndicator');
-                                 return !prompts.includes('[*]:') && ind && ind.dataset.status === 'idle'; }""",
-                      None, timeout_s, f"cells {start}..{stop - 1} to finish running (no [*] prompt, kernel idle)")
+        # Done = nothing queued ([*]), the kernel idle, and either every code cell of the range numbered
+        # or an error shown (JupyterLab clears the queue after an error). "No [*] and idle" alone can
+        # hold for a moment before the keystrokes are handled, so it is not enough.
+        self.wait_for("""([start, stop]) => {
+                 const p = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
+                 const cells = [...p.querySelectorAll('.jp-Notebook .jp-Cell')];
+                 const prompt = c => { const e = c.querySelector('.jp-InputPrompt');
+                                       return c.classList.contains('jp-CodeCell') && e ? e.innerText.trim() : null; };
+                 const prompts = cells.map(prompt);
+                 const ind = p.querySelector('.jp-Notebook-ExecutionIndicator');
+                 if (prompts.includes('[*]:') || !ind || ind.dataset.status !== 'idle') return false;
+                 const ran = prompts.slice(start, stop).every(x => x === null || /^\\[\\d+\\]:$/.test(x));
+                 const failed = !!p.querySelector('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
+                                && [...p.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
+                                   .some(e => e.innerText.includes('Traceback'));
+                 return ran || failed; }""",
+                      [start, stop], timeout_s, f"cells {start}..{stop - 1} to finish running (all numbered, or an "
+                      "error shown; no [*] prompt; kernel idle)")
         prompts = self.state()["prompts"]
         not_run = [i for i in range(start, stop) if prompts[i] is not None and not PROMPT_DONE.match(prompts[i])]
         if not_run:
@@ -266,6 +276,37 @@ class NotebookInLab:
                       [form_cell, n_widgets], UI_TIMEOUT_S,
                       f"the form in cell {form_cell} to render at least {n_widgets} labelled ipywidgets "
                       "(if it shows text like 'VBox(children=...)', the JupyterLab widget renderer is missing)")
+
+
+REPORT_SECTIONS = ("settings", "dataset", "cache", "loss", "validation", "samples")
+
+
+def check_report_page(page, run_dir: Path, artifacts_dir: Path) -> dict:
+    """The run's report.html (written by every notebook's last cell), opened from disk: every section
+    is there and shown, the loss curve is drawn, and its videos load."""
+    report = run_dir / "report.html"
+    assert report.exists(), f"{report} was not written by the notebooks' last cells"
+    page.goto(report.resolve().as_uri())
+    state = page.evaluate("""(ids) => ids.map(id => {
+        const s = document.getElementById(id);
+        return {id, present: !!s, visible: !!s && s.offsetHeight > 0, text: s ? s.innerText.slice(0, 200) : ''};
+    })""", list(REPORT_SECTIONS))
+    missing = [x["id"] for x in state if not (x["present"] and x["visible"])]
+    assert not missing, f"report.html lacks visible sections {missing}: {state}"
+    assert page.locator("#loss svg").count() >= 1, "report.html: no loss curve (svg) in the loss section"
+    n_videos = page.evaluate("() => document.querySelectorAll('video').length")
+    assert n_videos >= 2, f"report.html shows {n_videos} video(s); expected the base and LoRA samples"
+    # every clip decodes: metadata loaded (duration known) and, after a seek, a frame at that time
+    page.wait_for_function("() => [...document.querySelectorAll('video')].every(v => v.readyState >= 1)",
+                           timeout=UI_TIMEOUT_S * 1000)
+    videos = page.evaluate("""async () => Promise.all([...document.querySelectorAll('video')].map(v =>
+        new Promise(done => { v.addEventListener('seeked', () => done({duration: v.duration,
+            ready: v.readyState, width: v.videoWidth, error: v.error && v.error.code}), {once: true});
+            v.currentTime = Math.min(0.1, v.duration / 2); })))""")
+    bad = [v for v in videos if not (v["duration"] > 0 and v["width"] > 0 and v["ready"] >= 2 and not v["error"])]
+    assert not bad, f"report.html videos that do not decode: {bad} (all: {videos})"
+    page.screenshot(path=str(artifacts_dir / "report.png"), full_page=True)
+    return {"sections": len(state), "videos": videos}
 
 
 def test_notebooks_in_jupyterlab(browser_requirements, tmp_path, artifacts_dir):
@@ -339,6 +380,7 @@ def test_notebooks_in_jupyterlab(browser_requirements, tmp_path, artifacts_dir):
                     timings["notebooks"][nb.name] = round(time.monotonic() - t_nb, 1)
                     page.goto("about:blank")
                     server.shutdown_kernels()
+                timings["report"] = check_report_page(page, run_dir, artifacts_dir)
             finally:
                 browser.close()
         check_run_folder(run_dir)
