@@ -57,26 +57,30 @@ def main(argv=None) -> int:
     if args.cmd == "train":
         from .train import train
 
+        def emit(event: dict) -> None:
+            # one write per line: with several workers on one pipe (and PYTHONUNBUFFERED), print()'s
+            # separate newline write lets another process's output land inside the line
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
+
         def log(msg: str) -> None:
             print(msg, flush=True)
 
         def on_step(rec: dict) -> None:
-            print(json.dumps({"event": "step", **rec}), flush=True)
+            emit({"event": "step", **rec})
 
         def on_validation(step: int, videos: dict) -> None:
-            print(json.dumps({"event": "validation", "step": step,
-                              "files": [str(p) for p, _ in videos.values() if p is not None]}), flush=True)
+            emit({"event": "validation", "step": step,
+                  "files": [str(p) for p, _ in videos.values() if p is not None]})
 
         try:
             res = train(args.run_dir, on_step=on_step, on_validation=on_validation, max_steps=args.max_steps,
                         log=log)
         except Exception as e:  # one line a launcher can show, from whichever rank failed
-            print(json.dumps({"event": "error", "rank": int(os.environ.get("RANK", 0)),
-                              "error": f"{type(e).__name__}: {e}"}), flush=True)
+            emit({"event": "error", "rank": int(os.environ.get("RANK", 0)), "error": f"{type(e).__name__}: {e}"})
             raise
         if res.lora_path is not None:
-            print(json.dumps({"event": "done", "steps": res.steps, "lora": str(res.lora_path),
-                              "checkpoint": str(res.checkpoint)}), flush=True)
+            emit({"event": "done", "steps": res.steps, "lora": str(res.lora_path), "checkpoint": str(res.checkpoint)})
         from .distributed import launched_by_torchrun
         if launched_by_torchrun():
             import torch.distributed as dist

@@ -88,8 +88,8 @@ def _event(line: str) -> Optional[dict]:
     start = line.find('{"event": ')
     if start < 0:
         return None
-    try:
-        event = json.loads(line[start:])
+    try:  # the object alone: another process's output may follow it on the same line
+        event, _ = json.JSONDecoder().raw_decode(line[start:])
     except json.JSONDecodeError:
         return None
     return event if isinstance(event, dict) and "event" in event else None

@@ -329,8 +329,10 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     # -- model: frozen base in the chosen precision, LoRA on top --------------------------------
     dit = components.dit if components is not None and components.dit is not None else \
         load_dit(cfg.model.checkpoint, "cpu", "float32" if dtype == torch.float32 else "bfloat16")
-    # sharded: cast on the CPU, fully_shard moves each rank's shard to its GPU
-    base_device = "cpu" if dist.enabled and not quantized else device
+    # sharded: a model loaded on the CPU is cast there and fully_shard moves each rank's shard to its
+    # GPU; one already on this rank's device (built there) stays and is sharded in place
+    on_device = next(dit.parameters()).device == torch.device(device)
+    base_device = "cpu" if dist.enabled and not quantized and not on_device else device
     dit = apply_base_precision(dit, s.base_precision, base_device, log=log)
     if s.activation_offload and device.type == "cuda":
         apply_activation_offload(dit)

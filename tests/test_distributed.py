@@ -114,3 +114,12 @@ def test_03_notebook_launches_two_processes_and_shows_their_validation(cached, t
     assert "validation at step 2:" in text
     assert (run / "samples" / "validation" / "step000002_0.mp4").exists()
     assert (run / "lora" / "lora-step000002.safetensors").exists()
+
+
+def test_events_are_read_when_other_workers_output_shares_their_line():
+    from longcat_nb.launch import _event
+
+    assert _event('{"event": "step", "step": 3, "loss": 1.5}[rank1]:   File "x.py", line 2') == \
+        {"event": "step", "step": 3, "loss": 1.5}
+    assert _event('[rank1]: Warn{"event": "error", "rank": 0, "error": "ValueError: x"}')["error"] == "ValueError: x"
+    assert _event("plain log line") is None and _event('{"event": broken') is None
