@@ -81,12 +81,10 @@ def main(argv=None) -> int:
             raise
         if res.lora_path is not None:
             emit({"event": "done", "steps": res.steps, "lora": str(res.lora_path), "checkpoint": str(res.checkpoint)})
-        from .distributed import launched_by_torchrun
-        if launched_by_torchrun():
-            import torch.distributed as dist
+        import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if dist.is_available() and dist.is_initialized():  # under torchrun
+            dist.destroy_process_group()
         return 0
     if args.cmd == "report":
         from .report import write_report

@@ -49,7 +49,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import load_config
-from .io import atomic_save_safetensors, atomic_write_text
+from .io import atomic_save_safetensors, atomic_write_text, sha256_file
 
 CACHE_FORMAT = "longcat-nb-cache"
 CACHE_VERSION = 2
@@ -154,14 +154,6 @@ def _seed(key: str, salt: int = 0) -> int:
 # ---------------------------------------------------------------------------------------------
 # files: checks, manifest, lock
 # ---------------------------------------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_MIB), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def safetensors_problem(path: Path) -> Optional[str]:
     """Why ``path`` is not a complete safetensors file (header length, JSON, data extent), or None."""
     try:
@@ -197,7 +189,7 @@ def file_problem(cache_dir: Path, info: dict, full: bool = True) -> Optional[str
     bad = safetensors_problem(path)
     if bad:
         return bad
-    if full and _sha256_file(path) != info["sha256"]:
+    if full and sha256_file(path) != info["sha256"]:
         return "sha256 differs from the manifest (corrupted)"
     return None
 
@@ -221,7 +213,7 @@ def read_manifest(run_dir) -> Optional[dict]:
 
 
 def _dataset_sha256(run_dir: Path) -> str:
-    return _sha256_file(run_dir / "dataset.jsonl")
+    return sha256_file(run_dir / "dataset.jsonl")
 
 
 @contextlib.contextmanager
@@ -563,7 +555,7 @@ def _entry(index: int, record: dict, lk: str, tk: str, linfo: dict) -> dict:
 
 def _file_info(cache_dir: Path, rel: str) -> dict:
     path = cache_dir / rel
-    return {"file": rel, "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+    return {"file": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _remove_temp_files(cache_dir: Path) -> int:

@@ -108,14 +108,6 @@ def init(device_preference: str = "auto") -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device, mesh=mesh)
 
 
-def shutdown(d: Dist) -> None:
-    if d.enabled:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def shard_frozen_base(model: nn.Module, d: Dist, trainable: list[nn.Parameter], quantized: bool) -> nn.Module:
     """FSDP2 over the frozen base: one shard group per block plus the root (embedders, final layer).
     The trainable LoRA parameters are left out of the groups. A quantized base is left whole."""
@@ -162,12 +154,3 @@ def average_gradients(params: list[nn.Parameter], d: Dist) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
-
-
-def sharded_bytes(model: nn.Module) -> int:
-    """Bytes of weights this rank holds (the local shard of sharded parameters)."""
-    total = 0
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        total += local.numel() * local.element_size()
-    return total

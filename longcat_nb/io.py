@@ -1,6 +1,7 @@
 """Atomic file writes: a crash never leaves a half-written file that is later read as good."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -12,6 +13,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a whole file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

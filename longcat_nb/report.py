@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import hashlib
 import html
 import io
 import json
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote
 
-from .io import atomic_write_text
+from .io import atomic_write_text, sha256_file
 
 REPORT_NAME = "report.html"
 SECTIONS = ("settings", "dataset", "cache", "loss", "validation", "samples")
@@ -225,14 +224,6 @@ def dataset_section(run_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_section(run_dir: Path) -> str:
     path = run_dir / "cache" / "manifest.json"
     if not path.exists():
@@ -261,7 +252,7 @@ def cache_section(run_dir: Path) -> str:
         parts.append(_missing("the cache is not complete (a build was interrupted or some samples failed): "
                               "re-run 02_cache to finish it."))
     ds = run_dir / "dataset.jsonl"
-    if m.get("dataset_sha256") and ds.exists() and _sha256(ds) != m["dataset_sha256"]:
+    if m.get("dataset_sha256") and ds.exists() and sha256_file(ds) != m["dataset_sha256"]:
         parts.append(_warn("dataset.jsonl changed after this cache was built: re-run 02_cache "
                            "(it re-encodes only what changed)."))
     parts.append(_table(summary, title="Manifest"))

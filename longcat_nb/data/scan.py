@@ -8,14 +8,13 @@ are 1-frame samples. Nothing in the dataset folder is ever written, moved or del
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, sha256_file
 from .buckets import BucketError, aspect_buckets, assign_bucket, check_frames, crop_loss, parse_resolution
 from .video import IMAGE_EXTS, VIDEO_EXTS, VideoError, load_image, probe, resample_indices, resampled_count, window_starts
 
@@ -124,14 +123,6 @@ def _from_listing(path: Path) -> tuple[list[Entry], list[Problem]]:
     return entries, problems
 
 
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None) -> ScanReport:
     """Validate every file and cut training windows; ``settings`` is a DatasetSettings."""
     dataset_dir = Path(dataset_dir)
@@ -156,7 +147,7 @@ def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None) -> ScanRe
         if size == 0:
             report.problems.append(Problem(rel, "empty file", "0 bytes", "re-copy or re-export the clip"))
             continue
-        digest = file_hash(e.file)
+        digest = sha256_file(e.file)
         if digest in seen_hash:
             report.problems.append(Problem(rel, "duplicate", f"same content as {seen_hash[digest]}",
                                            "remove one copy (it would be trained twice)"))
