@@ -1,7 +1,8 @@
 """Our Triton block-sparse attention (spec §3) against dense SDPA on one GPU: speed, and errors against
 the fp32 torch reference (same selection). One call, about 3 minutes on an H100; JSON out.
 
-    python benchmarks/bench_bsa.py [--out PATH] [--quick]      # writes $OUT/bsa.json when OUT is set
+    python benchmarks/bench_bsa.py [--out PATH] [--quick] [--layout blocked|raster|both]
+                                                               # writes $OUT/bsa.json when OUT is set
 
 B = 1, 32 heads x 128, bf16, sparsity 0.9375, 4x4x4 blocks. Shapes: 480x832x93 (grid 24x30x52, 37,440
 tokens; h = 30 leaves partial blocks) and 704x1280x93 (24x44x80, 84,480 tokens), plus the I2V split
@@ -25,11 +26,23 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from longcat_nb.models.bsa import blocked as bk  # noqa: E402
+from longcat_nb.models.bsa import bsa_attention as bsa_any  # noqa: E402
 from longcat_nb.models.bsa import reference_bsa_attention, select_blocks  # noqa: E402
 from longcat_nb.models.bsa import triton_bsa as tb  # noqa: E402
 
+LAYOUT = "blocked"  # set from --layout: which kernels the cases time
+
 H, D, DT, SPARSITY, CHUNK = 32, 128, torch.bfloat16, 0.9375, (4, 4, 4)
 SHAPES = {"480x832x93": (24, 30, 52), "704x1280x93": (24, 44, 80)}
+VARIANTS_BLOCKED = {  # the block-major kernels (bk.DEFAULT_CONFIG first), one kernel at a time
+    "fwd": [{"num_warps": 4, "num_stages": 2}, {"num_warps": 8, "num_stages": 3}, {"num_warps": 4, "num_stages": 4},
+            {"num_warps": 4, "num_stages": 3, "pair": True}, {"num_warps": 8, "num_stages": 3, "pair": True},
+            {"num_warps": 8, "num_stages": 2, "pair": True}],
+    "dq": [{"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 2}],
+    "dkdv": [{"num_warps": 8, "num_stages": 2}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 3}],
+    "tma": [False],
+}
 VARIANTS = {  # tried one kernel at a time on top of DEFAULT_CONFIG (which is timed first)
     "fwd": [{"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
             {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2}],
@@ -84,9 +97,13 @@ def soft(fn, label):
         return {f"{label}_error": f"{type(e).__name__}: {e}"[:400]}
 
 
+def attn(q, k, v, grid_q, grid_k, sparsity=SPARSITY, sel=None, config=None):
+    return bsa_any(q, k, v, grid_q, grid_k, sparsity, sel=sel, config=config, layout=LAYOUT)
+
+
 def check_errors(q, k, v, do, grid_q, grid_k, sel, heads):
     """Our forward/backward on all heads vs the fp32 reference on ``heads`` (same selection)."""
-    o = tb.bsa_attention(q, k, v, grid_q, grid_k, sel=sel)
+    o = attn(q, k, v, grid_q, grid_k, sel=sel)
     g = torch.autograd.grad(o, (q, k, v), do)
     hs = sorted({h % q.shape[1] for h in heads})
     sub = [t.detach()[:, hs].float().contiguous().requires_grad_(True) for t in (q, k, v)]
@@ -108,12 +125,12 @@ def time_pair(q, k, v, do, grid_q, grid_k, sel, dense_args, rep):
         torch.autograd.grad(F.scaled_dot_product_attention(qd, kd, vd), (qd, kd, vd), do)
 
     def bsa_fb():
-        torch.autograd.grad(tb.bsa_attention(q, k, v, grid_q, grid_k, SPARSITY), (q, k, v), do)
+        torch.autograd.grad(attn(q, k, v, grid_q, grid_k), (q, k, v), do)
 
     with torch.no_grad():
         r["dense_fwd_ms"] = ms(lambda: F.scaled_dot_product_attention(qd, kd, vd), rep)
-        r["bsa_fwd_ms"] = ms(lambda: tb.bsa_attention(q, k, v, grid_q, grid_k, SPARSITY), rep)
-        r["bsa_fwd_fixed_selection_ms"] = ms(lambda: tb.bsa_attention(q, k, v, grid_q, grid_k, sel=sel), rep)
+        r["bsa_fwd_ms"] = ms(lambda: attn(q, k, v, grid_q, grid_k), rep)
+        r["bsa_fwd_fixed_selection_ms"] = ms(lambda: attn(q, k, v, grid_q, grid_k, sel=sel), rep)
     r["dense_fwd_bwd_ms"] = ms(dense_fb, rep)
     r["bsa_fwd_bwd_ms"] = ms(bsa_fb, rep)
     r["speedup_fwd"] = r["dense_fwd_ms"] / r["bsa_fwd_ms"]
@@ -122,20 +139,37 @@ def time_pair(q, k, v, do, grid_q, grid_k, sel, dense_args, rep):
 
 
 def breakdown(q, k, v, do, grid_q, grid_k, sel, config=None):
-    """Milliseconds of each piece: selection, inversion, and the three kernels (fixed selection)."""
+    """Milliseconds of each piece: selection, inversion, layout copies and the three kernels."""
     r = {}
     r["select_ms"] = ms(lambda: select_blocks(q.detach(), k.detach(), grid_q, grid_k, SPARSITY), 100)
-    plan = tb.make_plan(q, k, grid_q, grid_k, sel=sel, config=config)
-    r["invert_selection_ms"] = ms(lambda: tb.invert_selection(plan.sel, plan.nsel, plan.mk), 100)
-    plan.inverse()
     qd, kd, vd = q.detach(), k.detach(), v.detach()
-    o, lse = tb.launch_fwd(plan, qd, kd, vd)
-    _, delta = tb.launch_dq(plan, qd, kd, vd, o, do, lse)
-    kept = plan.kmax * plan.pk
     sq = q.shape[2]
-    for name, fn, mm in (("fwd", lambda: tb.launch_fwd(plan, qd, kd, vd), 2),
-                         ("dq", lambda: tb.launch_dq(plan, qd, kd, vd, o, do, lse), 3),
-                         ("dkdv", lambda: tb.launch_dkdv(plan, qd, kd, vd, do, lse, delta), 4)):
+    if LAYOUT == "blocked":
+        plan = bk.BlockedPlan(q, k, grid_q, grid_k, CHUNK, CHUNK, sel, config)
+        r["invert_selection_ms"] = ms(lambda: tb.invert_selection(plan.sel, plan.nsel, plan.mk), 100)
+        plan.inverse()
+        r["to_blocks_qkv_ms"] = ms(lambda: [bk.to_blocks(t, g) for t, g in
+                                            ((qd, plan.gather_q), (kd, plan.gather_k), (vd, plan.gather_k))], 100)
+        qb, kb, vb = bk.to_blocks(qd, plan.gather_q), bk.to_blocks(kd, plan.gather_k), bk.to_blocks(vd, plan.gather_k)
+        dob = bk.to_blocks(do, plan.gather_q)
+        ob, lse = bk.launch_fwd(plan, qb, kb, vb)
+        r["from_blocks_o_ms"] = ms(lambda: bk.from_blocks(ob, plan.scatter_q), 100)
+        _, delta = bk.launch_dq(plan, qb, kb, vb, ob, dob, lse)
+        kept = plan.kmax * plan.P
+        runs = (("fwd", lambda: bk.launch_fwd(plan, qb, kb, vb), 2),
+                ("dq", lambda: bk.launch_dq(plan, qb, kb, vb, ob, dob, lse), 3),
+                ("dkdv", lambda: bk.launch_dkdv(plan, qb, kb, vb, dob, lse, delta), 4))
+    else:
+        plan = tb.make_plan(q, k, grid_q, grid_k, sel=sel, config=config)
+        r["invert_selection_ms"] = ms(lambda: tb.invert_selection(plan.sel, plan.nsel, plan.mk), 100)
+        plan.inverse()
+        o, lse = tb.launch_fwd(plan, qd, kd, vd)
+        _, delta = tb.launch_dq(plan, qd, kd, vd, o, do, lse)
+        kept = plan.kmax * plan.pk
+        runs = (("fwd", lambda: tb.launch_fwd(plan, qd, kd, vd), 2),
+                ("dq", lambda: tb.launch_dq(plan, qd, kd, vd, o, do, lse), 3),
+                ("dkdv", lambda: tb.launch_dkdv(plan, qd, kd, vd, do, lse, delta), 4))
+    for name, fn, mm in runs:
         t = ms(fn, 100)
         r[f"{name}_kernel_ms"] = t
         r[f"{name}_kernel_tflops"] = flops(sq, kept, mm) / t / 1e9
@@ -157,7 +191,7 @@ def shape_case(grid, rep, heads):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    torch.autograd.grad(tb.bsa_attention(q, k, v, grid, grid, SPARSITY), (q, k, v), do)
+    torch.autograd.grad(attn(q, k, v, grid, grid), (q, k, v), do)
     torch.cuda.synchronize()
     r["bsa_fwd_bwd_peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
     return r
@@ -194,8 +228,23 @@ def variants_case():
     do = rnd(1, H, n, D)
     sel = select_blocks(q, k, grid, grid, SPARSITY)
     rows, best = [], {}
-    for kernel, options in VARIANTS.items():
-        for opt in [dict(tb.DEFAULT_CONFIG[kernel])] + options:
+    variants = VARIANTS_BLOCKED if LAYOUT == "blocked" else VARIANTS
+    defaults = bk.DEFAULT_CONFIG if LAYOUT == "blocked" else tb.DEFAULT_CONFIG
+    for kernel, options in variants.items():
+        if kernel == "tma":  # a switch for all three kernels: time the whole backward + forward
+            for opt in options:
+                row = {"kernel": "tma", "tma": opt}
+                try:
+                    r = breakdown(q, k, v, do, grid, grid, sel, config={"tma": opt})
+                    row["ms"] = r["fwd_kernel_ms"] + r["dq_kernel_ms"] + r["dkdv_kernel_ms"]
+                    row["tflops"] = 0.0
+                    row.update({f"{n}_ms": r[f"{n}_kernel_ms"] for n in ("fwd", "dq", "dkdv")})
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                rows.append(row)
+                print("variant", json.dumps(row), flush=True)
+            continue
+        for opt in [dict(defaults[kernel])] + options:
             row = {"kernel": kernel, **opt}
             try:
                 r = breakdown(q, k, v, do, grid, grid, sel, config={kernel: opt})
@@ -212,7 +261,7 @@ def variants_case():
     # the whole fwd+bwd with the suggested config (selection included)
     qg, kg, vg = (t.requires_grad_(True) for t in (q, k, v))
     out["bsa_fwd_bwd_suggested_ms"] = ms(lambda: torch.autograd.grad(
-        tb.bsa_attention(qg, kg, vg, grid, grid, SPARSITY, config=suggested), (qg, kg, vg), do))
+        attn(qg, kg, vg, grid, grid, config=suggested), (qg, kg, vg), do))
     return out
 
 
@@ -236,22 +285,44 @@ def sdpa_backends(rep):
 
 
 def main():
+    global LAYOUT
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.environ["OUT"], "bsa.json") if os.environ.get("OUT") else "",
                     help="JSON path (default $OUT/bsa.json when OUT is set, else no file)")
     ap.add_argument("--quick", action="store_true", help="skip the variants and the SDPA backends")
+    ap.add_argument("--layout", default="blocked", choices=["blocked", "raster", "both"])
+    ap.add_argument("--shapes", default="480x832x93,704x1280x93,i2v", help="which shape cases to run")
+    ap.add_argument("--no-variants", action="store_true")
     args = ap.parse_args()
+    layouts = ["blocked", "raster"] if args.layout == "both" else [args.layout]
+    all_res = {}
+    for lay in layouts:
+        LAYOUT = lay
+        all_res[lay] = run(args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(all_res, indent=2))
+
+
+def run(args):
     t0 = time.perf_counter()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "cuda": torch.version.cuda, "heads": H, "head_dim": D, "dtype": "bfloat16", "sparsity": SPARSITY,
-           "chunk": list(CHUNK), "default_config": tb.DEFAULT_CONFIG, "cases": {}}
+           "chunk": list(CHUNK), "layout": LAYOUT,
+           "default_config": bk.DEFAULT_CONFIG if LAYOUT == "blocked" else tb.DEFAULT_CONFIG, "cases": {}}
+    print(f"== layout {LAYOUT}", flush=True)
     torch.manual_seed(0)
     cases = res["cases"]
-    guard(cases, "480x832x93", lambda: shape_case(SHAPES["480x832x93"], 200, heads=(0, 17)))
-    guard(cases, "704x1280x93", lambda: shape_case(SHAPES["704x1280x93"], 300, heads=(5,)))
-    guard(cases, "i2v_704x1280x93", lambda: i2v_case(200, heads=(9,)))
-    if not args.quick:
+    shapes = args.shapes.split(",")
+    if "480x832x93" in shapes:
+        guard(cases, "480x832x93", lambda: shape_case(SHAPES["480x832x93"], 200, heads=(0, 17)))
+    if "704x1280x93" in shapes:
+        guard(cases, "704x1280x93", lambda: shape_case(SHAPES["704x1280x93"], 300, heads=(5,)))
+    if "i2v" in shapes:
+        guard(cases, "i2v_704x1280x93", lambda: i2v_case(200, heads=(9,)))
+    if not args.quick and not args.no_variants:
         guard(cases, "variants_704x1280x93", variants_case)
+    if not args.quick:
         guard(cases, "sdpa_backends_704x1280x93", lambda: sdpa_backends(200))
     res["total_s"] = round(time.perf_counter() - t0, 1)
 
@@ -262,9 +333,6 @@ def main():
     res["targets"] = {"fwd_bwd_speedup_704": big.get("speedup_fwd_bwd"), "max_rel_err": max(errs) if errs else None}
     res["targets"]["meets_8x"] = bool(big.get("speedup_fwd_bwd") and big["speedup_fwd_bwd"] >= 8)
     res["targets"]["meets_1e-2"] = bool(errs) and max(errs) <= 1e-2
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2))
 
     # short table last
     print("\ncase                 dense fwd  bsa fwd  x     dense f+b  bsa f+b  x     max rel err")
@@ -286,6 +354,7 @@ def main():
         print("suggested config:", json.dumps(var["suggested_config"]), "fwd+bwd",
               f"{var.get('bsa_fwd_bwd_suggested_ms', float('nan')):.2f} ms")
     print("targets:", json.dumps(res["targets"]), f"total {res['total_s']} s")
+    return res
 
 
 if __name__ == "__main__":

@@ -136,17 +136,25 @@ def test_cdf_mode_counts_per_row():
 
 
 _KERNEL_CHECK = textwrap.dedent("""
-    import math, torch
-    from longcat_nb.models.bsa.triton_bsa import bsa_attention
+    import math, sys, torch
+    from longcat_nb.models.bsa import bsa_attention as _bsa
     from longcat_nb.models.bsa.reference import reference_bsa_attention, select_blocks
+    LAYOUT = sys.argv[1]
+    def bsa_attention(*a, config=None):
+        return _bsa(*a, config=config, layout=LAYOUT)
     torch.manual_seed(0)
-    SMALL = {"fwd": {"BLOCK_N": 64}, "dq": {"BLOCK_N": 64}, "dkdv": {"BLOCK_M": 32}}
-    WIDE = {"fwd": {"BLOCK_N": 128}, "dq": {"BLOCK_N": 128}, "dkdv": {"BLOCK_M": 128}}
+    if LAYOUT == "raster":
+        SMALL = {"fwd": {"BLOCK_N": 64}, "dq": {"BLOCK_N": 64}, "dkdv": {"BLOCK_M": 32}}
+        WIDE = {"fwd": {"BLOCK_N": 128}, "dq": {"BLOCK_N": 128}, "dkdv": {"BLOCK_M": 128}}
+    else:  # pointer loads, and two kept blocks per forward step (odd counts in the cdf case)
+        SMALL = {"tma": False}
+        WIDE = {"fwd": {"pair": True}}
     cases = [  # grid_q, grid_k, sparsity, chunk, cdf, D, dtype, config, strided q
         ((5, 6, 7), (5, 6, 7), 0.5, (4, 4, 4), None, 32, torch.float32, None, True),   # partial blocks
         ((3, 4, 8), (5, 4, 8), 0.7, (4, 4, 4), None, 16, torch.float32, SMALL, False), # Sq != Sk
         ((4, 8, 8), (8, 8, 8), 0.3, (4, 4, 4), None, 64, torch.float16, WIDE, True),   # even, odd K, tail
-        ((3, 5, 6), (4, 5, 6), None, (2, 2, 4), 0.5, 16, torch.float32, None, False),  # cdf, 16-token blocks
+        ((3, 5, 6), (4, 5, 6), None, (2, 2, 4), 0.5, 16, torch.float32, WIDE, False),  # cdf, 16-token blocks
+        ((3, 5, 6), (3, 5, 6), 0.5, (2, 3, 2), None, 16, torch.float32, None, False),  # 12 tokens -> 16 slots
     ]
     for gq, gk, sp, ch, cdf, D, dt, cfg, strided in cases:
         sq, sk = math.prod(gq), math.prod(gk)
@@ -175,11 +183,54 @@ _KERNEL_CHECK = textwrap.dedent("""
 """)
 
 
-def test_triton_kernels_match_reference_in_interpreter():
+@pytest.mark.parametrize("layout", ["blocked", "raster"])
+def test_triton_kernels_match_reference_in_interpreter(layout):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True,
-                       timeout=240, cwd=REPO)
+    p = subprocess.run([sys.executable, "-c", _KERNEL_CHECK, layout], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+    assert p.returncode == 0 and "ok" in p.stdout, (p.stdout + p.stderr)[-4000:]
+
+
+def test_blocked_layout_is_a_permutation_with_real_tokens_first():
+    from longcat_nb.models.bsa.blocked import layout
+
+    grid, chunk = (5, 6, 7), (4, 4, 4)
+    gather, scatter, count, P, partial = layout(grid, chunk, "cpu")
+    S = math.prod(grid)
+    assert P == 64 and partial and gather.shape == (len(count) * P,) and count.sum() == S
+    slots = gather.view(-1, P)
+    blocks = _token_blocks(grid, chunk)
+    for b, c in enumerate(count.tolist()):
+        assert (blocks[slots[b, :c]] == b).all()  # the first `count` slots are this block's tokens
+        assert (slots[b, c:] == slots[b, 0]).all()  # padding copies the block's first token
+    assert torch.equal(gather[scatter], torch.arange(S))  # every token's slot holds it, once
+
+
+_COMPILE_CHECK = textwrap.dedent("""
+    import math, torch
+    from longcat_nb.models.bsa import bsa_attention
+    torch.manual_seed(0)
+    g = (5, 6, 7)
+    q, k, v = (torch.randn(1, 2, math.prod(g), 16, requires_grad=True) for _ in range(3))
+    f = lambda q, k, v: (bsa_attention(q * 1.5, k, v, g, g, 0.5) * 2).sum()
+    out = torch.compile(f, fullgraph=True)(q, k, v)  # selection traced, the kernels one opaque op
+    out.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = f(q, k, v)
+    ref.backward()
+    assert torch.allclose(out, ref) and all(torch.allclose(a, t.grad) for a, t in zip(grads, (q, k, v)))
+    print("ok")
+""")
+
+
+def test_blocked_kernels_compile_in_one_graph():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True,
+                       timeout=400, cwd=REPO)
     assert p.returncode == 0 and "ok" in p.stdout, (p.stdout + p.stderr)[-4000:]
 
 
@@ -194,11 +245,12 @@ def test_triton_kernels_bf16_on_gpu(gq, gk):
     q = torch.randn(1, math.prod(gq), 4, 128, device=dev, dtype=dt).transpose(1, 2).requires_grad_(True)
     k, v = (torch.randn(1, 4, math.prod(gk), 128, device=dev, dtype=dt, requires_grad=True) for _ in range(2))
     sel = select_blocks(q.detach(), k.detach(), gq, gk, 0.9375)
-    o = bsa_attention(q, k, v, gq, gk, sel=sel)
-    do = torch.randn_like(o)
-    g = torch.autograd.grad(o, (q, k, v), do)
-    qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-    r = reference_bsa_attention(qf, kf, vf, gq, gk, sel=sel)
-    gr = torch.autograd.grad(r, (qf, kf, vf), do.float())
-    for a, b in zip((o, *g), (r, *gr)):
-        assert float((a.float() - b).norm() / b.norm()) < 1e-2
+    for layout in ("blocked", "raster"):
+        o = bsa_attention(q, k, v, gq, gk, sel=sel, layout=layout)
+        do = torch.randn_like(o)
+        g = torch.autograd.grad(o, (q, k, v), do)
+        qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        r = reference_bsa_attention(qf, kf, vf, gq, gk, sel=sel)
+        gr = torch.autograd.grad(r, (qf, kf, vf), do.float())
+        for a, b in zip((o, *g), (r, *gr)):
+            assert float((a.float() - b).norm() / b.norm()) < 1e-2, layout
