@@ -65,6 +65,8 @@ def gated_residual(x, gate, y):
 
 
 GLUE = ("layer_norm_fp32", "rms_norm_fp32", "modulate_fp32", "gated_residual", "apply_rope")
+_GLUE_FUNCS = {"layer_norm_fp32": layer_norm_fp32, "rms_norm_fp32": rms_norm_fp32, "modulate_fp32": modulate_fp32,
+               "gated_residual": gated_residual, "apply_rope": apply_rope}
 
 
 class LayerNormFP32(nn.LayerNorm):
@@ -87,7 +89,7 @@ _compiled_glue: dict = {}
 
 def _glue(name: str):
     """The glue function by name: the compiled version once speed.apply_compile asked for it."""
-    return _compiled_glue.get(name) or globals()[name]
+    return _compiled_glue.get(name) or _GLUE_FUNCS[name]  # a dict, not globals(): torch.compile traces it
 
 
 class PatchEmbed3D(nn.Module):
@@ -414,6 +416,8 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
             else:
                 y_mask = mask != 0
 
+        rope_grid = (grid[0] + num_cond_latents, *grid[1:]) if kv_cache_dict else grid
+        self.blocks[0].attn.rope.get(rope_grid, x.device)  # fill the shared table cache outside the blocks
         kv_out = {}
         for i, block in enumerate(self.blocks):
             args = (x, y, y_mask, t, grid, num_cond_latents, return_kv, kv_cache_dict.get(i), skip_crs_attn)

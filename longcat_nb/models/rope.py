@@ -50,17 +50,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
+_TABLES: dict = {}  # shared by every block (one set of tables, not 48)
+
+
 class RopeCache:
-    """Tables per (grid, device), kept outside the state dict like the official model."""
+    """Tables per (grid, head_dim, device), kept outside the state dict like the official model.
+    The DiT's forward looks its grid up before the blocks run, so inside a compiled block ``get`` is
+    a plain lookup (a cache fill there would be a side effect torch.compile refuses to checkpoint)."""
 
     def __init__(self, head_dim: int):
         self.head_dim = head_dim
-        self._tables: dict = {}
 
     def get(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (tuple(int(g) for g in grid), str(device))
-        if key not in self._tables:
-            if len(self._tables) > 16:  # many resolutions in one session: keep memory bounded
-                self._tables.clear()
-            self._tables[key] = rope_tables(key[0], self.head_dim, device)
-        return self._tables[key]
+        key = (tuple(int(g) for g in grid), self.head_dim, str(device))
+        if key not in _TABLES:
+            if len(_TABLES) > 16:  # many resolutions in one session: keep memory bounded
+                _TABLES.clear()
+            _TABLES[key] = rope_tables(key[0], self.head_dim, device)
+        return _TABLES[key]
