@@ -3,6 +3,10 @@
 
     python benchmarks/bench_dit.py --cases sample,train_bf16,train_int8 [--out $OUT/dit.json]
 
+Case names: <train|sample>_<precision>[_bsa][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac],
+e.g. train_bf16_compile_selective, sample_fp8rw_compile (precision: bf16 int8 int4 fp8, fp8rw = fp8_rowwise);
+fp8diff[_bsa]: relative output difference of the fp8_rowwise base against bf16.
+
 Every case runs in try/except so one failure (or OOM) still reports the others. Timings are the
 median of ``--repeat`` runs after one warm-up, synchronized, on the same random inputs.
 """
@@ -101,21 +105,19 @@ def case_sample(model, repeat):
             "resident_gib": resident}
 
 
-def case_train(model, repeat, rank=32, swap=0, compile_blocks=False, offload=False):
+def case_train(model, repeat, rank=32, swap=0, compile_scope=None, checkpointing="full"):
+    from longcat_nb.memory import apply_gradient_checkpointing
+    from longcat_nb.speed import apply_compile, disable_compile
+
     add_lora(model, rank=rank, alpha=rank)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
-    if offload:
-        from longcat_nb.memory import apply_activation_offload
-        apply_activation_offload(model)
-    else:
-        model.enable_gradient_checkpointing()
+    apply_gradient_checkpointing(model, checkpointing)
     model.train()
-    if compile_blocks:
-        from longcat_nb.speed import apply_compile
-        apply_compile(model)
     sw = apply_block_swap(model, swap, "cuda") if swap else None
+    if compile_scope:
+        apply_compile(model, scope=compile_scope)
     opt = torch.optim.AdamW(params, lr=1e-4)
     x0, y, mask = inputs(1)
     g = torch.Generator().manual_seed(0)
@@ -134,13 +136,15 @@ def case_train(model, repeat, rank=32, swap=0, compile_blocks=False, offload=Fal
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated() / GIB
+    t0 = time.perf_counter()
     med, times = timed(step, repeat)
     out = {"sec_per_step": med, "resident_gib": resident, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
-           "lora_params_m": sum(p.numel() for p in params) / 1e6, "losses": losses, "blocks_to_swap": swap}
+           "first_step_s": time.perf_counter() - t0 - sum(times), "checkpointing": checkpointing,
+           "compile": compile_scope, "lora_params_m": sum(p.numel() for p in params) / 1e6, "losses": losses,
+           "blocks_to_swap": swap}
     if sw is not None:
         sw.remove()
-    from longcat_nb.speed import disable_compile
-    disable_compile()
+    disable_compile(model)
     return out
 
 
@@ -249,39 +253,42 @@ def main():
                     sparse = model(x, t, y, mask)
                 r = {"rel_diff_bsa_vs_dense": float((sparse - dense).norm() / dense.norm()),
                      "backend": model.attention_backend}
-            elif case in ("sample_bsa", "sample_bsa_compileglue"):
-                model = random_full_dit(depth=args.depth)
-                model.set_attention_backend("bsa")
-                if case.endswith("glue"):
-                    from longcat_nb.speed import apply_compile
-                    apply_compile(model, scope="glue")
-                r = case_sample(model, args.repeat)
-            elif case in ("sample", "sample_compile", "sample_compileglue"):
-                model = random_full_dit(depth=args.depth)
-                if case != "sample":
-                    from longcat_nb.speed import apply_compile
-                    apply_compile(model, scope="glue" if case.endswith("glue") else "blocks")
-                r = case_sample(model, args.repeat)
-            elif case.startswith("train_"):
-                parts = case.split("_")  # train_<precision>[_swapN]
-                precision = parts[1]
+            elif case.startswith("train_") or case.startswith("sample_") or case.startswith("fp8diff"):
+                # <train|sample>_<precision>[_bsa][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac]
+                parts = case.split("_")
+                kind = parts[0]
+                precision = {"fp8rw": "fp8_rowwise"}.get(parts[1], parts[1]) if kind != "fp8diff" else "bf16"
                 swap = next((int(p[4:]) for p in parts[2:] if p.startswith("swap")), 0)
+                scope = "glue" if "compileglue" in parts else ("blocks" if "compile" in parts else None)
+                ckpt = next((m for m in ("full", "selective", "offload") if m in parts), "full")
+                ckpt = "none" if "noac" in parts else ckpt
                 model = random_full_dit(depth=args.depth)
-                if precision != "bf16":
-                    apply_base_precision(model, precision, "cuda")
                 if "bsa" in parts:
                     model.set_attention_backend("bsa")
-                r = case_train(model, args.repeat, swap=swap, compile_blocks="compile" in parts,
-                               offload="offload" in parts)
-            elif case.startswith("sample_"):
-                parts = case.split("_")  # sample_<precision>[_swapN]
-                model = random_full_dit(depth=args.depth)
-                if parts[1] != "bf16":
-                    apply_base_precision(model, parts[1], "cuda")
-                swap = next((int(p[4:]) for p in parts[2:] if p.startswith("swap")), 0)
-                sw = apply_block_swap(model, swap, "cuda") if swap else None
-                r = case_sample(model, args.repeat)
-                r["blocks_to_swap"] = swap
+                if kind == "fp8diff":  # output of fp8_rowwise vs bf16 on the same weights and input
+                    x, y, mask = inputs(1)
+                    t = torch.full((1,), 700.0, device="cuda")
+                    with torch.no_grad():
+                        ref = model(x, t, y, mask)
+                        apply_base_precision(model, "fp8_rowwise", "cuda", backward=False)
+                        out = model(x, t, y, mask)
+                    r = {"rel_diff_fp8_rowwise_vs_bf16": float((out - ref).norm() / ref.norm()),
+                         "backend": model.attention_backend}
+                elif kind == "train":
+                    if precision != "bf16":
+                        apply_base_precision(model, precision, "cuda")
+                    r = case_train(model, args.repeat, swap=swap, compile_scope=scope, checkpointing=ckpt)
+                else:
+                    if precision != "bf16":
+                        apply_base_precision(model, precision, "cuda", backward=False)
+                    sw = apply_block_swap(model, swap, "cuda") if swap else None
+                    if scope:
+                        from longcat_nb.speed import apply_compile
+                        apply_compile(model, scope=scope)
+                    r = case_sample(model, args.repeat)
+                    r.update(blocks_to_swap=swap, compile=scope)
+                    from longcat_nb.speed import disable_compile
+                    disable_compile(model)
             else:
                 r = {"error": f"unknown case {case}"}
         except Exception as e:  # report and go on

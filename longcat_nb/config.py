@@ -78,11 +78,16 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     timestep_sampling: str = "shift"  # shift | logit_normal
     caption_dropout: float = 0.0
-    base_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | int8 | int4 | fp8 | nf4
+    # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | int8 | int4 | fp8 (weight-only, saves memory) |
+    # fp8_rowwise (float8 matmuls: faster on Hopper and newer, bf16-sized weights) | nf4
+    base_precision: str = "auto"
     gradient_checkpointing: bool = True
+    # checkpointing also keeps each block's video self-attention output, so the backward does not
+    # recompute attention (+0.3 GiB a block at 480x832x93): auto = when the VRAM planner says it fits
+    keep_attention: str = "auto"  # auto | on | off
     activation_offload: bool = False  # checkpointed block inputs in pinned CPU memory
     blocks_to_swap: int = 0
-    compile: bool = False  # torch.compile of the blocks (CUDA)
+    compile: bool = False  # torch.compile of each whole block (CUDA)
     seed: int = 42
     checkpoint_every: int = 100
     keep_checkpoints: int = 3

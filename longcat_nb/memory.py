@@ -16,14 +16,15 @@ import torch.nn as nn
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int4", "fp8", "nf4")
-QUANTIZED = ("int8", "int4", "fp8", "nf4")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int4", "fp8", "fp8_rowwise", "nf4")
+QUANTIZED = ("int8", "int4", "fp8", "fp8_rowwise", "nf4")
 BIG_LINEARS = re.compile(r"^(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj)|ffn\.w[123])$")
 
 _BACKEND_HINT = {
     "int8": "optimum-quanto (pip install optimum-quanto)",
     "int4": "optimum-quanto (pip install optimum-quanto)",
     "fp8": "torchao (pip install torchao)",
+    "fp8_rowwise": "torch >= 2.5 with float8 matmuls (torch._scaled_mm)",
     "nf4": "bitsandbytes (pip install bitsandbytes)",
 }
 
@@ -46,9 +47,14 @@ def _block_linears(block: nn.Module):
             yield name, mod
 
 
-def _quantize_block(block: nn.Module, precision: str, device: torch.device) -> None:
+def _quantize_block(block: nn.Module, precision: str, device: torch.device, backward: bool = True) -> None:
     names = [n for n, _ in _block_linears(block)]
-    if precision in ("int8", "int4"):
+    if precision == "fp8_rowwise":
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = block.get_submodule(parent_name)
+            setattr(parent, child, Float8RowwiseLinear.from_linear(getattr(parent, child), backward=backward))
+    elif precision in ("int8", "int4"):
         from optimum.quanto import freeze, qint4, qint8, quantize
 
         quantize(block, weights=qint8 if precision == "int8" else qint4, include=names)
@@ -76,9 +82,10 @@ def _quantize_block(block: nn.Module, precision: str, device: torch.device) -> N
 
 
 def apply_base_precision(model: nn.Module, precision: str, device: torch.device | str,
-                         log: Callable[[str], None] = logger.info) -> nn.Module:
+                         log: Callable[[str], None] = logger.info, backward: bool = True) -> nn.Module:
     """Put the frozen DiT on ``device`` in the chosen precision, one block at a time so the
-    accelerator never holds the unquantized model (13.6B in bf16 is 25 GiB)."""
+    accelerator never holds the unquantized model (13.6B in bf16 is 25 GiB). ``backward=False``
+    (sampling) lets fp8_rowwise skip the transposed weight copy only gradients need."""
     if precision not in PRECISIONS:
         raise ValueError(f"base precision {precision!r}: choose one of {PRECISIONS}")
     device = torch.device(device)
@@ -89,7 +96,7 @@ def apply_base_precision(model: nn.Module, precision: str, device: torch.device 
     try:
         for i, block in enumerate(model.blocks):
             block.to(device=device, dtype=dtype)
-            _quantize_block(block, precision, device)
+            _quantize_block(block, precision, device, backward)
     except ImportError as e:
         raise ImportError(f"base precision {precision!r} needs {_BACKEND_HINT[precision]}: {e}") from e
     for name, child in model.named_children():
@@ -115,6 +122,98 @@ def quantized_bytes(model: nn.Module) -> int:
             seen.add(id(t))
             total += _tensor_bytes(t.data if isinstance(t, nn.Parameter) else t)
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8_rowwise: float8 matmuls for the frozen base (weights and activations scaled per row)
+# ---------------------------------------------------------------------------------------------
+# Written here rather than taken from torchao: torchao's inference float8 linear has no backward
+# (torch._scaled_mm is not differentiable) and its training Float8Linear re-quantizes the bf16
+# weight every call and always computes the weight gradient, a fourth of the matmul work that a
+# frozen LoRA base throws away. The base here is quantized once; its backward is the input gradient.
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, K] -> (float8 [N, K], fp32 scale [N, 1]) with x ~= q * scale (amax per row -> 448)."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """y = x @ (s_w * W_q)^T with x quantized per token; dL/dx through the transposed fp8 copy."""
+
+    @staticmethod
+    def forward(ctx, x, w_q, w_scale, w_t, out_dtype):
+        xq, xs = quantize_rowwise(x)
+        ctx.save_for_backward(w_scale, w_t)
+        ctx.out_dtype = out_dtype
+        return torch._scaled_mm(xq, w_q.t(), scale_a=xs, scale_b=w_scale.view(1, -1), out_dtype=out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w_scale, w_t = ctx.saved_tensors
+        if w_t is None or w_t.numel() == 0:
+            raise RuntimeError("this fp8_rowwise layer was quantized for sampling (backward=False): "
+                               "quantize with backward=True to train through it")
+        # dL/dx = g @ diag(s_w) @ W_q: fold the weight scales into g, then one fp8 matmul with W_q^T
+        gq, gs = quantize_rowwise(grad.float() * w_scale.view(1, -1))
+        ones = torch.ones(1, w_t.shape[0], device=grad.device, dtype=torch.float32)
+        gx = torch._scaled_mm(gq, w_t.t(), scale_a=gs, scale_b=ones, out_dtype=ctx.out_dtype)
+        return gx, None, None, None, None
+
+
+class Float8RowwiseLinear(nn.Linear):
+    """A frozen Linear whose matmuls run in float8 (e4m3) with per-row scales: the weight is
+    quantized once per output channel, each input row (token) per call. ``weight_t`` (the same fp8
+    values transposed, for the input gradient) exists only when built with ``backward=True``.
+    ``compute_dtype`` tells peft which dtype a LoRA on top should take (not float8)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None,
+                 compute_dtype=torch.bfloat16, backward: bool = True):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=FP8),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.empty(out_features, device=device, dtype=torch.float32))
+        self.register_buffer("weight_t", torch.empty((in_features, out_features) if backward else (0,),
+                                                     device=device, dtype=FP8))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=compute_dtype),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, backward: bool = True) -> "Float8RowwiseLinear":
+        w = lin.weight.detach()
+        if lin.in_features % 16 or lin.out_features % 16:
+            raise ValueError(f"fp8_rowwise needs in/out features divisible by 16, got {lin.in_features}x"
+                             f"{lin.out_features}")
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, device=w.device,
+                compute_dtype=w.dtype, backward=backward)
+        with torch.no_grad():
+            q, s = quantize_rowwise(w)
+            m.weight.data = q
+            m.weight_scale.copy_(s.view(-1))
+            if backward:
+                m.weight_t = q.t().contiguous()
+            if lin.bias is not None:
+                m.bias.data = lin.bias.detach().to(w.dtype)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else self.compute_dtype
+        y = _Float8Matmul.apply(x2, self.weight, self.weight_scale, self.weight_t, dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, fp8 e4m3 rowwise, backward={self.weight_t.numel() > 0}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,17 +348,20 @@ def apply_block_swap(model: nn.Module, blocks_to_swap: int, device) -> Optional[
 
 
 # ---------------------------------------------------------------------------------------------
-# activation offload: the input each checkpointed block keeps for its recompute lives on the CPU
+# activation checkpointing: what each block keeps for the backward
 # ---------------------------------------------------------------------------------------------
-class _OffloadedCheckpoint(torch.autograd.Function):
-    """Run a block without keeping anything on the GPU but a pinned CPU copy of its input; in the
-    backward, bring the input back, recompute with grad and backpropagate through the block.
+class _BlockCheckpoint(torch.autograd.Function):
+    """Run a block keeping nothing but its input (on the GPU, or a pinned CPU copy with
+    ``offload``); in the backward, bring the input back, recompute with grad and backpropagate.
 
-    The block's trainable parameters (the LoRA) are inputs of the Function, so autograd knows the
-    output depends on them even when the block input itself needs no gradient (the first block)."""
+    Unlike torch.utils.checkpoint there is no recompute check on saved-tensor metadata, so the block
+    may be a compiled one (its no-grad and its training graphs differ; the check rejected that), and
+    module hooks (block swap) run in both passes. The block's trainable parameters (the LoRA) are
+    inputs of the Function, so autograd knows the output depends on them even when the block input
+    itself needs no gradient (the first block)."""
 
     @staticmethod
-    def forward(ctx, block, n_args, *flat):
+    def forward(ctx, block, offload, n_args, *flat):
         args, params = list(flat[:n_args]), list(flat[n_args:])
         ctx.block, ctx.params = block, params
         ctx.devices = [a.device if torch.is_tensor(a) else None for a in args]
@@ -268,7 +370,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state() if args[0].is_cuda else None
         saved = []
         for a in args:
-            if torch.is_tensor(a) and a.is_cuda and a.numel() > 1 << 20:
+            if offload and torch.is_tensor(a) and a.is_cuda and a.numel() > 1 << 20:
                 host = torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
                 host.copy_(a, non_blocking=True)
                 saved.append(host)
@@ -297,18 +399,98 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         it = iter(grads[: len(wrt_args)])
         arg_grads = [next(it) if need else None for need in ctx.needs]
         ctx.saved_args = ctx.params = None
-        return (None, None, *arg_grads, *grads[len(wrt_args):])
+        return (None, None, None, *arg_grads, *grads[len(wrt_args):])
+
+
+def recompute_checkpoint(block, *args):
+    """Full activation checkpointing of one block (its input stays on the GPU)."""
+    params = [p for p in block.parameters() if p.requires_grad]
+    return _BlockCheckpoint.apply(block, False, len(args), *args, *params)
 
 
 def offloaded_checkpoint(block, *args):
+    """Full activation checkpointing with the block input in pinned CPU memory."""
     params = [p for p in block.parameters() if p.requires_grad]
-    return _OffloadedCheckpoint.apply(block, len(args), *args, *params)
+    return _BlockCheckpoint.apply(block, True, len(args), *args, *params)
+
+
+# Ops whose outputs "selective" keeps: dense attention over the video tokens, the most expensive
+# thing to recompute (at 480x832x93 about half of a block's forward). Everything else is recomputed.
+_ATTENTION_OPS = tuple(
+    getattr(torch.ops.aten, name).default for name in (
+        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name))
+LONG_KEYS = 4096  # keys above this are video tokens (text has <= 512)
+
+
+def _keep_attention(ctx, func, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    # block-sparse attention is cheap to recompute (6% of dense), so only dense attention is kept
+    if func in _ATTENTION_OPS and args[1].shape[-2] > LONG_KEYS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_keep_attention)
+
+
+def _selective_forward(block: nn.Module):
+    inner = block.forward
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return inner(*args, **kwargs)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(inner, *args, use_reentrant=False, context_fn=_selective_context, **kwargs)
+
+    forward._longcat_selective = inner
+    return forward
+
+
+CHECKPOINTING = ("none", "full", "selective", "offload")
+
+
+def apply_gradient_checkpointing(model: nn.Module, mode: str = "full") -> nn.Module:
+    """What each block keeps for the backward (torchtitan's apply_ac, for this DiT):
+
+    * ``full``: only its input; everything is recomputed (the least memory that stays on the GPU).
+    * ``selective``: its input and the video self-attention outputs (about 0.3 GiB a block at
+      480x832x93); the backward recomputes everything but attention. Checkpointing happens inside
+      each block's forward, so a compiled block compiles it too. Not with block swap.
+    * ``offload``: like full, with the inputs in pinned CPU memory (14.7 GB at 480x832x93 for 48
+      blocks stay off the GPU); the copies overlap with compute.
+    * ``none``: everything is kept (fastest, only for small clips or short models).
+    """
+    if mode not in CHECKPOINTING:
+        raise ValueError(f"checkpointing {mode!r}: choose one of {CHECKPOINTING}")
+    if mode != "none" and not getattr(model, "_supports_gradient_checkpointing", False):
+        raise ValueError("this model has no per-block gradient checkpointing")
+    for block in model.blocks:  # undo an earlier selective wrap
+        if hasattr(block.forward, "_longcat_selective"):
+            if hasattr(block.forward, "_longcat_eager"):
+                raise ValueError("change checkpointing before speed.apply_compile, not after")
+            block.forward = block.forward._longcat_selective
+            if getattr(block.forward, "__func__", None) is type(block).forward:
+                del block.forward
+    if mode == "none":
+        model.disable_gradient_checkpointing()
+    elif mode == "selective":
+        model.disable_gradient_checkpointing()  # the blocks checkpoint themselves
+        for block in model.blocks:
+            block.forward = _selective_forward(block)
+    else:
+        func = offloaded_checkpoint if mode == "offload" else recompute_checkpoint
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=func)
+    model.checkpointing_mode = mode
+    return model
 
 
 def apply_activation_offload(model: nn.Module) -> nn.Module:
-    """Per-block checkpointing whose saved block inputs live in pinned CPU memory (14.7 GB at
-    480x832x93 for 48 blocks stay off the GPU); the copies overlap with compute."""
-    if not getattr(model, "_supports_gradient_checkpointing", False):
-        raise ValueError("activation offload needs a model with per-block gradient checkpointing")
-    model.enable_gradient_checkpointing(gradient_checkpointing_func=offloaded_checkpoint)
-    return model
+    """Per-block checkpointing whose saved block inputs live in pinned CPU memory."""
+    return apply_gradient_checkpointing(model, "offload")

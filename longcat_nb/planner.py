@@ -25,7 +25,9 @@ TARGET_SHAPES = {  # (in, out) of each LoRA target
     "ffn.w1": (4096, 11008), "ffn.w2": (11008, 4096), "ffn.w3": (4096, 11008),
     "adaLN_modulation.1": (512, 24576),
 }
-WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5, "nf4": 0.5}
+WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5, "nf4": 0.5,
+                "fp8_rowwise": 1.0}
+QUANTIZED = ("int8", "fp8", "fp8_rowwise", "int4", "nf4")
 
 # Calibration (H100, torch 2.11, cuDNN attention), in units of one [N, 4096] bf16 tensor:
 K_TRAIN_BLOCK = 50.0  # one block's recompute + backward working set (measured 14.4 GiB at N=37,440)
@@ -49,6 +51,7 @@ class PlanSettings:
     blocks_to_swap: int = 0
     optimizer: str = "adamw"
     compile: bool = False
+    selective: bool = False  # checkpointing also keeps the self-attention outputs (no attention recompute)
     mode: str = "train"  # train | sample
     cfg: bool = True  # sampling with guidance runs batch 2
 
@@ -65,10 +68,11 @@ def tokens(s: PlanSettings) -> int:
     return T * (s.height // 16) * (s.width // 16)
 
 
-def block_bytes(precision: str) -> float:
-    if precision in ("int8", "fp8", "int4", "nf4"):
+def block_bytes(precision: str, train: bool = False) -> float:
+    if precision in QUANTIZED:
         rest = BLOCK_PARAMS - BIG_LINEAR_PARAMS
-        return BIG_LINEAR_PARAMS * WEIGHT_BYTES[precision] + rest * 2.0
+        per = WEIGHT_BYTES[precision] * (2 if precision == "fp8_rowwise" and train else 1)  # + transposed copy
+        return BIG_LINEAR_PARAMS * per + rest * 2.0
     return BLOCK_PARAMS * WEIGHT_BYTES.get(precision, 2.0)
 
 
@@ -82,7 +86,7 @@ def plan(s: PlanSettings) -> Plan:
     swap = max(0, min(s.blocks_to_swap, DEPTH))
     # Quantized tensor subclasses are not moved off the GPU by block swap yet (measured).
     swap_effective = swap if s.precision in ("bf16", "fp16", "fp32") else 0
-    blk = block_bytes(s.precision)
+    blk = block_bytes(s.precision, train=s.mode == "train")
     parts = {
         "weights_resident": (DEPTH - swap_effective) * blk + TOP_PARAMS * 2.0,
         "swap_buffers": 2 * blk if swap_effective else 0.0,
@@ -96,6 +100,8 @@ def plan(s: PlanSettings) -> Plan:
         if s.gradient_checkpointing or s.activation_offload:
             parts["saved_block_inputs"] = 0.0 if s.activation_offload else DEPTH * unit
             parts["block_working_set"] = (K_TRAIN_BLOCK_COMPILED if s.compile else K_TRAIN_BLOCK) * unit
+            if s.selective and not s.activation_offload:
+                parts["saved_attention"] = DEPTH * unit  # one [N, 4096] output (+ its lse) per block
         else:
             parts["all_activations"] = DEPTH * K_TRAIN_BLOCK * unit
     peak = sum(parts.values()) / GIB + CONTEXT_GIB
@@ -129,6 +135,15 @@ def suggest(s: PlanSettings, budget_gib: float) -> Optional[tuple[str, Plan]]:
         if p.peak_gib <= budget_gib:
             return label, p
     return None
+
+
+def use_selective(s: PlanSettings, gpu_gib: Optional[float]) -> bool:
+    """Whether checkpointing can also keep the attention outputs on this GPU: it needs the block
+    inputs on the GPU (no activation offload, no block swap) and room for one more [N, 4096] tensor
+    per block."""
+    if s.mode != "train" or not gpu_gib or s.activation_offload or s.blocks_to_swap or not s.gradient_checkpointing:
+        return False
+    return plan(replace(s, selective=True)).peak_gib <= gpu_gib - 1.0
 
 
 def report(s: PlanSettings, gpu_gib: Optional[float]) -> dict:

@@ -1,9 +1,11 @@
 """Speed options applied to a plain DiT (the model file knows nothing of them).
 
-* ``apply_compile``: ``torch.compile`` of the blocks or of their float32 element-wise glue. Measured
-  on an H100 (docs/benchmarks.md): the glue is about a third of a sampling step's time; compiling a
-  whole block inside ``torch.utils.checkpoint`` fails its recompute check, so training compiles the
-  glue functions only.
+* ``apply_compile``: ``torch.compile`` of each whole block's forward (one graph shared by the 48
+  identical blocks), or only of the float32 element-wise glue. Module hooks (block swap) stay outside
+  the compiled code, and the kit's own checkpointing (:func:`.memory.apply_gradient_checkpointing`)
+  runs compiled blocks in both passes, so whole blocks compile for training too. (torch's own
+  ``checkpoint`` around a compiled block fails its recompute check: the no-grad and training graphs
+  save different tensors.)
 * ``set_sdpa_preference`` (re-exported): which fused attention kernel torch should use on CUDA.
 """
 from __future__ import annotations
@@ -17,30 +19,43 @@ from .models.attention import set_sdpa_preference  # noqa: F401
 
 
 def apply_compile(model: nn.Module, scope: str = "auto", mode: str | None = None) -> nn.Module:
-    """Compile for speed. scope='blocks': each whole block (sampling: one graph shared by the 48
-    identical blocks); scope='glue': only the float32 element-wise functions (norms, modulation,
-    gated residuals, RoPE), which composes with gradient checkpointing, activation offload and block
-    swap. 'auto' = blocks without gradient checkpointing, glue with it."""
+    """Compile for speed. scope='blocks' (= 'auto'): each block's forward as one graph (the glue,
+    the matmuls' epilogues and, with BSA, the block selection fuse; attention stays one opaque op);
+    scope='glue': only the float32 element-wise functions (norms, modulation, gated residuals, RoPE).
+    Apply after LoRA injection, quantization and checkpointing: the compiled forward is the one
+    they leave (a selective-checkpointing wrapper is compiled with the block)."""
     from .models import dit as dit_module
 
     if scope == "auto":
-        scope = "glue" if getattr(model, "gradient_checkpointing", False) else "blocks"
+        scope = "blocks"
     if scope == "glue":
         for name in dit_module.GLUE:
             if name not in dit_module._compiled_glue:
                 dit_module._compiled_glue[name] = torch.compile(getattr(dit_module, name), mode=mode)
     elif scope == "blocks":
+        # a compiled graph serves every block: their parameters are graph inputs, not constants
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in model.blocks:
-            block.compile(mode=mode, dynamic=False)
+            if not hasattr(block.forward, "_longcat_eager"):
+                eager = block.forward
+                block.forward = torch.compile(eager, mode=mode, dynamic=False)
+                block.forward._longcat_eager = eager
     else:
         raise ValueError(f"compile scope {scope!r}: choose auto, glue or blocks")
     return model
 
 
-def disable_compile() -> None:
+def disable_compile(model: nn.Module | None = None) -> None:
+    """Back to eager: the glue functions, and the blocks of ``model`` if given."""
     from .models import dit as dit_module
 
     dit_module._compiled_glue.clear()
+    for block in getattr(model, "blocks", []):
+        eager = getattr(block.forward, "_longcat_eager", None)
+        if eager is not None:
+            block.forward = eager
+            if getattr(eager, "__self__", None) is block and eager.__func__ is type(block).forward:
+                del block.forward  # the plain bound method again
 
 
 def default_sdpa_preference() -> str:

@@ -279,6 +279,8 @@ class OutOfMemory(RuntimeError):
 
 
 def _suggest_for_oom(s: TrainSettings) -> str:
+    if s.keep_attention != "off" and s.gradient_checkpointing and not s.activation_offload:
+        return "set keep_attention='off' (recompute attention in the backward)"
     if not s.gradient_checkpointing:
         return "turn on gradient_checkpointing"
     if s.base_precision in ("bf16", "auto", "fp16", "fp32"):
@@ -286,6 +288,36 @@ def _suggest_for_oom(s: TrainSettings) -> str:
     if s.blocks_to_swap < 24:
         return f"raise blocks_to_swap to {max(8, s.blocks_to_swap * 2)}"
     return "lower the resolution or the number of frames"
+
+
+def checkpointing_mode(s: TrainSettings, device, dataset=None) -> str:
+    """none | full | selective | offload for these settings: offload when asked (CUDA), selective
+    (keep attention outputs) when asked or, with keep_attention=auto, when the planner says the GPU
+    has room for it; full otherwise."""
+    from .planner import TARGET_SHAPES, PlanSettings, use_selective
+
+    device = torch.device(device)
+    if s.keep_attention not in ("auto", "on", "off"):
+        raise ValueError(f"train.keep_attention={s.keep_attention!r}: use auto, on or off")
+    if s.activation_offload and device.type == "cuda":
+        return "offload"
+    if not s.gradient_checkpointing:
+        return "none"
+    if s.keep_attention == "off" or s.blocks_to_swap:
+        return "full"
+    if s.keep_attention == "on":
+        return "selective"
+    if device.type != "cuda":
+        return "full"
+    gpu = torch.cuda.get_device_properties(device).total_memory / 2**30
+    prec = s.base_precision if s.base_precision not in ("auto", "fp32") else "bf16"
+    size = {}
+    if dataset is not None:  # the largest clip the dataset settings allow
+        h, w = (int(v) for v in str(dataset.resolution).lower().split("x"))
+        size = dict(height=h, width=w, num_frames=dataset.num_frames)
+    plan = PlanSettings(precision=prec, rank=s.rank, batch_size=s.batch_size, optimizer=s.optimizer,
+                        compile=s.compile, targets=tuple(t for t in s.targets if t in TARGET_SHAPES), **size)
+    return "selective" if use_selective(plan, gpu) else "full"
 
 
 def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callable[[dict], None]] = None,
@@ -301,7 +333,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     from . import distributed
     from .cache import CachedDataset, load_negative
     from .checkpoint import load_dit, pick_device
-    from .memory import QUANTIZED, apply_activation_offload, apply_base_precision, apply_block_swap, compute_dtype
+    from .memory import QUANTIZED, apply_base_precision, apply_block_swap, apply_gradient_checkpointing, compute_dtype
     from .speed import apply_compile, default_sdpa_preference, set_sdpa_preference
 
     run_dir = Path(run_dir)
@@ -334,10 +366,8 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     on_device = next(dit.parameters()).device == torch.device(device)
     base_device = "cpu" if dist.enabled and not quantized and not on_device else device
     dit = apply_base_precision(dit, s.base_precision, base_device, log=log)
-    if s.activation_offload and device.type == "cuda":
-        apply_activation_offload(dit)
-    elif s.gradient_checkpointing:
-        dit.enable_gradient_checkpointing()
+    checkpointing = checkpointing_mode(s, device, cfg.dataset)
+    apply_gradient_checkpointing(dit, checkpointing)
     attention = dit.set_attention_backend(cfg.model.attention)
     set_sdpa_preference(default_sdpa_preference())
     torch.manual_seed(s.seed)  # LoRA init
@@ -351,8 +381,9 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
             p.data = p.data.to(device)
         distributed.sync_lora(params, dist)
     swap = apply_block_swap(dit, s.blocks_to_swap, device) if device.type == "cuda" else None
-    if s.compile and device.type == "cuda" and not s.activation_offload:
-        apply_compile(dit)
+    if s.compile and device.type == "cuda":
+        apply_compile(dit, scope="blocks")
+    log(f"checkpointing: {checkpointing}; compiled blocks: {bool(s.compile and device.type == 'cuda')}")
     dit.train()
     opt = build_optimizer(params, s)
     base_lrs = [g["lr"] for g in opt.param_groups]

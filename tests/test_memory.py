@@ -85,3 +85,131 @@ def test_activation_offload_same_gradients_as_checkpointing():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5), k
+
+
+def _grads(m, x, t, y, mask):
+    out = m(x, t, y, mask, num_cond_latents=1)
+    out[:, :, 1:].square().mean().backward()
+    return out.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+
+def test_every_checkpointing_mode_gives_the_same_gradients():
+    """none / full / selective (attention outputs kept) / offload: one function, one gradient."""
+    from longcat_nb.memory import CHECKPOINTING, apply_gradient_checkpointing
+
+    x, y, mask = inputs()
+    t = torch.tensor([[0.0, 900, 900, 900], [0.0, 100, 100, 100]])
+    results = {}
+    for mode in CHECKPOINTING:
+        m = tiny_model().train()
+        m.x_embedder.requires_grad_(False)  # like LoRA training: the first block's input needs no grad
+        apply_gradient_checkpointing(m, mode)
+        assert m.gradient_checkpointing == (mode in ("full", "offload"))
+        results[mode] = _grads(m, x, t, y, mask)
+    ref_out, ref = results["none"]
+    assert len(ref) > 20
+    for mode, (out, g) in results.items():
+        assert torch.equal(out, ref_out), mode
+        assert g.keys() == ref.keys(), mode
+        for k in ref:
+            assert torch.allclose(g[k], ref[k], atol=1e-6, rtol=1e-5), (mode, k)
+    # switching back undoes the selective wrappers
+    m = tiny_model()
+    apply_gradient_checkpointing(m, "selective")
+    apply_gradient_checkpointing(m, "full")
+    assert "forward" not in m.blocks[0].__dict__
+
+
+def test_selective_checkpointing_keeps_attention_and_recomputes_the_rest():
+    """The backward of a selectively checkpointed block runs no attention again, but does rerun the
+    matmuls; full checkpointing reruns attention too (counted with a dispatch mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from longcat_nb.memory import _ATTENTION_OPS, LONG_KEYS, apply_gradient_checkpointing
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.attn = self.mm = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in _ATTENTION_OPS and args[1].shape[-2] > 16:
+                self.attn += 1
+            if func in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):
+                self.mm += 1
+            return func(*args, **(kwargs or {}))
+
+    import longcat_nb.memory as mem
+    x, y, mask = inputs()
+    t = torch.tensor([500.0, 500.0])
+    counts = {}
+    old = mem.LONG_KEYS
+    mem.LONG_KEYS = 16  # the tiny model's video has 24 tokens, its text 10
+    try:
+        for mode in ("full", "selective"):
+            m = tiny_model().train()
+            m.x_embedder.requires_grad_(False)
+            apply_gradient_checkpointing(m, mode)
+            out = m(x, t, y, mask)
+            c = Count()
+            with c:
+                out.square().mean().backward()
+            counts[mode] = (c.attn, c.mm)
+    finally:
+        mem.LONG_KEYS = old
+    assert LONG_KEYS == 4096
+    depth = len(tiny_model().blocks)
+    assert counts["full"][0] == depth and counts["selective"][0] == 0, counts
+    assert counts["selective"][1] > 0  # the rest is recomputed
+
+
+def test_fp8_rowwise_forward_and_input_gradient_close_to_fp32():
+    from longcat_nb.memory import Float8RowwiseLinear
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 96)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 64, generator=g) * 0.1)
+    x = torch.randn(2, 5, 64, generator=g, requires_grad=True)
+    ref = lin(x)
+    gref = torch.autograd.grad(ref.square().sum(), x)[0]
+    q = Float8RowwiseLinear.from_linear(lin)
+    out = q(x)
+    gout = torch.autograd.grad(out.square().sum(), x)[0]
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert float((out - ref).norm() / ref.norm()) < 0.05
+    assert float((gout - gref).norm() / gref.norm()) < 0.08
+    assert q.weight.dtype == torch.float8_e4m3fn and not q.weight.requires_grad
+    # sampling-only layers carry no transposed copy and say so when asked for a gradient
+    s = Float8RowwiseLinear.from_linear(lin, backward=False)
+    assert s.weight_t.numel() == 0
+    with pytest.raises(RuntimeError, match="backward=True"):
+        torch.autograd.grad(s(x).sum(), x)
+
+
+def test_fp8_rowwise_base_trains_a_lora():
+    """The tiny DiT with float8 block matmuls: close to fp32 forward, and a peft LoRA on top gets
+    fp32 gradients (peft must not cast the LoRA to float8)."""
+    from longcat_nb.lora import add_lora
+    from longcat_nb.memory import Float8RowwiseLinear
+
+    x, y, mask = inputs()
+    t = torch.tensor([500.0, 500.0])
+    ref = tiny_model()
+    with torch.no_grad():
+        r = ref(x, t, y, mask)
+    m = apply_base_precision(tiny_model(), "fp8_rowwise", "cpu")
+    assert isinstance(m.blocks[0].attn.qkv, Float8RowwiseLinear)
+    assert type(m.blocks[0].adaLN_modulation[1]) is torch.nn.Linear
+    with torch.no_grad():
+        o = m(x, t, y, mask)
+    assert float((o - r).norm() / r.norm()) < 0.1
+    names = add_lora(m, rank=4, alpha=4, targets=["attn.qkv", "ffn.w1"])
+    params = [p for n, p in m.named_parameters() if n in names]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    torch.manual_seed(0)
+    for p in params:
+        if p.abs().sum() == 0:
+            p.data.normal_(0, 0.02)  # lora_B starts at zero; give the chain a gradient everywhere
+    m(x, t, y, mask).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in params)
