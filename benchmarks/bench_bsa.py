@@ -36,11 +36,9 @@ LAYOUT = "blocked"  # set from --layout: which kernels the cases time
 H, D, DT, SPARSITY, CHUNK = 32, 128, torch.bfloat16, 0.9375, (4, 4, 4)
 SHAPES = {"480x832x93": (24, 30, 52), "704x1280x93": (24, 44, 80)}
 VARIANTS_BLOCKED = {  # the block-major kernels (bk.DEFAULT_CONFIG first), one kernel at a time
-    "fwd": [{"num_warps": 4, "num_stages": 2}, {"num_warps": 8, "num_stages": 3}, {"num_warps": 4, "num_stages": 4},
-            {"num_warps": 4, "num_stages": 3, "pair": True}, {"num_warps": 8, "num_stages": 3, "pair": True},
-            {"num_warps": 8, "num_stages": 2, "pair": True}],
-    "dq": [{"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 2}],
-    "dkdv": [{"num_warps": 8, "num_stages": 2}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 8, "num_stages": 3}],
+    "fwd": [{"num_warps": 4, "num_stages": 2}, {"num_warps": 4, "num_stages": 4}],
+    "dq": [{"num_warps": 4, "num_stages": 3}],
+    "dkdv": [{"num_warps": 4, "num_stages": 3}],
     "tma": [False],
 }
 VARIANTS = {  # tried one kernel at a time on top of DEFAULT_CONFIG (which is timed first)
@@ -148,17 +146,17 @@ def breakdown(q, k, v, do, grid_q, grid_k, sel, config=None):
         plan = bk.BlockedPlan(q, k, grid_q, grid_k, CHUNK, CHUNK, sel, config)
         r["invert_selection_ms"] = ms(lambda: tb.invert_selection(plan.sel, plan.nsel, plan.mk), 100)
         plan.inverse()
-        r["to_blocks_qkv_ms"] = ms(lambda: [bk.to_blocks(t, g) for t, g in
-                                            ((qd, plan.gather_q), (kd, plan.gather_k), (vd, plan.gather_k))], 100)
-        qb, kb, vb = bk.to_blocks(qd, plan.gather_q), bk.to_blocks(kd, plan.gather_k), bk.to_blocks(vd, plan.gather_k)
-        dob = bk.to_blocks(do, plan.gather_q)
-        ob, lse = bk.launch_fwd(plan, qb, kb, vb)
-        r["from_blocks_o_ms"] = ms(lambda: bk.from_blocks(ob, plan.scatter_q), 100)
-        _, delta = bk.launch_dq(plan, qb, kb, vb, ob, dob, lse)
-        kept = plan.kmax * plan.P
-        runs = (("fwd", lambda: bk.launch_fwd(plan, qb, kb, vb), 2),
-                ("dq", lambda: bk.launch_dq(plan, qb, kb, vb, ob, dob, lse), 3),
-                ("dkdv", lambda: bk.launch_dkdv(plan, qb, kb, vb, dob, lse, delta), 4))
+        P = plan.P
+        r["to_blocks_kv_ms"] = ms(lambda: [bk.to_blocks(t, plan.gather_k, P) for t in (kd, vd)], 100)
+        kb, vb = bk.to_blocks(kd, plan.gather_k, P), bk.to_blocks(vd, plan.gather_k, P)
+        qb, dob = bk.to_blocks(qd, plan.gather_q, P), bk.to_blocks(do, plan.gather_q, P)
+        o, lse = bk.launch_fwd(plan, qd, kb, vb)
+        _, delta = bk.launch_dq(plan, qd, kb, vb, o, do, lse)
+        kept = plan.kmax * P
+        sk = k.shape[2]
+        runs = (("fwd", lambda: bk.launch_fwd(plan, qd, kb, vb), 2),
+                ("dq", lambda: bk.launch_dq(plan, qd, kb, vb, o, do, lse), 3),
+                ("dkdv", lambda: bk.launch_dkdv(plan, qb, kb, vb, dob, lse, delta, sk), 4))
     else:
         plan = tb.make_plan(q, k, grid_q, grid_k, sel=sel, config=config)
         r["invert_selection_ms"] = ms(lambda: tb.invert_selection(plan.sel, plan.nsel, plan.mk), 100)

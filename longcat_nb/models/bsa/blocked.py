@@ -1,19 +1,24 @@
-"""Block-sparse attention kernels on a block-major copy of q, k, v (spec §3): forward and backward.
+"""Block-sparse attention kernels over block-major copies of the tensors walked in the inner loops
+(spec §3): forward and backward.
 
-Why a copy: the raster kernels (:mod:`.triton_bsa`) gather each 3-D block row by row, which works for
-any strides but leaves every tile load to per-thread address arithmetic. Here q, k and v are first
-gathered once into ``[B, H, M·P, D]`` with each block's tokens contiguous (one pass over each tensor,
-about 0.35 ms per tensor at 704x1280x93 on an H200), so every tile the kernels touch is one dense
-``P x D`` box: one tensor-memory-accelerator (TMA) copy on Hopper, or one run of 16-byte loads.
+Why copies: the raster kernels (:mod:`.triton_bsa`) gather every tile row by row, which works for any
+strides but leaves each tile load to per-thread address arithmetic. A tensor that an inner loop walks
+(K and V in the forward and dQ walks, Q and dO in the dK/dV walk) is first gathered once into
+``[B, H, M·P, D]`` with each block's tokens contiguous, so every tile the loops touch is one dense
+``P x D`` box: one tensor-memory-accelerator (TMA) copy on Hopper, or one run of 16-byte loads. What a
+program reads or writes once (its own Q, O, dO rows in the forward and dQ kernels, its own K, V, dK,
+dV rows in the dK/dV kernel) stays in raster layout, read and written through the block's row list:
+four copies per forward + backward instead of eight (measured on an H200 at 704x1280x93: the eight
+copies of the first version cost 10.7 of its 80 ms).
 
-* **Valid tokens first.** Inside a block the real tokens come first and padding slots (blocks cut by
+* **Real tokens first.** Inside a block the real tokens come first and padding slots (blocks cut by
   the grid edge, e.g. h = 30 at 480x832, and chunk sizes that are not a power of two) last, so "is
   this key real" is ``slot < count[block]``: one compare per score, no lookup table.
-* **Padding.** Padded key slots get -inf scores. Padded query rows hold a copy of a real token (finite),
-  their log-sum-exp is stored as +inf, so in the backward their probabilities are exactly 0 and they
-  add nothing to dK/dV; their own outputs are never copied back.
+* **Padding.** Padded key slots get -inf scores. Padded query slots hold a copy of a real token
+  (finite); their log-sum-exp is stored as +inf, so in the backward their probabilities are exactly
+  0 and they add nothing to dK/dV; their outputs are never stored.
 * **Forward**: one program per (query block, batch·head) walks its kept key blocks with an fp32 online
-  softmax in base 2 and writes O and the base-2 log-sum-exp.
+  softmax in base 2 and writes O (raster) and the base-2 log-sum-exp (block-major slots).
 * **dQ**: the same walk; its prologue computes delta = rowsum(o·do) for the dK/dV kernel.
 * **dK/dV**: one program per (key block, batch·head) walks the query blocks that kept it (the selection
   inverted into CSR by :func:`.triton_bsa.invert_selection`), most-loaded programs first per head.
@@ -37,13 +42,16 @@ try:  # host-side TMA descriptors (Triton >= 3.3)
 except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
-# Launch parameters per kernel; ``tma`` uses Hopper's tensor memory accelerator for the tile loads
-# (falls back to pointer loads before sm_90 or without TensorDescriptor). Chosen on an H200 with
-# benchmarks/bench_bsa.py (docs/benchmarks.md).
+# Launch parameters per kernel; ``tma`` uses Hopper's tensor memory accelerator for the block-major
+# tile loads (pointer loads before sm_90 or without TensorDescriptor). Chosen on an H200 with
+# benchmarks/bench_bsa.py (docs/benchmarks.md, run 9): 4 warps beat 8 for every kernel (fwd 17.6 vs
+# 26.6 ms, dq 22.0 vs 37.1, dkdv 27.3 vs 55.0 at 704x1280x93), 3 stages for the forward, 2 for the
+# backward; TMA and pointer loads are within 3%.
 DEFAULT_CONFIG = {
-    "fwd": {"num_warps": 4, "num_stages": 3, "pair": False},
+    "fwd": {"num_warps": 4, "num_stages": 3},
     "dq": {"num_warps": 4, "num_stages": 2},
     "dkdv": {"num_warps": 4, "num_stages": 2},
+    "gather": {"num_warps": 4},
     "tma": True,
 }
 
@@ -52,7 +60,7 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _tile(X, XD, row0, P: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
-    """Rows row0 .. row0+P-1 of the 2-D [rows, D] tensor X (or its descriptor XD)."""
+    """Rows row0 .. row0+P-1 of a block-major 2-D [rows, D] tensor X (or its descriptor XD)."""
     if TMA:
         x = XD.load([row0, 0])
     else:
@@ -62,64 +70,55 @@ def _tile(X, XD, row0, P: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(X, row0, x, P: tl.constexpr, D: tl.constexpr):
-    r = (row0 + tl.arange(0, P)).to(tl.int64)
-    tl.store(X + r[:, None] * D + tl.arange(0, D)[None, :], x)
+def _raster_ptrs(X, sb, sh, ss, b, h, rows, D: tl.constexpr):
+    """Pointers to rows ``rows`` (raster token indices) of X[b, h] with strides (sb, sh, ss, 1)."""
+    return X + b * sb + h * sh + rows.to(tl.int64)[:, None] * ss + tl.arange(0, D)[None, :]
 
 
 @triton.jit
-def _query_walk(NSEL, SEL, Mq, Mk, KMAX, P: tl.constexpr):
-    """This program's query block: its first row, its kept-block count and list, its head's first key row."""
+def _gather_kernel(X, Y, G, sxb, sxh, sxs, H, M, D: tl.constexpr, P: tl.constexpr):
+    """Y[b, h, m·P + i] = X[b, h, G[m·P + i]]: one block of P rows per program."""
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    lane = tl.arange(0, P)
+    rows = tl.load(G + m * P + lane)
+    x = tl.load(_raster_ptrs(X, sxb, sxh, sxs, (bh // H).to(tl.int64), (bh % H).to(tl.int64), rows, D))
+    out = (bh.to(tl.int64) * M + m) * P + lane
+    tl.store(Y + out[:, None] * D + tl.arange(0, D)[None, :], x)
+
+
+@triton.jit
+def _query_walk(NSEL, SEL, GQ, Mq, Mk, KMAX, H, P: tl.constexpr):
+    """This program's query block: batch, head, raster rows of its slots, first slot row, its
+    kept-block count and list, and its head's first key slot row."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     item = bh * Mq + qb
-    return qb, item * P, tl.load(NSEL + item), SEL + item.to(tl.int64) * KMAX, bh * Mk * P
+    rows = tl.load(GQ + qb * P + tl.arange(0, P))
+    return ((bh // H).to(tl.int64), (bh % H).to(tl.int64), rows, item * P, tl.load(NSEL + item),
+            SEL + item.to(tl.int64) * KMAX, bh * Mk * P)
 
 
 @triton.jit
-def _fwd_scores(q, K, KD, CNTK, blk, kbase, lane, P: tl.constexpr, D: tl.constexpr, MASK_K: tl.constexpr,
-                TMA: tl.constexpr, PREC: tl.constexpr):
-    k = _tile(K, KD, kbase + blk * P, P, D, TMA)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    if MASK_K:
-        s = tl.where(lane[None, :] < tl.load(CNTK + blk), s, float("-inf"))
-    return s
-
-
-@triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, SEL, NSEL, CNTQ, CNTK, QD, KD, VD,
-                Mq, Mk, KMAX, qk_scale,
+def _fwd_kernel(Q, K, V, O, LSE, SEL, NSEL, GQ, CNTQ, CNTK, KD, VD,
+                sqb, sqh, sqs, sob, soh, sos,
+                H, Mq, Mk, KMAX, qk_scale,
                 D: tl.constexpr, P: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr,
-                TMA: tl.constexpr, PREC: tl.constexpr, PAIR: tl.constexpr):
-    qb, row_q, n, sel, kbase = _query_walk(NSEL, SEL, Mq, Mk, KMAX, P)
+                TMA: tl.constexpr, PREC: tl.constexpr):
+    b, h, rows, row_q, n, sel, kbase = _query_walk(NSEL, SEL, GQ, Mq, Mk, KMAX, H, P)
     lane = tl.arange(0, P)
-    q = _tile(Q, QD, row_q, P, D, TMA)
+    q = tl.load(_raster_ptrs(Q, sqb, sqh, sqs, b, h, rows, D))
     m_i = tl.full([P], float("-inf"), tl.float32)
     l_i = tl.zeros([P], tl.float32)
     acc = tl.zeros([P, D], tl.float32)
-    start = 0
-    if PAIR:  # two kept blocks per step: one softmax rescale of the accumulator per 2·P keys
-        for i in range(0, n // 2):
-            b0 = tl.load(sel + 2 * i)
-            b1 = tl.load(sel + 2 * i + 1)
-            s0 = _fwd_scores(q, K, KD, CNTK, b0, kbase, lane, P, D, MASK_K, TMA, PREC)
-            s1 = _fwd_scores(q, K, KD, CNTK, b1, kbase, lane, P, D, MASK_K, TMA, PREC)
-            m_new = tl.maximum(m_i, tl.maximum(tl.max(s0, 1), tl.max(s1, 1)) * qk_scale)
-            p0 = tl.exp2(s0 * qk_scale - m_new[:, None])
-            p1 = tl.exp2(s1 * qk_scale - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
-            v0 = _tile(V, VD, kbase + b0 * P, P, D, TMA)
-            v1 = _tile(V, VD, kbase + b1 * P, P, D, TMA)
-            acc = tl.dot(p0.to(v0.dtype), v0, acc * alpha[:, None], input_precision=PREC)
-            acc = tl.dot(p1.to(v1.dtype), v1, acc, input_precision=PREC)
-            m_i = m_new
-        start = n // 2 * 2
-    blk_next = tl.load(sel + start, mask=start < n, other=0)  # ids one step ahead (see _dq_kernel)
-    for i in range(start, n):
+    blk_next = tl.load(sel)  # ids one step ahead, so the next tile's copy need not wait on them
+    for i in range(0, n):
         blk = blk_next
         blk_next = tl.load(sel + i + 1, mask=i + 1 < n, other=0)
-        s = _fwd_scores(q, K, KD, CNTK, blk, kbase, lane, P, D, MASK_K, TMA, PREC)
+        k = _tile(K, KD, kbase + blk * P, P, D, TMA)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if MASK_K:
+            s = tl.where(lane[None, :] < tl.load(CNTK + blk), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -127,24 +126,29 @@ def _fwd_kernel(Q, K, V, O, LSE, SEL, NSEL, CNTQ, CNTK, QD, KD, VD,
         v = _tile(V, VD, kbase + blk * P, P, D, TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
-    _store_tile(O, row_q, (acc / l_i[:, None]).to(O.dtype.element_ty), P, D)
+    out = (acc / l_i[:, None]).to(O.dtype.element_ty)
     lse = m_i + tl.log2(l_i)
     if MASK_Q:
-        lse = tl.where(lane < tl.load(CNTQ + qb), lse, float("inf"))
+        real = lane < tl.load(CNTQ + tl.program_id(0))
+        tl.store(_raster_ptrs(O, sob, soh, sos, b, h, rows, D), out, mask=real[:, None])
+        lse = tl.where(real, lse, float("inf"))
+    else:
+        tl.store(_raster_ptrs(O, sob, soh, sos, b, h, rows, D), out)
     tl.store(LSE + row_q + lane, lse)
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, SEL, NSEL, CNTK, QD, KD, VD, OD, DOD,
-               Mq, Mk, KMAX, qk_scale, sm_scale,
-               D: tl.constexpr, P: tl.constexpr, MASK_K: tl.constexpr, TMA: tl.constexpr,
-               PREC: tl.constexpr):
-    qb, row_q, n, sel, kbase = _query_walk(NSEL, SEL, Mq, Mk, KMAX, P)
+def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, SEL, NSEL, GQ, CNTQ, CNTK, KD, VD,
+               sqb, sqh, sqs, sob, soh, sos, sdob, sdoh, sdos, sdqb, sdqh, sdqs,
+               H, Mq, Mk, KMAX, qk_scale, sm_scale,
+               D: tl.constexpr, P: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr,
+               TMA: tl.constexpr, PREC: tl.constexpr):
+    b, h, rows, row_q, n, sel, kbase = _query_walk(NSEL, SEL, GQ, Mq, Mk, KMAX, H, P)
     lane = tl.arange(0, P)
-    q = _tile(Q, QD, row_q, P, D, TMA)
-    o = _tile(O, OD, row_q, P, D, TMA)
-    do = _tile(DO, DOD, row_q, P, D, TMA)
-    lse = tl.load(LSE + row_q + lane)  # +inf on padded rows: their probabilities are 0
+    q = tl.load(_raster_ptrs(Q, sqb, sqh, sqs, b, h, rows, D))
+    o = tl.load(_raster_ptrs(O, sob, soh, sos, b, h, rows, D))
+    do = tl.load(_raster_ptrs(DO, sdob, sdoh, sdos, b, h, rows, D))
+    lse = tl.load(LSE + row_q + lane)  # +inf on padded slots: their probabilities are 0
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + row_q + lane, delta)
     dq = tl.zeros([P, D], tl.float32)
@@ -152,9 +156,8 @@ def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, SEL, NSEL, CNTK, QD, KD, VD, OD, 
     for i in range(0, n):
         blk = blk_next
         blk_next = tl.load(sel + i + 1, mask=i + 1 < n, other=0)
-        row_k = kbase + blk * P
-        k = _tile(K, KD, row_k, P, D, TMA)
-        v = _tile(V, VD, row_k, P, D, TMA)
+        k = _tile(K, KD, kbase + blk * P, P, D, TMA)
+        v = _tile(V, VD, kbase + blk * P, P, D, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         p = tl.exp2(s * qk_scale - lse[:, None])
         if MASK_K:
@@ -162,19 +165,26 @@ def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, SEL, NSEL, CNTK, QD, KD, VD, OD, 
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
-    _store_tile(DQ, row_q, (dq * sm_scale).to(DQ.dtype.element_ty), P, D)
+    dq = (dq * sm_scale).to(DQ.dtype.element_ty)
+    if MASK_Q:
+        real = lane < tl.load(CNTQ + tl.program_id(0))
+        tl.store(_raster_ptrs(DQ, sdqb, sdqh, sdqs, b, h, rows, D), dq, mask=real[:, None])
+    else:
+        tl.store(_raster_ptrs(DQ, sdqb, sdqh, sdqs, b, h, rows, D), dq)
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, OFFS, QIDX, QD, KD, VD, DOD,
-                 Mq, Mk, qk_scale, sm_scale,
-                 D: tl.constexpr, P: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
+def _dkdv_kernel(QB, KB, VB, DOB, DK, DV, LSE, DELTA, ORDER, OFFS, QIDX, GK, CNTK, QD, KD, VD, DOD,
+                 sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
+                 H, Mq, Mk, qk_scale, sm_scale,
+                 D: tl.constexpr, P: tl.constexpr, MASK_K: tl.constexpr, TMA: tl.constexpr,
+                 PREC: tl.constexpr):
     item = tl.load(ORDER + tl.program_id(0))  # = bh * Mk + key block
     bh = item // Mk
+    kblk = item - bh * Mk
     lane = tl.arange(0, P)
-    row_k = item * P
-    k = _tile(K, KD, row_k, P, D, TMA)
-    v = _tile(V, VD, row_k, P, D, TMA)
+    k = _tile(KB, KD, item * P, P, D, TMA)
+    v = _tile(VB, VD, item * P, P, D, TMA)
     start = tl.load(OFFS + item)
     end = tl.load(OFFS + item + 1)
     qbase = bh * Mq * P
@@ -185,18 +195,28 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, OFFS, QIDX, QD, KD, VD,
         qb = qb_next
         qb_next = tl.load(QIDX + j + 1, mask=j + 1 < end, other=0)
         row_q = qbase + qb * P
-        q = _tile(Q, QD, row_q, P, D, TMA)
+        q = _tile(QB, QD, row_q, P, D, TMA)
         lse = tl.load(LSE + row_q + lane)
         st = tl.dot(k, tl.trans(q), input_precision=PREC)  # [keys, queries]
         pt = tl.exp2(st * qk_scale - lse[None, :])
-        do = _tile(DO, DOD, row_q, P, D, TMA)
+        do = _tile(DOB, DOD, row_q, P, D, TMA)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
         delta = tl.load(DELTA + row_q + lane)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC)
-    _store_tile(DK, row_k, (dk * sm_scale).to(DK.dtype.element_ty), P, D)
-    _store_tile(DV, row_k, dv.to(DV.dtype.element_ty), P, D)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = tl.load(GK + kblk * P + lane)
+    dk = (dk * sm_scale).to(DK.dtype.element_ty)
+    dv = dv.to(DV.dtype.element_ty)
+    if MASK_K:  # padded key slots copy a real token: never store them over it
+        real = (lane < tl.load(CNTK + kblk))[:, None]
+        tl.store(_raster_ptrs(DK, sdkb, sdkh, sdks, b, h, rows, D), dk, mask=real)
+        tl.store(_raster_ptrs(DV, sdvb, sdvh, sdvs, b, h, rows, D), dv, mask=real)
+    else:
+        tl.store(_raster_ptrs(DK, sdkb, sdkh, sdks, b, h, rows, D), dk)
+        tl.store(_raster_ptrs(DV, sdvb, sdvh, sdvs, b, h, rows, D), dv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,10 +229,10 @@ def _pow2(n: int) -> int:
 
 @lru_cache(maxsize=64)
 def layout(grid: tuple, chunk: tuple, device_str: str):
-    """Block-major layout of a (T, h, w) grid: ``gather`` [M·P] (the raster token each slot copies;
-    real tokens first in every block, padding slots copy the block's first token), ``scatter`` [S]
-    (the slot of every raster token), ``count`` [M] int32 (real tokens per block) and P (slots per
-    block, a power of two)."""
+    """Block-major layout of a (T, h, w) grid: ``gather`` [M·P] int32 (the raster token each slot
+    holds; real tokens first in every block, padding slots repeat the block's first token),
+    ``count`` [M] int32 (real tokens per block), P (slots per block, a power of two) and whether any
+    block has padding."""
     rows, valid = block_tables(grid, chunk, "cpu")
     M, P0 = rows.shape
     P = _pow2(P0)
@@ -220,36 +240,40 @@ def layout(grid: tuple, chunk: tuple, device_str: str):
     rows, valid = rows.gather(1, order), valid.gather(1, order)
     first = rows[:, :1]
     gather = torch.cat([torch.where(valid, rows, first), first.expand(M, P - P0)], 1)
-    valid = torch.cat([valid, torch.zeros(M, P - P0, dtype=torch.bool)], 1)
-    scatter = torch.empty(math.prod(grid), dtype=torch.long)
-    scatter[gather[valid]] = torch.arange(M * P).view(M, P)[valid]
     count = valid.sum(1, dtype=torch.int32)
     dev = torch.device(device_str)
-    return gather.reshape(-1).to(dev), scatter.to(dev), count.to(dev), P, bool((count < P).any())
+    return gather.reshape(-1).to(torch.int32).to(dev), count.to(dev), P, bool((count < P).any())
 
 
-def to_blocks(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
-    """[B, H, S, D] (any strides) -> contiguous [B, H, M·P, D] in block-major order."""
-    return x.index_select(2, gather)
+def _strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
 
 
-def from_blocks(xb: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
-    """Block-major [B, H, M·P, D] -> raster [B, H, S, D], laid out [B, S, H, D] in memory so the
-    DiT's ``transpose(1, 2).reshape(B, S, H·D)`` after attention is free."""
-    return xb.transpose(1, 2).index_select(1, scatter).transpose(1, 2)
+def _prep(x):
+    # the kernels need unit stride along D only; batch/head/token strides are free
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _use_tma(config, *xs) -> bool:
+def to_blocks(x: torch.Tensor, gather: torch.Tensor, P: int, config=None) -> torch.Tensor:
+    """[B, H, S, D] (any strides, unit stride along D) -> contiguous [B, H, M·P, D] block-major."""
+    B, H, _, D = x.shape
+    M = gather.numel() // P
+    y = torch.empty(B, H, M * P, D, device=x.device, dtype=x.dtype)
+    _gather_kernel[(M, B * H)](x, y, gather, *_strides(x), H, M, D=D, P=P,
+                               num_warps=(config or DEFAULT_CONFIG)["gather"]["num_warps"])
+    return y
+
+
+def _use_tma(config, x) -> bool:
     if not config.get("tma") or TensorDescriptor is None:
         return False
-    x = xs[0]
     if x.device.type == "cuda":
         return torch.cuda.get_device_capability(x.device)[0] >= 9
     return True  # Triton's interpreter emulates the descriptors (tests)
 
 
-def _desc(x2d, P, D, tma):
-    return TensorDescriptor.from_tensor(x2d, [P, D]) if tma else None
+def _desc(x, P, D, tma):
+    return TensorDescriptor.from_tensor(x.view(-1, D), [P, D]) if tma else None
 
 
 def _prec(dtype):
@@ -263,8 +287,8 @@ class BlockedPlan:
         B, H, _, D = q.shape
         dev = str(q.device)
         self.B, self.H, self.D = B, H, D
-        self.gather_q, self.scatter_q, self.count_q, self.pq, self.mask_q = layout(grid_q, chunk_q, dev)
-        self.gather_k, self.scatter_k, self.count_k, self.pk, self.mask_k = layout(grid_k, chunk_k, dev)
+        self.gather_q, self.count_q, self.pq, self.mask_q = layout(grid_q, chunk_q, dev)
+        self.gather_k, self.count_k, self.pk, self.mask_k = layout(grid_k, chunk_k, dev)
         if self.pq != self.pk:
             raise ValueError(f"chunks {chunk_q} and {chunk_k} need the same padded block size")
         self.P = self.pq
@@ -278,6 +302,8 @@ class BlockedPlan:
             if name not in self.config:
                 raise ValueError(f"config {name}: {val}; known: {DEFAULT_CONFIG}")
             if isinstance(val, dict):
+                if set(val) - set(self.config[name]):
+                    raise ValueError(f"config {name}: {val}; known keys: {sorted(self.config[name])}")
                 self.config[name].update(val)
             else:
                 self.config[name] = val
@@ -292,58 +318,63 @@ class BlockedPlan:
         return self._inverse
 
 
-def launch_fwd(plan: BlockedPlan, qb, kb, vb):
-    """Blocked q/k/v [B, H, M·P, D] -> blocked O and the base-2 LSE [B·H·Mq·P] (+inf on padding)."""
-    P, D = plan.P, plan.D
-    ob = torch.empty_like(qb)
-    lse = torch.empty(qb.shape[0] * qb.shape[1] * qb.shape[2], device=qb.device, dtype=torch.float32)
-    tma = _use_tma(plan.config, qb)
-    q2, k2, v2 = (t.view(-1, D) for t in (qb, kb, vb))
+def launch_fwd(plan: BlockedPlan, q, kb, vb):
+    """q [B, H, Sq, D] raster, kb/vb block-major -> O (laid out [B, Sq, H, D], returned as the
+    [B, H, Sq, D] view) and the base-2 LSE per query slot [B·H·Mq·P] (+inf on padding)."""
+    B, H, Sq, D = q.shape
+    P = plan.P
+    o = torch.empty(B, Sq, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty(B * H * plan.mq * P, device=q.device, dtype=torch.float32)
+    tma = _use_tma(plan.config, q)
     cfg = plan.config["fwd"]
-    _fwd_kernel[(plan.mq, plan.B * plan.H)](
-        q2, k2, v2, ob, lse, plan.sel, plan.nsel, plan.count_q, plan.count_k,
-        _desc(q2, P, D, tma), _desc(k2, P, D, tma), _desc(v2, P, D, tma),
-        plan.mq, plan.mk, plan.kmax, plan.sm_scale * _LOG2E,
-        D=D, P=P, MASK_Q=plan.mask_q, MASK_K=plan.mask_k, TMA=tma, PREC=_prec(qb.dtype), PAIR=cfg["pair"],
+    _fwd_kernel[(plan.mq, B * H)](
+        q, kb, vb, o, lse, plan.sel, plan.nsel, plan.gather_q, plan.count_q, plan.count_k,
+        _desc(kb, P, D, tma), _desc(vb, P, D, tma), *_strides(q), *_strides(o),
+        H, plan.mq, plan.mk, plan.kmax, plan.sm_scale * _LOG2E,
+        D=D, P=P, MASK_Q=plan.mask_q, MASK_K=plan.mask_k, TMA=tma, PREC=_prec(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return ob, lse
+    return o, lse
 
 
-def launch_dq(plan: BlockedPlan, qb, kb, vb, ob, dob, lse):
-    P, D = plan.P, plan.D
-    dqb = torch.empty_like(qb)
+def launch_dq(plan: BlockedPlan, q, kb, vb, o, do, lse):
+    """dQ (raster, like q) and delta = rowsum(o·do) per query slot for the dK/dV kernel."""
+    B, H, Sq, D = q.shape
+    P = plan.P
+    dq = torch.empty(B, Sq, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
     delta = torch.empty_like(lse)
-    tma = _use_tma(plan.config, qb)
-    q2, k2, v2, o2, do2 = (t.view(-1, D) for t in (qb, kb, vb, ob, dob))
+    tma = _use_tma(plan.config, q)
     cfg = plan.config["dq"]
-    _dq_kernel[(plan.mq, plan.B * plan.H)](
-        q2, k2, v2, o2, do2, dqb, lse, delta, plan.sel, plan.nsel, plan.count_k,
-        *(_desc(t, P, D, tma) for t in (q2, k2, v2, o2, do2)),
-        plan.mq, plan.mk, plan.kmax, plan.sm_scale * _LOG2E, plan.sm_scale,
-        D=D, P=P, MASK_K=plan.mask_k, TMA=tma, PREC=_prec(qb.dtype),
+    _dq_kernel[(plan.mq, B * H)](
+        q, kb, vb, o, do, dq, lse, delta, plan.sel, plan.nsel, plan.gather_q, plan.count_q, plan.count_k,
+        _desc(kb, P, D, tma), _desc(vb, P, D, tma),
+        *_strides(q), *_strides(o), *_strides(do), *_strides(dq),
+        H, plan.mq, plan.mk, plan.kmax, plan.sm_scale * _LOG2E, plan.sm_scale,
+        D=D, P=P, MASK_Q=plan.mask_q, MASK_K=plan.mask_k, TMA=tma, PREC=_prec(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return dqb, delta
+    return dq, delta
 
 
-def launch_dkdv(plan: BlockedPlan, qb, kb, vb, dob, lse, delta):
-    P, D = plan.P, plan.D
-    dkb, dvb = torch.empty_like(kb), torch.empty_like(vb)
+def launch_dkdv(plan: BlockedPlan, qb, kb, vb, dob, lse, delta, sk):
+    """dK, dV (raster [B, H, Sk, D], laid out [B, Sk, H, D]) from block-major q, k, v, do."""
+    B, H, _, D = kb.shape
+    P = plan.P
+    dk = torch.empty(B, sk, H, D, device=kb.device, dtype=kb.dtype).transpose(1, 2)
+    dv = torch.empty_like(dk)
     order, offs, qidx = plan.inverse()
-    tma = _use_tma(plan.config, qb)
-    q2, k2, v2, do2 = (t.view(-1, D) for t in (qb, kb, vb, dob))
+    tma = _use_tma(plan.config, kb)
     cfg = plan.config["dkdv"]
-    _dkdv_kernel[(plan.B * plan.H * plan.mk,)](
-        q2, k2, v2, do2, dkb, dvb, lse, delta, order, offs, qidx,
-        *(_desc(t, P, D, tma) for t in (q2, k2, v2, do2)),
-        plan.mq, plan.mk, plan.sm_scale * _LOG2E, plan.sm_scale,
-        D=D, P=P, TMA=tma, PREC=_prec(qb.dtype),
+    _dkdv_kernel[(B * H * plan.mk,)](
+        qb, kb, vb, dob, dk, dv, lse, delta, order, offs, qidx, plan.gather_k, plan.count_k,
+        *(_desc(t, P, D, tma) for t in (qb, kb, vb, dob)), *_strides(dk), *_strides(dv),
+        H, plan.mq, plan.mk, plan.sm_scale * _LOG2E, plan.sm_scale,
+        D=D, P=P, MASK_K=plan.mask_k, TMA=tma, PREC=_prec(kb.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return dkb, dvb
+    return dk, dv
 
 
 # The kernels run inside torch custom ops, so torch.compile treats attention as one opaque node (a
 # whole compiled block keeps BSA) and selective activation checkpointing can name it. The forward op
-# also returns the blocked tensors the backward needs; they are not differentiable outputs.
+# also returns the block-major K, V and the LSE the backward needs; they are not differentiable.
 def _plan(q, k, sel, grid_q, grid_k, chunk_q, chunk_k, config):
     return BlockedPlan(q, k, tuple(grid_q), tuple(grid_k), tuple(chunk_q), tuple(chunk_k), sel,
                        json.loads(config) if config else None)
@@ -352,11 +383,12 @@ def _plan(q, k, sel, grid_q, grid_k, chunk_q, chunk_k, config):
 @torch.library.custom_op("longcat_nb::bsa_forward", mutates_args=())
 def _bsa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor, grid_q: list[int],
                  grid_k: list[int], chunk_q: list[int], chunk_k: list[int], config: str
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, sel, grid_q, grid_k, chunk_q, chunk_k, config)
-    qb, kb, vb = to_blocks(q, plan.gather_q), to_blocks(k, plan.gather_k), to_blocks(v, plan.gather_k)
-    ob, lse = launch_fwd(plan, qb, kb, vb)
-    return from_blocks(ob, plan.scatter_q), qb, kb, vb, ob, lse
+    kb = to_blocks(_prep(k), plan.gather_k, plan.P, plan.config)
+    vb = to_blocks(_prep(v), plan.gather_k, plan.P, plan.config)
+    o, lse = launch_fwd(plan, _prep(q), kb, vb)
+    return o, kb, vb, lse
 
 
 @_bsa_forward.register_fake
@@ -364,40 +396,43 @@ def _(q, k, v, sel, grid_q, grid_k, chunk_q, chunk_k, config):
     B, H, Sq, D = q.shape
     P = _pow2(math.prod(chunk_q))
     rq, rk = num_blocks(grid_q, chunk_q) * P, num_blocks(grid_k, chunk_k) * P
-    o = q.new_empty(B, Sq, H, D).transpose(1, 2)
-    return (o, q.new_empty(B, H, rq, D), k.new_empty(B, H, rk, D), v.new_empty(B, H, rk, D),
-            q.new_empty(B, H, rq, D), q.new_empty(B * H * rq, dtype=torch.float32))
+    return (q.new_empty(B, Sq, H, D).transpose(1, 2), k.new_empty(B, H, rk, D), v.new_empty(B, H, rk, D),
+            q.new_empty(B * H * rq, dtype=torch.float32))
 
 
 @torch.library.custom_op("longcat_nb::bsa_backward", mutates_args=())
-def _bsa_backward(do: torch.Tensor, qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, ob: torch.Tensor,
+def _bsa_backward(do: torch.Tensor, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, sel: torch.Tensor, grid_q: list[int], grid_k: list[int], chunk_q: list[int],
                   chunk_k: list[int], config: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = _plan(qb, kb, sel, grid_q, grid_k, chunk_q, chunk_k, config)
-    dob = to_blocks(do, plan.gather_q)
-    dqb, delta = launch_dq(plan, qb, kb, vb, ob, dob, lse)
-    dkb, dvb = launch_dkdv(plan, qb, kb, vb, dob, lse, delta)
-    return tuple(from_blocks(x, s) for x, s in ((dqb, plan.scatter_q), (dkb, plan.scatter_k), (dvb, plan.scatter_k)))
+    plan = _plan(q, kb, sel, grid_q, grid_k, chunk_q, chunk_k, config)
+    q, do = _prep(q), _prep(do)
+    dq, delta = launch_dq(plan, q, kb, vb, o, do, lse)
+    qb = to_blocks(q, plan.gather_q, plan.P, plan.config)
+    dob = to_blocks(do, plan.gather_q, plan.P, plan.config)
+    dk, dv = launch_dkdv(plan, qb, kb, vb, dob, lse, delta, math.prod(grid_k))
+    return dq, dk, dv
 
 
 @_bsa_backward.register_fake
-def _(do, qb, kb, vb, ob, lse, sel, grid_q, grid_k, chunk_q, chunk_k, config):
-    B, H, _, D = qb.shape
-    sq, sk = math.prod(grid_q), math.prod(grid_k)
-    return tuple(x.new_empty(B, s, H, D).transpose(1, 2) for x, s in ((qb, sq), (kb, sk), (vb, sk)))
+def _(do, q, kb, vb, o, lse, sel, grid_q, grid_k, chunk_q, chunk_k, config):
+    B, H, Sq, D = q.shape
+    sk = math.prod(grid_k)
+    return (q.new_empty(B, Sq, H, D).transpose(1, 2), kb.new_empty(B, sk, H, D).transpose(1, 2),
+            vb.new_empty(B, sk, H, D).transpose(1, 2))
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, sel, grid_q, grid_k, chunk_q, chunk_k, config = inputs
-    _, qb, kb, vb, ob, lse = output
-    ctx.mark_non_differentiable(qb, kb, vb, ob, lse)
-    ctx.save_for_backward(qb, kb, vb, ob, lse, sel)
+    q, _, _, sel, grid_q, grid_k, chunk_q, chunk_k, config = inputs
+    o, kb, vb, lse = output
+    ctx.mark_non_differentiable(kb, vb, lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the block-major outputs
+    ctx.save_for_backward(q, kb, vb, o, lse, sel)
     ctx.args = (grid_q, grid_k, chunk_q, chunk_k, config)
 
 
 def _backward(ctx, do, *_unused):
-    qb, kb, vb, ob, lse, sel = ctx.saved_tensors
-    dq, dk, dv = _bsa_backward(do, qb, kb, vb, ob, lse, sel, *ctx.args)
+    q, kb, vb, o, lse, sel = ctx.saved_tensors
+    dq, dk, dv = _bsa_backward(do, q, kb, vb, o, lse, sel, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -408,7 +443,7 @@ def blocked_bsa_attention(q, k, v, grid_q, grid_k, sel, chunk_q=(4, 4, 4), chunk
     """Block-sparse attention of q [B, H, Sq, D] and k/v [B, H, Sk, D] (raster token order, any
     strides) for a fixed selection ``sel`` [B, H, Mq, K] (-1 = no block, only at row ends).
     ``config`` overrides entries of :data:`DEFAULT_CONFIG`. The output is laid out [B, Sq, H, D] in
-    memory (a transposed view is returned)."""
+    memory (a transposed view is returned), so ``o.transpose(1, 2).reshape(B, Sq, H·D)`` is free."""
     D = q.shape[-1]
     if math.prod(grid_q) != q.shape[2] or math.prod(grid_k) != k.shape[2]:
         raise ValueError(f"grids {tuple(grid_q)}, {tuple(grid_k)} do not match Sq={q.shape[2]}, Sk={k.shape[2]}")
