@@ -1,5 +1,6 @@
 """Dataset scan: every problem kind is named with its file and fix; windows, buckets; folder untouched."""
 import hashlib
+from dataclasses import replace
 from fractions import Fraction
 import json
 import shutil
@@ -153,3 +154,76 @@ def test_rotation_is_applied_to_decoded_frames():
     turned = _rotate(frame, 90)  # display matrix says 90° counter-clockwise
     assert turned.shape == (96, 48, 3) and turned[0, 0, 0] == 255
     assert _rotate(frame, 180)[-1, 0, 0] == 255
+
+
+# ---------------------------------------------------------------------------------------------
+# short clips: kept at their own 4k+1 length by default; an empty scan is refused with its cause
+# ---------------------------------------------------------------------------------------------
+SAMPLE_FRAMES = {"green_square_spin": 45, "rain_stripes": 57, "red_ball_bounce": 45, "sunset_gradient": 37}
+
+
+@pytest.mark.parametrize("strategy", ["aspect_ratio", "resolution_frames"])
+def test_default_settings_keep_every_sample_clip_at_its_own_length(strategy):
+    from longcat_nb.ui.dataset_view import summary_rows, summary_title
+
+    s = DatasetSettings(bucket_strategy=strategy)
+    assert (s.num_frames, s.short_clips, s.min_frames) == (93, "keep", 17)
+    rep = scan_dataset(SAMPLES, s)  # 2.5-4 s clips at 15 fps: all shorter than 93 frames (6.2 s)
+    assert not rep.problems and len(rep.records) == 4
+    got = {Path(r["file"]).stem: r for r in rep.records}
+    assert {k: r["num_frames"] for k, r in got.items()} == SAMPLE_FRAMES  # the longest 4k+1 each holds
+    for r in rep.records:
+        assert r["bucket"].endswith(f"@{r['num_frames']}") and (r["num_frames"] - 1) % 4 == 0
+        assert r["frame_indices"] == resample_indices(r["num_frames"], 30.0, 15.0)  # every 2nd source frame
+        assert r["duration_s"] == round(r["num_frames"] / 15.0, 3)
+    assert len(rep.shortened) == 4 and len(rep.buckets()) == 4  # one bucket per (size, frame count)
+    assert "4 clips shorter than num_frames=93" in summary_title(rep)
+    rows = {Path(r["file"]).stem: r for r in summary_rows(rep)}
+    assert rows["sunset_gradient"]["trained frames"] == "37 (shorter than 93)"
+    sunset = got["sunset_gradient"]
+    assert load_sample_frames(sunset).shape == (37, sunset["height"], sunset["width"], 3)
+
+
+def test_drop_keeps_the_old_behaviour_with_a_fix_that_names_keep():
+    rep = scan_dataset(SAMPLES, DatasetSettings(short_clips="drop"))
+    assert not rep.records and [p.kind for p in rep.problems] == ["too short"] * 4
+    sunset = next(p for p in rep.problems if "sunset" in p.file)
+    assert sunset.frames == 37 and "< num_frames=93 (6.20 s)" in sunset.value
+    assert "short_clips='keep'" in sunset.fix and "num_frames (e.g. 37)" in sunset.fix
+
+
+def test_clip_below_min_frames_is_too_short_and_long_clips_are_untouched(tmp_path):
+    write_clip(tmp_path / "blink.mp4", n=20)  # 10 frames at 15 fps: under min_frames=17
+    write_clip(tmp_path / "short.mp4", n=40)  # 20 frames: kept at 17
+    write_clip(tmp_path / "long.mp4", n=80)  # 40 frames: 2 uniform windows of 25
+    for stem in ("blink", "short", "long"):
+        (tmp_path / f"{stem}.txt").write_text(f"A {stem} grey clip.")
+    s = DatasetSettings(num_frames=25, resolution="64x64", extraction="uniform", windows=2)
+    rep = scan_dataset(tmp_path, s)
+    [p] = rep.problems
+    assert (Path(p.file).name, p.kind, p.frames) == ("blink.mp4", "too short", 10)
+    assert "< min_frames=17 (1.13 s)" in p.value and "lower min_frames (e.g. 9)" in p.fix
+    by = {}
+    for r in rep.records:
+        by.setdefault(Path(r["file"]).stem, []).append(r)
+    assert [r["num_frames"] for r in by["short"]] == [17]  # one window: no near-copies of a short clip
+    assert [(r["num_frames"], r["window_start"]) for r in by["long"]] == [(25, 0), (25, 15)]
+    assert [Path(f["file"]).stem for f in rep.shortened] == ["short"]
+    assert {Path(r["file"]).stem for r in scan_dataset(tmp_path, replace(s, min_frames=9)).records} == \
+        {"blink", "short", "long"}
+    with pytest.raises(BucketError, match="min_frames=16: the VAE needs 4k\\+1 frames; use 13 or 17"):
+        scan_dataset(tmp_path, replace(s, min_frames=16))
+    with pytest.raises(BucketError, match="short_clips='sometimes': use keep"):
+        scan_dataset(tmp_path, replace(s, short_clips="sometimes"))
+
+
+def test_resolution_frames_windows_have_the_bucket_frame_count(tmp_path):
+    """frame_interval=8 rounds 13 frames down to a bucket of 9: the window must be 9 frames too, or
+    one bucket would hold latents of two lengths and the trainer could not stack them."""
+    write_clip(tmp_path / "a.mp4", n=60)
+    (tmp_path / "a.txt").write_text("A grey clip.")
+    rep = scan_dataset(tmp_path, DatasetSettings(num_frames=13, resolution="64x64", frame_interval=8,
+                                                 bucket_strategy="resolution_frames"))
+    [r] = rep.records
+    assert r["bucket"].endswith("@9") and r["num_frames"] == 9 and len(r["frame_indices"]) == 9
+    assert not rep.shortened  # the clip is long enough: the bucket rounding is not a short clip

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..io import atomic_write_text, sha256_file
-from .buckets import BucketError, aspect_buckets, assign_bucket, check_frames, crop_loss, parse_resolution
+from .buckets import (BucketError, aspect_buckets, assign_bucket, check_frames, check_short_clips, crop_loss,
+                      parse_resolution, train_frames)
 from .video import IMAGE_EXTS, VIDEO_EXTS, VideoError, load_image, probe, resample_indices, resampled_count, window_starts
 
 MAX_TOKENS = 512
@@ -29,6 +30,7 @@ class Problem:
     kind: str
     value: str
     fix: str
+    frames: Optional[int] = None  # "too short": the frames the clip has at target_fps
 
     def __str__(self) -> str:
         return f"{self.file}: {self.kind} ({self.value}) -> {self.fix}"
@@ -53,6 +55,11 @@ class ScanReport:
 
     def buckets(self) -> Counter:
         return Counter(r["bucket"] for r in self.records)
+
+    @property
+    def shortened(self) -> list[dict]:
+        """The clips shorter than num_frames kept at a shorter 4k+1 length (short_clips=keep)."""
+        return [f for f in self.files if f.get("shortened")]
 
 
 def _read_caption(path: Path) -> tuple[Optional[str], Optional[Problem]]:
@@ -129,6 +136,7 @@ def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None) -> ScanRe
     try:
         parse_resolution(settings.resolution)
         check_frames(settings.num_frames)
+        check_short_clips(settings)
     except BucketError as e:
         raise BucketError(f"dataset settings: {e}") from None
     if settings.target_fps <= 0:
@@ -194,21 +202,37 @@ def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None) -> ScanRe
             report.problems.append(Problem(rel, "variable frame rate", f"average {info.fps:.2f} fps",
                                            "re-encode at a constant rate, e.g. ffmpeg -i in.mp4 -r 30 out.mp4 (used with nearest-frame resampling meanwhile)"))
         available = resampled_count(info.frame_count, info.fps, settings.target_fps)
-        frames = settings.num_frames
-        if available < frames and settings.bucket_strategy == "resolution_frames" and available >= 5:
-            frames = 1 + (available - 1) // 4 * 4
-        starts = window_starts(available, frames, settings.extraction, settings.windows, settings.stride)
-        if not starts:
-            need = frames / settings.target_fps
-            report.problems.append(Problem(
-                rel, "too short", f"{available} frames at {settings.target_fps:g} fps ({info.duration:.2f} s) < {frames} ({need:.2f} s)",
-                f"use a longer clip, lower num_frames (e.g. {max(1, (available - 1) // 4 * 4 + 1)}) or lower target_fps"))
+        frames = train_frames(available, settings)
+        if frames is None:
+            report.problems.append(_too_short(rel, available, info.duration, settings))
             continue
+        # the bucket may round the count down further (resolution_frames with frame_interval > 4):
+        # windows are cut at the bucket's count so every latent in a bucket has one shape
         b = assign_bucket(info.height, info.width, frames, settings, buckets)
+        shortened = frames < settings.num_frames  # the clip's own length, not the bucket's rounding
+        fdict.update(train_frames=b.frames, shortened=shortened)
+        # a shortened clip has under 4 frames to spare: one window, not near-copies of it
+        starts = [0] if shortened else window_starts(available, b.frames, settings.extraction, settings.windows,
+                                                     settings.stride)
         for k, start in enumerate(starts):
-            idx = resample_indices(frames, info.fps, settings.target_fps, start)
+            idx = resample_indices(b.frames, info.fps, settings.target_fps, start)
             report.records.append(_record(e, caption, b, idx, info, start, k, n_tokens, info.height, info.width, settings))
     return report
+
+
+def _too_short(rel: str, available: int, duration: float, settings) -> Problem:
+    fps = settings.target_fps
+    fit = max(1, (available - 1) // 4 * 4 + 1)  # the longest 4k+1 count the clip holds
+    if settings.short_clips == "keep":
+        need = min(settings.min_frames, settings.num_frames)
+        fix = f"use a longer clip (at least {need / fps:.2f} s) or lower min_frames (e.g. {fit})"
+        what = f"min_frames={need}"
+    else:
+        need = settings.num_frames
+        fix = f"set short_clips='keep' (trains it at {fit} frames), lower num_frames (e.g. {fit}) or use a longer clip"
+        what = f"num_frames={need}"
+    return Problem(rel, "too short", f"{available} frames at {fps:g} fps ({duration:.2f} s) < {what} "
+                                     f"({need / fps:.2f} s)", fix, frames=available)
 
 
 def _record(e: Entry, caption, b, idx, info, start, k, n_tokens, h, w, settings) -> dict:
