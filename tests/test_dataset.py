@@ -227,3 +227,50 @@ def test_resolution_frames_windows_have_the_bucket_frame_count(tmp_path):
     [r] = rep.records
     assert r["bucket"].endswith("@9") and r["num_frames"] == 9 and len(r["frame_indices"]) == 9
     assert not rep.shortened  # the clip is long enough: the bucket rounding is not a short clip
+
+
+def test_empty_scan_is_refused_with_the_cause_and_an_earlier_dataset_is_kept(tmp_path):
+    from longcat_nb.data import EmptyDatasetError, check_samples
+
+    run = tmp_path / "run"
+    good = scan_dataset(SAMPLES, DatasetSettings(num_frames=9, resolution="64x64"))
+    write_dataset_jsonl(run, good)
+    before = (run / "dataset.jsonl").read_bytes()
+    empty = scan_dataset(SAMPLES, DatasetSettings(min_frames=61))  # every sample clip holds 37..60 frames
+    assert not empty.records
+    with pytest.raises(EmptyDatasetError) as err:
+        write_dataset_jsonl(run, empty)
+    msg = str(err.value)
+    assert f"no training samples in {SAMPLES}: 4 file(s) found, none usable" in msg
+    assert "too short (4 files), shortest " in msg and "sunset_gradient.mp4: 37 frames at 15 fps (2.50 s)" in msg
+    assert "lower min_frames (e.g. 37)" in msg
+    assert f"{run / 'dataset.jsonl'} was not overwritten (it keeps its 4 samples from an earlier scan)" in msg
+    assert (run / "dataset.jsonl").read_bytes() == before  # not replaced by an empty file
+    problems = json.loads((run / "dataset_problems.json").read_text())
+    assert [p["kind"] for p in problems] == ["too short"] * 4  # the reasons can be read
+    with pytest.raises(EmptyDatasetError, match="was not written"):
+        check_samples(tmp_path / "fresh", empty)
+    assert not (tmp_path / "fresh" / "dataset.jsonl").exists()
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(EmptyDatasetError, match="0 file\\(s\\) found; put clips .* set dataset_dir"):
+        check_samples(tmp_path / "fresh", scan_dataset(tmp_path / "nothing", DatasetSettings()))
+    check_samples(tmp_path / "fresh", good)  # samples: nothing raised, nothing written
+    assert not (tmp_path / "fresh" / "dataset.jsonl").exists()
+
+
+def test_01_dataset_notebook_stops_at_an_unusable_folder(tmp_path):
+    from papermill.exceptions import PapermillExecutionError
+
+    from longcat_nb.runner import run_notebooks
+
+    data = tmp_path / "clips"
+    data.mkdir()
+    write_clip(data / "blink.mp4", n=12)  # 6 frames at 15 fps
+    (data / "blink.txt").write_text("A blink.")
+    run = tmp_path / "run"
+    with pytest.raises(PapermillExecutionError) as err:
+        run_notebooks(["01_dataset"], run, dict(dataset_dir=str(data), resolution="64x64"), log=lambda *a: None)
+    assert err.value.ename == "EmptyDatasetError" and "blink.mp4: 6 frames at 15 fps" in err.value.evalue
+    assert not (run / "dataset.jsonl").exists() and (run / "dataset_problems.json").exists()
+    text = (run / "executed" / "01_dataset.ipynb").read_text()
+    assert "Problems (nothing in the dataset folder was changed)" in text  # shown before the error

@@ -24,6 +24,10 @@ MAX_TOKENS = 512
 SIDECAR_EXTS = {".txt", ".json", ".jsonl", ".csv", ".md", ".py", ".yaml", ".yml"}
 
 
+class EmptyDatasetError(ValueError):
+    """The scan found no usable training sample; the message says why, grouped by problem kind."""
+
+
 @dataclass
 class Problem:
     file: str
@@ -52,6 +56,8 @@ class ScanReport:
     problems: list = field(default_factory=list)
     files: list = field(default_factory=list)  # one dict per source file with its facts
     settings: dict = field(default_factory=dict)
+    dataset_dir: str = ""
+    found: int = 0  # files found in the folder or listing (samples or not)
 
     def buckets(self) -> Counter:
         return Counter(r["bucket"] for r in self.records)
@@ -143,7 +149,8 @@ def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None) -> ScanRe
         raise BucketError(f"target_fps={settings.target_fps}: must be > 0 (15 for the base stage, 30 for refinement)")
     buckets = aspect_buckets(settings.resolution, getattr(settings, "bucket_grid", 32))
     entries, problems = find_entries(dataset_dir)
-    report = ScanReport(problems=problems, settings=asdict(settings))
+    report = ScanReport(problems=problems, settings=asdict(settings), dataset_dir=str(dataset_dir),
+                        found=len(entries) + len(problems))
     seen_hash: dict = {}
     it = progress(entries, desc="scanning") if progress else entries
     for e in it:
@@ -259,12 +266,65 @@ def _record(e: Entry, caption, b, idx, info, start, k, n_tokens, h, w, settings)
     }
 
 
+def describe_problems(problems: list[Problem]) -> list[str]:
+    """One line per problem kind, most frequent first: how many, an example and its fix. For "too
+    short" the example is the shortest clip, so its fix (a lower min_frames/num_frames) covers them all."""
+    groups: dict[str, list[Problem]] = {}
+    for p in problems:
+        groups.setdefault(p.kind, []).append(p)
+    lines = []
+    for kind, ps in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        label = "e.g."
+        if kind == "too short" and all(p.frames is not None for p in ps):
+            ps, label = sorted(ps, key=lambda p: p.frames), "shortest"
+        n = f"{len(ps)} file{'s' * (len(ps) > 1)}"
+        lines.append(f"{kind} ({n}), {label} {ps[0].file}: {ps[0].value} -> fix: {ps[0].fix}")
+    return lines
+
+
+def _problems_path(run_dir) -> Path:
+    return Path(run_dir) / "dataset_problems.json"
+
+
+def _write_problems(run_dir, report: ScanReport) -> Path:
+    path = _problems_path(run_dir)
+    atomic_write_text(path, json.dumps([asdict(p) for p in report.problems], indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def check_samples(run_dir, report: ScanReport) -> None:
+    """Refuse a scan with no training sample: write ``dataset_problems.json`` (so the reasons can be
+    read), leave ``dataset.jsonl`` as it was, and raise EmptyDatasetError naming the cause."""
+    if report.records:
+        return
+    run_dir = Path(run_dir)
+    problems_path = _write_problems(run_dir, report)
+    where = report.dataset_dir or "the dataset folder"
+    head = f"no training samples in {where}: {report.found} file(s) found"
+    if not report.found:
+        head += (f"; put clips ({', '.join(sorted(VIDEO_EXTS))}) with same-name .txt captions there, "
+                 "or a metadata.jsonl / metadata.csv listing, and set dataset_dir to that folder")
+    lines = [head + (", none usable:" if report.problems else ".")]
+    lines += ["  " + line for line in describe_problems(report.problems)]
+    old = run_dir / "dataset.jsonl"
+    kept = f"{old} was not overwritten (it keeps its {_count_lines(old)} samples from an earlier scan)" \
+        if old.exists() else f"{old} was not written"
+    lines.append(f"{kept}; every problem is listed in {problems_path}. "
+                 "Fix them (or the dataset settings above) and re-run 01_dataset.")
+    raise EmptyDatasetError("\n".join(lines))
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
 def write_dataset_jsonl(run_dir, report: ScanReport) -> Path:
+    """Write ``dataset.jsonl`` and ``dataset_problems.json``; a scan with no sample is refused (check_samples)."""
+    check_samples(run_dir, report)
     path = Path(run_dir) / "dataset.jsonl"
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in report.records)
     atomic_write_text(path, text)
-    atomic_write_text(Path(run_dir) / "dataset_problems.json",
-                      json.dumps([asdict(p) for p in report.problems], indent=2, ensure_ascii=False) + "\n")
+    _write_problems(run_dir, report)
     return path
 
 
