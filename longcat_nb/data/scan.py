@@ -333,3 +333,34 @@ def read_dataset_jsonl(run_dir) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run 01_dataset first")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def saved_problems(run_dir) -> list[Problem]:
+    """The problems 01_dataset recorded in ``dataset_problems.json`` (none when absent or unreadable)."""
+    try:
+        data = json.loads(_problems_path(run_dir).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [Problem(str(d.get("file", "")), str(d.get("kind", "")), str(d.get("value", "")), str(d.get("fix", "")),
+                    d.get("frames")) for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+
+
+def require_samples(run_dir) -> list[dict]:
+    """The records of ``dataset.jsonl`` for the stages after 01; none (or no file) raises with the cause
+    01_dataset recorded in ``dataset_problems.json``."""
+    run_dir = Path(run_dir)
+    path = run_dir / "dataset.jsonl"
+    problems = saved_problems(run_dir)
+    if path.exists():
+        records = read_dataset_jsonl(run_dir)
+        if records:
+            return records
+        head = f"{path} holds no samples"
+    elif _problems_path(run_dir).exists():
+        head = f"{path} does not exist: 01_dataset found no usable sample, so it wrote none"
+    else:
+        raise FileNotFoundError(f"{path} does not exist: run 01_dataset first")
+    lines = [head + (f"; its problems ({_problems_path(run_dir)}):" if problems else "")]
+    lines += ["  " + line for line in describe_problems(problems)]
+    lines.append("Fix them (or the dataset settings) and re-run 01_dataset, then the notebooks after it.")
+    raise EmptyDatasetError("\n".join(lines))
