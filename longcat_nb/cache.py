@@ -355,17 +355,17 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
     overrides ``cache.remove_orphans``. Text encoder first (loaded, used, freed), then the VAE.
     """
     from .checkpoint import pick_device, resolve_checkpoint
-    from .data.scan import read_dataset_jsonl
+    from .data.scan import require_samples
 
     t0 = time.time()
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
     cs = cfg.cache
     _check_settings(cs)
+    records = require_samples(run_dir)  # before any model: an empty dataset names 01's problems
     drop_orphans = cs.remove_orphans if remove_orphans is None else remove_orphans
     folder = resolve_checkpoint(cfg.model.checkpoint)
     dev = pick_device(device or cfg.model.device)
-    records = read_dataset_jsonl(run_dir)
     cache_dir = run_dir / "cache"
     for sub in ("latents", "text"):
         (cache_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -816,6 +816,26 @@ def load_negative(run_dir, dtype: Optional[torch.dtype] = None) -> tuple[torch.T
     return _text_tensors(_load_checked(Path(run_dir) / "cache", m["text"][m["negative"]], True), dtype)
 
 
+def no_entries_cause(run_dir) -> str:
+    """Why a run has no cached sample to train on, traced back to the first stage that came up empty."""
+    from .data.scan import EmptyDatasetError, require_samples
+
+    run_dir = Path(run_dir)
+    try:
+        require_samples(run_dir)
+    except (EmptyDatasetError, FileNotFoundError) as e:
+        return str(e)
+    m = read_manifest(run_dir)
+    if m is None:
+        return f"{_manifest_path(run_dir)} does not exist: run 02_cache first"
+    failed = m.get("failed") or []
+    if failed and not m.get("entries"):
+        first = failed[0]
+        return (f"{run_dir / 'cache'} holds no entries: every sample failed to encode in 02_cache ({len(failed)}; "
+                f"first: {first.get('file')}: {first.get('reason')}); fix them and re-run 02_cache")
+    return f"{run_dir / 'cache'} holds no entries: run 02_cache first"
+
+
 def cache_summary(run_dir) -> list[dict]:
     """One row per bucket (entries, I2V entries, latent shape, size) and a total row, for a table."""
     m = read_manifest(run_dir)
@@ -852,7 +872,7 @@ def decode_check(run_dir, index: int = 0, device: Optional[str] = None) -> dict:
     cfg = load_config(run_dir)
     ds = CachedDataset(run_dir, check_settings=False, allow_partial=True)
     if len(ds) == 0:
-        raise CacheError(f"{run_dir / 'cache'} holds no entries: run 02_cache first")
+        raise CacheError(no_entries_cause(run_dir))
     item, meta = ds[index], ds.entry_meta(index)
     dev = pick_device(device or cfg.model.device)
     vae = load_vae(resolve_checkpoint(cfg.model.checkpoint), dev, cfg.model.vae_dtype)

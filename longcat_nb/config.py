@@ -39,6 +39,13 @@ class DatasetSettings:
     trigger: str = ""  # prepended to every caption when set
     target_fps: float = 15.0
     num_frames: int = 93
+    # A clip shorter than num_frames (after resampling to target_fps): keep = train it at the longest
+    # 4k+1 frame count it has (its bucket WxH@F carries the count, so batches never mix lengths; one
+    # window per such clip) | drop = skip it, reported as "too short".
+    short_clips: str = "keep"
+    # keep only: a clip with fewer frames than this (4k+1; 17 = 1.1 s at 15 fps, under which a clip
+    # shows little motion) is reported as "too short". Never more than num_frames.
+    min_frames: int = 17
     extraction: str = "head"  # head | uniform | slide
     windows: int = 1  # windows per clip for `uniform`
     stride: int = 0  # frames between window starts for `slide` (0 = num_frames)

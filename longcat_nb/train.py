@@ -331,7 +331,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     only rank 0 writes logs, checkpoints and files. ``dataset``/``negative`` replace the cache (for
     benchmarks: any object with the CachedDataset interface, and the (embeds, mask) of "")."""
     from . import distributed
-    from .cache import CachedDataset, load_negative
+    from .cache import CacheError, CachedDataset, load_negative, no_entries_cause, read_manifest
     from .checkpoint import load_dit, pick_device
     from .memory import QUANTIZED, apply_base_precision, apply_block_swap, apply_gradient_checkpointing, compute_dtype
     from .speed import apply_compile, default_sdpa_preference, set_sdpa_preference
@@ -352,9 +352,13 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     if not dist.is_main:
         log = _quiet
     dtype = compute_dtype(s.base_precision, device)
-    dataset = dataset if dataset is not None else CachedDataset(run_dir)
+    if dataset is None:
+        m = read_manifest(run_dir)
+        if m is None or not m.get("entries"):  # say why: often 01_dataset found no usable clip
+            raise CacheError(f"nothing to train on: {no_entries_cause(run_dir)}")
+        dataset = CachedDataset(run_dir)
     if len(dataset) == 0:
-        raise RuntimeError(f"{run_dir}/cache holds no entries: run 02_cache first")
+        raise CacheError(f"nothing to train on: {no_entries_cause(run_dir)}")
     neg_text, neg_mask = negative if negative is not None else load_negative(run_dir)
     validator = Validator(run_dir, cfg, save=dist.is_main) if s.validate_every and s.validation_prompts else None
 

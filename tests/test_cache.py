@@ -308,3 +308,82 @@ def test_02_cache_notebook_headless(tmp_path, tiny_ckpt):
     assert "Cache build" in text and "Cached entries per bucket" in text and "PSNR" in text
     assert "image/gif" in text or "text/html" in text  # the inline side-by-side clips
     assert len(CachedDataset(tmp_path)) == 4 and outs[-1].stat().st_size < 1_000_000
+
+
+def _refused_run(run_dir, ckpt):
+    """A run whose 01_dataset found only clips below min_frames: dataset_problems.json, no dataset.jsonl."""
+    from longcat_nb.data import EmptyDatasetError
+
+    with pytest.raises(EmptyDatasetError):
+        make_run(run_dir, ckpt, num_frames=93, min_frames=61)
+    assert not (run_dir / "dataset.jsonl").exists()
+
+
+def test_an_empty_dataset_is_refused_before_any_model_with_01s_problems(tmp_path, tiny_ckpt):
+    import longcat_nb.train as T
+    from longcat_nb.data import EmptyDatasetError
+
+    run = tmp_path / "run"
+    _refused_run(run, tiny_ckpt)
+    with pytest.raises(EmptyDatasetError) as err:
+        build_cache(run, **QUIET)
+    msg = str(err.value)
+    assert "dataset.jsonl does not exist: 01_dataset found no usable sample" in msg
+    assert str(run / "dataset_problems.json") in msg and "too short (4 files), shortest" in msg
+    assert "lower min_frames (e.g. 37)" in msg and "re-run 01_dataset" in msg
+    assert not (run / "cache").exists()  # refused before the cache folder, the text encoder or the VAE
+    (run / "dataset.jsonl").write_text("")  # what an older kit wrote for an empty scan
+    with pytest.raises(EmptyDatasetError, match="(?s)dataset.jsonl holds no samples; its problems .*too short"):
+        build_cache(run, **QUIET)
+    # the trainer and the decode check trace "no cache entries" back to the same cause
+    with pytest.raises(CacheError, match="(?s)nothing to train on: .*dataset.jsonl holds no samples.*too short"):
+        T.train(run, log=lambda *a: None)
+    (run / "dataset_problems.json").unlink()
+    (run / "dataset.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="dataset.jsonl does not exist: run 01_dataset first"):
+        build_cache(run, **QUIET)
+
+
+def test_02_cache_notebook_stops_with_01s_problems(tmp_path, tiny_ckpt):
+    from papermill.exceptions import PapermillExecutionError
+
+    from longcat_nb.runner import run_notebooks
+
+    _refused_run(tmp_path, tiny_ckpt)
+    with pytest.raises(PapermillExecutionError) as err:
+        run_notebooks(["02_cache"], tmp_path, {}, log=lambda *a: None)
+    assert err.value.ename == "EmptyDatasetError" and "01_dataset found no usable sample" in err.value.evalue
+    assert "too short" in err.value.evalue and not (tmp_path / "cache").exists()
+
+
+def test_cache_and_train_batches_of_two_frame_counts(tmp_path, tiny_ckpt):
+    """Short clips kept at their own length: 5-frame and 9-frame samples are cached at their own latent
+    length and trained in batches of one bucket each (two short clips share a batch)."""
+    import numpy as np
+
+    import longcat_nb.train as T
+    from longcat_nb.data.video import write_mp4
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(SAMPLES / "green_square_spin.mp4", data)  # 45 frames at 15 fps: 9 with num_frames=9
+    shutil.copy(SAMPLES / "green_square_spin.txt", data)
+    for k, colour in enumerate([(200, 30, 30), (30, 30, 200)]):  # 12 frames at 30 fps: 6 at 15 -> 5
+        frames = np.zeros((12, 64, 64, 3), np.uint8)
+        for i in range(12):
+            frames[i, :, : 4 + 5 * i] = colour
+        write_mp4(data / f"wipe{k}.mp4", frames, fps=30)
+        (data / f"wipe{k}.txt").write_text(f"A colour wipe, take {k}.")
+    run = tmp_path / "run"
+    rep = make_run(run, tiny_ckpt, dataset_dir=str(data), min_frames=5)
+    assert sorted(r["bucket"] for r in rep.records) == ["64x64@5", "64x64@5", "64x64@9"] and not rep.problems
+    res = build_cache(run, **QUIET)
+    assert res.cached == 3 and not res.failed
+    ds = CachedDataset(run)
+    shapes = {ds[i]["bucket"]: tuple(ds[i]["latents"].shape) for i in range(len(ds))}
+    assert shapes == {"64x64@5": (16, 2, 8, 8), "64x64@9": (16, 3, 8, 8)}  # 1 + (F - 1) / 4 latent frames
+    groups = T.group_by_shape(ds)
+    assert sorted(len(v) for v in groups.values()) == [1, 2]
+    update_section(run, "train", steps=2, rank=4, alpha=4, lr=1e-3, batch_size=2, checkpoint_every=0, seed=0)
+    out = T.train(run, log=lambda *a: None)  # one epoch: the 2-clip batch of 5 frames and the 9-frame one
+    assert out.steps == 2 and all(np.isfinite(out.losses)) and out.lora_path.exists()

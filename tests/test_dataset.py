@@ -1,5 +1,6 @@
 """Dataset scan: every problem kind is named with its file and fix; windows, buckets; folder untouched."""
 import hashlib
+from dataclasses import replace
 from fractions import Fraction
 import json
 import shutil
@@ -153,3 +154,123 @@ def test_rotation_is_applied_to_decoded_frames():
     turned = _rotate(frame, 90)  # display matrix says 90° counter-clockwise
     assert turned.shape == (96, 48, 3) and turned[0, 0, 0] == 255
     assert _rotate(frame, 180)[-1, 0, 0] == 255
+
+
+# ---------------------------------------------------------------------------------------------
+# short clips: kept at their own 4k+1 length by default; an empty scan is refused with its cause
+# ---------------------------------------------------------------------------------------------
+SAMPLE_FRAMES = {"green_square_spin": 45, "rain_stripes": 57, "red_ball_bounce": 45, "sunset_gradient": 37}
+
+
+@pytest.mark.parametrize("strategy", ["aspect_ratio", "resolution_frames"])
+def test_default_settings_keep_every_sample_clip_at_its_own_length(strategy):
+    from longcat_nb.ui.dataset_view import summary_rows, summary_title
+
+    s = DatasetSettings(bucket_strategy=strategy)
+    assert (s.num_frames, s.short_clips, s.min_frames) == (93, "keep", 17)
+    rep = scan_dataset(SAMPLES, s)  # 2.5-4 s clips at 15 fps: all shorter than 93 frames (6.2 s)
+    assert not rep.problems and len(rep.records) == 4
+    got = {Path(r["file"]).stem: r for r in rep.records}
+    assert {k: r["num_frames"] for k, r in got.items()} == SAMPLE_FRAMES  # the longest 4k+1 each holds
+    for r in rep.records:
+        assert r["bucket"].endswith(f"@{r['num_frames']}") and (r["num_frames"] - 1) % 4 == 0
+        assert r["frame_indices"] == resample_indices(r["num_frames"], 30.0, 15.0)  # every 2nd source frame
+        assert r["duration_s"] == round(r["num_frames"] / 15.0, 3)
+    assert len(rep.shortened) == 4 and len(rep.buckets()) == 4  # one bucket per (size, frame count)
+    assert "4 clips shorter than num_frames=93" in summary_title(rep)
+    rows = {Path(r["file"]).stem: r for r in summary_rows(rep)}
+    assert rows["sunset_gradient"]["trained frames"] == "37 (shorter than 93)"
+    sunset = got["sunset_gradient"]
+    assert load_sample_frames(sunset).shape == (37, sunset["height"], sunset["width"], 3)
+
+
+def test_drop_keeps_the_old_behaviour_with_a_fix_that_names_keep():
+    rep = scan_dataset(SAMPLES, DatasetSettings(short_clips="drop"))
+    assert not rep.records and [p.kind for p in rep.problems] == ["too short"] * 4
+    sunset = next(p for p in rep.problems if "sunset" in p.file)
+    assert sunset.frames == 37 and "< num_frames=93 (6.20 s)" in sunset.value
+    assert "short_clips='keep'" in sunset.fix and "num_frames (e.g. 37)" in sunset.fix
+
+
+def test_clip_below_min_frames_is_too_short_and_long_clips_are_untouched(tmp_path):
+    write_clip(tmp_path / "blink.mp4", n=20)  # 10 frames at 15 fps: under min_frames=17
+    write_clip(tmp_path / "short.mp4", n=40)  # 20 frames: kept at 17
+    write_clip(tmp_path / "long.mp4", n=80)  # 40 frames: 2 uniform windows of 25
+    for stem in ("blink", "short", "long"):
+        (tmp_path / f"{stem}.txt").write_text(f"A {stem} grey clip.")
+    s = DatasetSettings(num_frames=25, resolution="64x64", extraction="uniform", windows=2)
+    rep = scan_dataset(tmp_path, s)
+    [p] = rep.problems
+    assert (Path(p.file).name, p.kind, p.frames) == ("blink.mp4", "too short", 10)
+    assert "< min_frames=17 (1.13 s)" in p.value and "lower min_frames (e.g. 9)" in p.fix
+    by = {}
+    for r in rep.records:
+        by.setdefault(Path(r["file"]).stem, []).append(r)
+    assert [r["num_frames"] for r in by["short"]] == [17]  # one window: no near-copies of a short clip
+    assert [(r["num_frames"], r["window_start"]) for r in by["long"]] == [(25, 0), (25, 15)]
+    assert [Path(f["file"]).stem for f in rep.shortened] == ["short"]
+    assert {Path(r["file"]).stem for r in scan_dataset(tmp_path, replace(s, min_frames=9)).records} == \
+        {"blink", "short", "long"}
+    with pytest.raises(BucketError, match="min_frames=16: the VAE needs 4k\\+1 frames; use 13 or 17"):
+        scan_dataset(tmp_path, replace(s, min_frames=16))
+    with pytest.raises(BucketError, match="short_clips='sometimes': use keep"):
+        scan_dataset(tmp_path, replace(s, short_clips="sometimes"))
+
+
+def test_resolution_frames_windows_have_the_bucket_frame_count(tmp_path):
+    """frame_interval=8 rounds 13 frames down to a bucket of 9: the window must be 9 frames too, or
+    one bucket would hold latents of two lengths and the trainer could not stack them."""
+    write_clip(tmp_path / "a.mp4", n=60)
+    (tmp_path / "a.txt").write_text("A grey clip.")
+    rep = scan_dataset(tmp_path, DatasetSettings(num_frames=13, resolution="64x64", frame_interval=8,
+                                                 bucket_strategy="resolution_frames"))
+    [r] = rep.records
+    assert r["bucket"].endswith("@9") and r["num_frames"] == 9 and len(r["frame_indices"]) == 9
+    assert not rep.shortened  # the clip is long enough: the bucket rounding is not a short clip
+
+
+def test_empty_scan_is_refused_with_the_cause_and_an_earlier_dataset_is_kept(tmp_path):
+    from longcat_nb.data import EmptyDatasetError, check_samples
+
+    run = tmp_path / "run"
+    good = scan_dataset(SAMPLES, DatasetSettings(num_frames=9, resolution="64x64"))
+    write_dataset_jsonl(run, good)
+    before = (run / "dataset.jsonl").read_bytes()
+    empty = scan_dataset(SAMPLES, DatasetSettings(min_frames=61))  # every sample clip holds 37..60 frames
+    assert not empty.records
+    with pytest.raises(EmptyDatasetError) as err:
+        write_dataset_jsonl(run, empty)
+    msg = str(err.value)
+    assert f"no training samples in {SAMPLES}: 4 file(s) found, none usable" in msg
+    assert "too short (4 files), shortest " in msg and "sunset_gradient.mp4: 37 frames at 15 fps (2.50 s)" in msg
+    assert "lower min_frames (e.g. 37)" in msg
+    assert f"{run / 'dataset.jsonl'} was not overwritten (it keeps its 4 samples from an earlier scan)" in msg
+    assert (run / "dataset.jsonl").read_bytes() == before  # not replaced by an empty file
+    problems = json.loads((run / "dataset_problems.json").read_text())
+    assert [p["kind"] for p in problems] == ["too short"] * 4  # the reasons can be read
+    with pytest.raises(EmptyDatasetError, match="was not written"):
+        check_samples(tmp_path / "fresh", empty)
+    assert not (tmp_path / "fresh" / "dataset.jsonl").exists()
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(EmptyDatasetError, match="0 file\\(s\\) found; put clips .* set dataset_dir"):
+        check_samples(tmp_path / "fresh", scan_dataset(tmp_path / "nothing", DatasetSettings()))
+    check_samples(tmp_path / "fresh", good)  # samples: nothing raised, nothing written
+    assert not (tmp_path / "fresh" / "dataset.jsonl").exists()
+
+
+def test_01_dataset_notebook_stops_at_an_unusable_folder(tmp_path):
+    from papermill.exceptions import PapermillExecutionError
+
+    from longcat_nb.runner import run_notebooks
+
+    data = tmp_path / "clips"
+    data.mkdir()
+    write_clip(data / "blink.mp4", n=12)  # 6 frames at 15 fps
+    (data / "blink.txt").write_text("A blink.")
+    run = tmp_path / "run"
+    with pytest.raises(PapermillExecutionError) as err:
+        run_notebooks(["01_dataset"], run, dict(dataset_dir=str(data), resolution="64x64"), log=lambda *a: None)
+    assert err.value.ename == "EmptyDatasetError" and "blink.mp4: 6 frames at 15 fps" in err.value.evalue
+    assert not (run / "dataset.jsonl").exists() and (run / "dataset_problems.json").exists()
+    text = (run / "executed" / "01_dataset.ipynb").read_text()
+    assert "Problems (nothing in the dataset folder was changed)" in text  # shown before the error

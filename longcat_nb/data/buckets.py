@@ -5,6 +5,9 @@
   clip goes to the bucket whose aspect ratio is nearest, then is center-cropped to it.
 * ``resolution_frames``: groups ``WxH@F`` from the clip's own size (rounded down to the grid and
   capped at the target area) and frame count (rounded down with ``frame_interval``).
+
+Either way ``F`` is the frame count the sample trains at: num_frames, or less for a clip shorter than
+that (``train_frames``), so the trainer's batches, one bucket each, never mix frame counts.
 """
 from __future__ import annotations
 
@@ -40,11 +43,37 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return h, w
 
 
-def check_frames(num_frames: int) -> int:
+def check_frames(num_frames: int, name: str = "num_frames") -> int:
     if num_frames < 1 or (num_frames - 1) % 4:
         lo = max(1, (num_frames - 1) // 4 * 4 + 1)
-        raise BucketError(f"num_frames={num_frames}: the VAE needs 4k+1 frames; use {lo} or {lo + 4}")
+        raise BucketError(f"{name}={num_frames}: the VAE needs 4k+1 frames; use {lo} or {lo + 4}")
     return num_frames
+
+
+SHORT_CLIPS = ("keep", "drop")
+
+
+def check_short_clips(settings) -> None:
+    """Refuse a short_clips / min_frames pair the scan cannot use."""
+    mode = getattr(settings, "short_clips", "keep")
+    if mode not in SHORT_CLIPS:
+        raise BucketError(f"short_clips={mode!r}: use keep (train short clips at their own length) or drop")
+    check_frames(getattr(settings, "min_frames", 17), "min_frames")
+
+
+def train_frames(available: int, settings) -> int | None:
+    """Frames a clip with ``available`` frames (at target_fps) trains at, or None when too short.
+
+    A clip of at least num_frames gives num_frames. A shorter one gives the longest 4k+1 count it
+    holds when short_clips is keep and that count reaches min_frames (capped at num_frames), else None.
+    """
+    n = settings.num_frames
+    if available >= n:
+        return n
+    if getattr(settings, "short_clips", "keep") != "keep" or available < 1:
+        return None
+    frames = 1 + (available - 1) // 4 * 4
+    return frames if frames >= min(getattr(settings, "min_frames", 17), n) else None
 
 
 def aspect_buckets(resolution: str = "480x832", grid: int = 32, min_ratio: float = 0.25,

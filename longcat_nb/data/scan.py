@@ -15,12 +15,17 @@ from pathlib import Path
 from typing import Optional
 
 from ..io import atomic_write_text, sha256_file
-from .buckets import BucketError, aspect_buckets, assign_bucket, check_frames, crop_loss, parse_resolution
+from .buckets import (BucketError, aspect_buckets, assign_bucket, check_frames, check_short_clips, crop_loss,
+                      parse_resolution, train_frames)
 from .video import IMAGE_EXTS, VIDEO_EXTS, VideoError, load_image, probe, resample_indices, resampled_count, window_starts
 
 MAX_TOKENS = 512
 # Files that may sit in a dataset folder without being samples (listings, notes, scripts).
 SIDECAR_EXTS = {".txt", ".json", ".jsonl", ".csv", ".md", ".py", ".yaml", ".yml"}
+
+
+class EmptyDatasetError(ValueError):
+    """The scan found no usable training sample; the message says why, grouped by problem kind."""
 
 
 @dataclass
@@ -29,6 +34,7 @@ class Problem:
     kind: str
     value: str
     fix: str
+    frames: Optional[int] = None  # "too short": the frames the clip has at target_fps
 
     def __str__(self) -> str:
         return f"{self.file}: {self.kind} ({self.value}) -> {self.fix}"
@@ -50,9 +56,16 @@ class ScanReport:
     problems: list = field(default_factory=list)
     files: list = field(default_factory=list)  # one dict per source file with its facts
     settings: dict = field(default_factory=dict)
+    dataset_dir: str = ""
+    found: int = 0  # files found in the folder or listing (samples or not)
 
     def buckets(self) -> Counter:
         return Counter(r["bucket"] for r in self.records)
+
+    @property
+    def shortened(self) -> list[dict]:
+        """The clips shorter than num_frames kept at a shorter 4k+1 length (short_clips=keep)."""
+        return [f for f in self.files if f.get("shortened")]
 
 
 def _read_caption(path: Path) -> tuple[Optional[str], Optional[Problem]]:
@@ -129,13 +142,15 @@ def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None) -> ScanRe
     try:
         parse_resolution(settings.resolution)
         check_frames(settings.num_frames)
+        check_short_clips(settings)
     except BucketError as e:
         raise BucketError(f"dataset settings: {e}") from None
     if settings.target_fps <= 0:
         raise BucketError(f"target_fps={settings.target_fps}: must be > 0 (15 for the base stage, 30 for refinement)")
     buckets = aspect_buckets(settings.resolution, getattr(settings, "bucket_grid", 32))
     entries, problems = find_entries(dataset_dir)
-    report = ScanReport(problems=problems, settings=asdict(settings))
+    report = ScanReport(problems=problems, settings=asdict(settings), dataset_dir=str(dataset_dir),
+                        found=len(entries) + len(problems))
     seen_hash: dict = {}
     it = progress(entries, desc="scanning") if progress else entries
     for e in it:
@@ -194,21 +209,37 @@ def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None) -> ScanRe
             report.problems.append(Problem(rel, "variable frame rate", f"average {info.fps:.2f} fps",
                                            "re-encode at a constant rate, e.g. ffmpeg -i in.mp4 -r 30 out.mp4 (used with nearest-frame resampling meanwhile)"))
         available = resampled_count(info.frame_count, info.fps, settings.target_fps)
-        frames = settings.num_frames
-        if available < frames and settings.bucket_strategy == "resolution_frames" and available >= 5:
-            frames = 1 + (available - 1) // 4 * 4
-        starts = window_starts(available, frames, settings.extraction, settings.windows, settings.stride)
-        if not starts:
-            need = frames / settings.target_fps
-            report.problems.append(Problem(
-                rel, "too short", f"{available} frames at {settings.target_fps:g} fps ({info.duration:.2f} s) < {frames} ({need:.2f} s)",
-                f"use a longer clip, lower num_frames (e.g. {max(1, (available - 1) // 4 * 4 + 1)}) or lower target_fps"))
+        frames = train_frames(available, settings)
+        if frames is None:
+            report.problems.append(_too_short(rel, available, info.duration, settings))
             continue
+        # the bucket may round the count down further (resolution_frames with frame_interval > 4):
+        # windows are cut at the bucket's count so every latent in a bucket has one shape
         b = assign_bucket(info.height, info.width, frames, settings, buckets)
+        shortened = frames < settings.num_frames  # the clip's own length, not the bucket's rounding
+        fdict.update(train_frames=b.frames, shortened=shortened)
+        # a shortened clip has under 4 frames to spare: one window, not near-copies of it
+        starts = [0] if shortened else window_starts(available, b.frames, settings.extraction, settings.windows,
+                                                     settings.stride)
         for k, start in enumerate(starts):
-            idx = resample_indices(frames, info.fps, settings.target_fps, start)
+            idx = resample_indices(b.frames, info.fps, settings.target_fps, start)
             report.records.append(_record(e, caption, b, idx, info, start, k, n_tokens, info.height, info.width, settings))
     return report
+
+
+def _too_short(rel: str, available: int, duration: float, settings) -> Problem:
+    fps = settings.target_fps
+    fit = max(1, (available - 1) // 4 * 4 + 1)  # the longest 4k+1 count the clip holds
+    if settings.short_clips == "keep":
+        need = min(settings.min_frames, settings.num_frames)
+        fix = f"use a longer clip (at least {need / fps:.2f} s) or lower min_frames (e.g. {fit})"
+        what = f"min_frames={need}"
+    else:
+        need = settings.num_frames
+        fix = f"set short_clips='keep' (trains it at {fit} frames), lower num_frames (e.g. {fit}) or use a longer clip"
+        what = f"num_frames={need}"
+    return Problem(rel, "too short", f"{available} frames at {fps:g} fps ({duration:.2f} s) < {what} "
+                                     f"({need / fps:.2f} s)", fix, frames=available)
 
 
 def _record(e: Entry, caption, b, idx, info, start, k, n_tokens, h, w, settings) -> dict:
@@ -235,12 +266,65 @@ def _record(e: Entry, caption, b, idx, info, start, k, n_tokens, h, w, settings)
     }
 
 
+def describe_problems(problems: list[Problem]) -> list[str]:
+    """One line per problem kind, most frequent first: how many, an example and its fix. For "too
+    short" the example is the shortest clip, so its fix (a lower min_frames/num_frames) covers them all."""
+    groups: dict[str, list[Problem]] = {}
+    for p in problems:
+        groups.setdefault(p.kind, []).append(p)
+    lines = []
+    for kind, ps in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        label = "e.g."
+        if kind == "too short" and all(p.frames is not None for p in ps):
+            ps, label = sorted(ps, key=lambda p: p.frames), "shortest"
+        n = f"{len(ps)} file{'s' * (len(ps) > 1)}"
+        lines.append(f"{kind} ({n}), {label} {ps[0].file}: {ps[0].value} -> fix: {ps[0].fix}")
+    return lines
+
+
+def _problems_path(run_dir) -> Path:
+    return Path(run_dir) / "dataset_problems.json"
+
+
+def _write_problems(run_dir, report: ScanReport) -> Path:
+    path = _problems_path(run_dir)
+    atomic_write_text(path, json.dumps([asdict(p) for p in report.problems], indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def check_samples(run_dir, report: ScanReport) -> None:
+    """Refuse a scan with no training sample: write ``dataset_problems.json`` (so the reasons can be
+    read), leave ``dataset.jsonl`` as it was, and raise EmptyDatasetError naming the cause."""
+    if report.records:
+        return
+    run_dir = Path(run_dir)
+    problems_path = _write_problems(run_dir, report)
+    where = report.dataset_dir or "the dataset folder"
+    head = f"no training samples in {where}: {report.found} file(s) found"
+    if not report.found:
+        head += (f"; put clips ({', '.join(sorted(VIDEO_EXTS))}) with same-name .txt captions there, "
+                 "or a metadata.jsonl / metadata.csv listing, and set dataset_dir to that folder")
+    lines = [head + (", none usable:" if report.problems else ".")]
+    lines += ["  " + line for line in describe_problems(report.problems)]
+    old = run_dir / "dataset.jsonl"
+    kept = f"{old} was not overwritten (it keeps its {_count_lines(old)} samples from an earlier scan)" \
+        if old.exists() else f"{old} was not written"
+    lines.append(f"{kept}; every problem is listed in {problems_path}. "
+                 "Fix them (or the dataset settings above) and re-run 01_dataset.")
+    raise EmptyDatasetError("\n".join(lines))
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
 def write_dataset_jsonl(run_dir, report: ScanReport) -> Path:
+    """Write ``dataset.jsonl`` and ``dataset_problems.json``; a scan with no sample is refused (check_samples)."""
+    check_samples(run_dir, report)
     path = Path(run_dir) / "dataset.jsonl"
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in report.records)
     atomic_write_text(path, text)
-    atomic_write_text(Path(run_dir) / "dataset_problems.json",
-                      json.dumps([asdict(p) for p in report.problems], indent=2, ensure_ascii=False) + "\n")
+    _write_problems(run_dir, report)
     return path
 
 
@@ -249,3 +333,34 @@ def read_dataset_jsonl(run_dir) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run 01_dataset first")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def saved_problems(run_dir) -> list[Problem]:
+    """The problems 01_dataset recorded in ``dataset_problems.json`` (none when absent or unreadable)."""
+    try:
+        data = json.loads(_problems_path(run_dir).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [Problem(str(d.get("file", "")), str(d.get("kind", "")), str(d.get("value", "")), str(d.get("fix", "")),
+                    d.get("frames")) for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+
+
+def require_samples(run_dir) -> list[dict]:
+    """The records of ``dataset.jsonl`` for the stages after 01; none (or no file) raises with the cause
+    01_dataset recorded in ``dataset_problems.json``."""
+    run_dir = Path(run_dir)
+    path = run_dir / "dataset.jsonl"
+    problems = saved_problems(run_dir)
+    if path.exists():
+        records = read_dataset_jsonl(run_dir)
+        if records:
+            return records
+        head = f"{path} holds no samples"
+    elif _problems_path(run_dir).exists():
+        head = f"{path} does not exist: 01_dataset found no usable sample, so it wrote none"
+    else:
+        raise FileNotFoundError(f"{path} does not exist: run 01_dataset first")
+    lines = [head + (f"; its problems ({_problems_path(run_dir)}):" if problems else "")]
+    lines += ["  " + line for line in describe_problems(problems)]
+    lines.append("Fix them (or the dataset settings) and re-run 01_dataset, then the notebooks after it.")
+    raise EmptyDatasetError("\n".join(lines))

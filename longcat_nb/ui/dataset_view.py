@@ -13,13 +13,28 @@ def frame_rate_note(num_frames: int) -> str:
 
 def summary_rows(report) -> list[dict]:
     n_rec = Counter(r["file"] for r in report.records)
+    num_frames = report.settings.get("num_frames")
     rows = []
     for f in report.files:
+        trained = f.get("train_frames", 1 if f.get("kind") == "image" else None)
+        if f.get("shortened"):
+            trained = f"{trained} (shorter than {num_frames})"
         rows.append({"file": f["file"], "size": f"{f['width']}x{f['height']}", "fps": round(f["fps"] or 0, 2),
                      "frames": f["frames"] if "frames" in f else f.get("frame_count"), "seconds": round(f.get("duration", 0), 2),
                      "codec": f.get("codec", "image"), "rotation": f.get("rotation", 0),
-                     "caption tokens": f.get("caption_tokens"), "samples": n_rec.get(f["file"], 0)})
+                     "caption tokens": f.get("caption_tokens"), "trained frames": trained,
+                     "samples": n_rec.get(f["file"], 0)})
     return rows
+
+
+def summary_title(report) -> str:
+    """The scan in one line: files, samples, clips kept shorter than num_frames, problems."""
+    title = f"{len(report.files)} files, {len(report.records)} training samples"
+    if report.shortened:
+        n = len(report.shortened)
+        title += (f" ({n} clip{'s' * (n > 1)} shorter than num_frames={report.settings.get('num_frames')} "
+                  "kept at their own 4k+1 length, bucketed by frame count)")
+    return title + f", {len(report.problems)} problems"
 
 
 def bucket_rows(report) -> list[dict]:
