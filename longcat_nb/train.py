@@ -24,6 +24,7 @@ import torch
 from . import lora as lora_lib
 from .config import TrainSettings, load_config
 from .io import atomic_save_safetensors, atomic_write_json
+from .paths import resolve_path
 
 SHIFT = 12.0
 
@@ -474,11 +475,13 @@ class Validator:
 
         self.run_dir, self.cfg, self.save, s = Path(run_dir), cfg, save, cfg.train
         # checked now, not at the first validation step hours later
-        self.images = [str(x or "") for x in list(s.validation_images) + [""] * len(s.validation_prompts)]
+        given = [str(x or "") for x in list(s.validation_images) + [""] * len(s.validation_prompts)]
+        self.images = [str(resolve_path(x)) if x else "" for x in given]  # relative: under the workspace root
         for i, image in enumerate(self.images[:len(s.validation_prompts)]):
-            if image and not Path(image).expanduser().is_file():
-                raise FileNotFoundError(f"validation_images[{i}] = {image!r} does not exist: give an image file "
-                                        "(png/jpg) for an image-to-video validation prompt, or \"\" for text-to-video")
+            if image and not Path(image).is_file():
+                raise FileNotFoundError(f"validation_images[{i}] = {given[i]!r} does not exist ({image}): give an "
+                                        "image file (png/jpg) for an image-to-video validation prompt, or \"\" for "
+                                        "text-to-video")
         dev = pick_device(cfg.model.device)
         tok = load_tokenizer(cfg.model.checkpoint)
         enc = load_text_encoder(cfg.model.checkpoint, dev)
