@@ -64,3 +64,35 @@ def test_relative_checkpoint_and_dataset_resolve_under_the_root(tmp_path, monkey
     rep = scan_dataset("clips", DatasetSettings(num_frames=9, resolution="64x64"))
     assert rep.records and all(Path(r["file"]).is_absolute() and str(tmp_path / "clips") in r["file"]
                                for r in rep.records)
+
+
+def test_kernel_in_notebooks_and_cli_write_one_run_folder(tmp_path, tiny_ckpt):
+    """00_setup in a kernel started in notebooks/ (as JupyterLab does) with run_dir='runs/same', then the
+    command line from another folder with --run-dir runs/same: one folder (the root is set to tmp_path
+    so the test writes nothing into the checkout)."""
+    import papermill
+
+    from longcat_nb.runner import ensure_kernel
+
+    env_backup = {k: os.environ.get(k) for k in (ROOT_ENV, "PYTHONPATH")}
+    os.environ[ROOT_ENV] = str(tmp_path)
+    os.environ["PYTHONPATH"] = str(REPO)  # the kernel imports this checkout's package, as runner.py arranges
+    try:
+        papermill.execute_notebook(str(REPO / "notebooks" / "00_setup.ipynb"), str(tmp_path / "00.ipynb"),
+                                   parameters={"run_dir": "runs/same", "checkpoint": str(tiny_ckpt)},
+                                   cwd=str(REPO / "notebooks"), kernel_name=ensure_kernel(), progress_bar=False)
+    finally:
+        for k, v in env_backup.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    run = tmp_path / "runs" / "same"
+    assert json.loads((run / "config.json").read_text())["model"]["checkpoint"] == str(tiny_ckpt)
+    assert not (REPO / "notebooks" / "runs" / "same").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, ROOT_ENV: str(tmp_path), "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "longcat_nb", "report", "--run-dir", "runs/same"], cwd=elsewhere,
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(out) == run / "report.html" and (run / "report.html").exists()

@@ -188,3 +188,19 @@ def test_resume_under_another_rank_fails_in_one_line_before_anything_loads(cache
     update_section(run, "train", alpha=16)
     with pytest.raises(T.ResumeMismatch, match="alpha=4.0.*alpha=16.0"):
         T.train(run, log=lambda *a: None)  # train() checks first, instead of failing inside the LoRA load
+
+
+def test_03_rerun_with_another_rank_stops_before_config_is_written(cached, tmp_path):
+    from papermill.exceptions import PapermillExecutionError
+
+    from longcat_nb.runner import run_notebooks
+
+    run = _fresh(cached[0], tmp_path / "nb")
+    update_section(run, "train", steps=2, rank=4, alpha=4, checkpoint_every=2)
+    T.train(run, log=lambda *a: None)
+    before = (run / "config.json").read_text()
+    with pytest.raises(PapermillExecutionError) as e:
+        run_notebooks(["03_train_lora"], run, {"rank": 8, "steps": 3}, log=lambda *a: None)
+    assert e.value.ename == "ResumeMismatch" and "was trained with rank=4" in e.value.evalue
+    assert "this run asks rank=8" in e.value.evalue
+    assert (run / "config.json").read_text() == before  # nothing rewritten
