@@ -98,3 +98,18 @@ def test_notebook_parameters_default_to_the_kit_defaults():
         assert "SettingsForm(" in form_cell and "run_dir = str(resolve_run_dir(run_dir))" in form_cell, stem
         assert re.search(rf'resolve_parameters\(\s*run_dir, "{section}"', form_cell), stem
     assert set(DEMO_PARAMETERS) <= declared_anywhere
+
+
+def test_readme_states_the_kit_defaults_and_current_commands(repo_root):
+    from longcat_nb.config import TrainSettings
+
+    text = (repo_root / "README.md").read_text(encoding="utf-8")
+    stated = re.search(r"Training defaults:\s*(.+?)\.\n", text, re.S).group(1)
+    pairs = dict(re.findall(r"`(\w+)=([^`]+)`", stated))
+    assert len(pairs) >= 5
+    for key, value in pairs.items():
+        assert json.loads(value) == getattr(TrainSettings, key), f"README says {key}={value}, config.py has " \
+                                                                 f"{getattr(TrainSettings, key)!r}"
+    assert "huggingface-cli download" not in text.replace("`huggingface-cli download` no longer", "")
+    assert "hf download meituan-longcat/LongCat-Video" in text
+    assert "python -m longcat_nb kernel" in text and "jupyter lab " in text
