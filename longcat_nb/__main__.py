@@ -28,6 +28,12 @@ def main(argv=None) -> int:
 
     sub.add_parser("env", help="print the environment report as JSON")
 
+    k = sub.add_parser("kernel", help="install the 'Python (longcat-nb)' Jupyter kernel (this Python, with the kit)")
+    k.add_argument("--user", action="store_true",
+                   help="install for your user, for a JupyterLab started from another environment "
+                        "(default: into this environment)")
+    k.add_argument("--prefix", default=None, help="install under this prefix instead (PREFIX/share/jupyter/kernels)")
+
     tr = sub.add_parser("train", help="the 03_train_lora loop from RUN_DIR/config.json; also under "
                                       "`torchrun --nproc_per_node N -m longcat_nb train` (FSDP2)")
     tr.add_argument("--run-dir", required=True)
@@ -38,6 +44,10 @@ def main(argv=None) -> int:
     rp.add_argument("--out", default=None, help="default: RUN_DIR/report.html")
 
     args = ap.parse_args(argv)
+    if getattr(args, "run_dir", None) is not None:
+        from .paths import resolve_run_dir
+
+        args.run_dir = str(resolve_run_dir(args.run_dir))  # relative: the same folder a notebook kernel uses
     if args.cmd in ("run", "demo"):
         from .runner import DEMO_PARAMETERS, parse_parameters, run_notebooks
 
@@ -90,6 +100,16 @@ def main(argv=None) -> int:
         from .report import write_report
 
         print(write_report(args.run_dir, args.out))
+        return 0
+    if args.cmd == "kernel":
+        from .runner import KERNEL_DISPLAY_NAME, install_kernel
+
+        dest = install_kernel(user=args.user, prefix=args.prefix)
+        print(f"installed the Jupyter kernel '{KERNEL_DISPLAY_NAME}' ({sys.executable}) in {dest}")
+        from .runner import NOTEBOOK_DIR
+
+        print(f"start `jupyter lab` in {NOTEBOOK_DIR.parent}, open notebooks/00_setup.ipynb and pick that kernel "
+              "(Kernel > Change Kernel)")
         return 0
     if args.cmd == "env":
         from .envinfo import environment_report

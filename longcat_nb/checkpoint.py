@@ -25,6 +25,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from .models import LongCatVideoTransformer3DModel
+from .paths import resolve_path
 
 PARTS = ("tokenizer", "text_encoder", "vae", "scheduler", "dit")
 HUB_REPO = "meituan-longcat/LongCat-Video"
@@ -91,7 +92,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None = "") -> Path:
         if not (path / "dit" / "config.json").exists():
             build_tiny_checkpoint(path)
         return path
-    path = Path(checkpoint).expanduser()
+    path = resolve_path(checkpoint)  # relative: under the workspace root, as run_dir (paths.py)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist: {GET_REAL}")
     return path

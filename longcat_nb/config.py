@@ -84,7 +84,7 @@ class TrainSettings:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     timestep_sampling: str = "shift"  # shift | logit_normal
-    caption_dropout: float = 0.0
+    caption_dropout: float = 0.05  # share of steps trained on the empty prompt (what CFG contrasts with)
     # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | int8 | int4 | fp8 (weight-only, saves memory) |
     # fp8_rowwise (float8 matmuls: faster on Hopper and newer, bf16-sized weights) | nf4
     base_precision: str = "auto"
@@ -102,7 +102,7 @@ class TrainSettings:
     validation_prompts: list = field(default_factory=list)
     # one per prompt (or fewer): an image path makes that prompt image-to-video, "" keeps it text-to-video
     validation_images: list = field(default_factory=list)
-    validation_steps: int = 40
+    validation_steps: int = 20  # sampling steps of a validation clip (a preview; 04_sample uses 50)
     validation_height: int = 480
     validation_width: int = 832
     validation_frames: int = 93
@@ -111,19 +111,21 @@ class TrainSettings:
 
 @dataclass
 class SampleSettings:
-    # What 04_sample last made (recorded there; the sampler itself takes a SampleRequest).
-    prompt: str = ""
+    # 04_sample's settings as last asked (recorded there; the sampler itself takes a SampleRequest). 0 in
+    # height/width/num_frames/steps/guidance = auto (sample.auto_settings: from the checkpoint and
+    # `distilled`), kept as 0 so a rerun re-derives them; each clip's JSON in samples/ has the values used.
+    prompt: str = "A red ball bounces across a blue floor from left to right, soft shadows."
     negative_prompt: str = ""  # "" with guidance > 1 = the empty negative, as the official pipeline
     mode: str = "t2v"  # t2v | i2v | continuation
     image: str = ""  # i2v conditioning image
     video: str = ""  # continuation input (resampled to fps)
     num_cond_frames: int = 13  # continuation: last k frames (4k+1) -> 1 + (k-1)/4 latents
     resolution: str = ""  # "" = height/width as given; 480p | 720p = official bucket of the image/video
-    height: int = 480
-    width: int = 832
-    num_frames: int = 93
-    steps: int = 50
-    guidance: float = 4.0
+    height: int = 0
+    width: int = 0
+    num_frames: int = 0
+    steps: int = 0
+    guidance: float = 0.0
     seed: int = 0
     fps: int = 15
     distilled: bool = False  # the checkpoint's cfg_step_lora: 16 steps, guidance 1
@@ -255,6 +257,26 @@ def update_section(run_dir: str | os.PathLike, name: str, **values: Any) -> RunC
     setattr(cfg, name, section_from_dict(name, current, str(Path(run_dir) / CONFIG_NAME)))
     save_config(run_dir, cfg)
     return cfg
+
+
+def resolve_parameters(run_dir: str | os.PathLike, name: str, **parameters: Any) -> dict:
+    """The values a notebook's form starts from, for the settings of section ``name``.
+
+    A parameter that is given (papermill ``-p``, or typed into the parameters cell) wins, coerced to
+    the setting's type; one left at ``None`` takes the run's saved value from ``run_dir/config.json``,
+    else the kit default (the dataclass above). So re-running a notebook without parameters keeps
+    what an earlier run set, and the notebooks, the command line and a fresh config share one set of
+    defaults."""
+    if name not in SECTIONS:
+        raise ConfigError(f"unknown section '{name}'; valid sections: {sorted(SECTIONS)}")
+    defaults = SECTIONS[name]()
+    unknown = sorted(k for k in parameters if not hasattr(defaults, k))
+    if unknown:
+        raise ConfigError(f"parameter(s) {unknown} are not settings of section '{name}'; "
+                          f"valid: {sorted(f.name for f in fields(defaults))}")
+    saved = getattr(load_config(run_dir), name)
+    return {k: getattr(saved, k) if v is None else _coerce(v, getattr(defaults, k), f"parameter {k} ({name} settings)")
+            for k, v in parameters.items()}
 
 
 def replace(section: Any, **changes: Any) -> Any:

@@ -532,15 +532,21 @@ def write_report(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = 
 
 def report_link(path: str | os.PathLike):
     """What a notebook displays after writing the report: a clickable link when Jupyter can serve the
-    file (it lies under the notebook's working folder), else the path to open in a browser."""
+    file (it lies under the notebook's working folder, or the kernel and the file are both in the
+    workspace root, e.g. `jupyter lab` started in the checkout and runs/ next to notebooks/), else the
+    path to open in a browser."""
     from IPython.display import HTML, FileLink
+
+    from .paths import workspace_root
 
     path = Path(path)
     try:
         rel = os.path.relpath(path.resolve(), Path.cwd().resolve())
     except ValueError:  # another drive on Windows
         rel = ".."
-    if not rel.startswith(".."):
+    root = workspace_root().resolve()
+    in_root = Path.cwd().resolve().is_relative_to(root) and path.resolve().is_relative_to(root)
+    if not rel.startswith("..") or in_root:
         return FileLink(rel, result_html_prefix="Run report: ")
     return HTML(f"Run report: open <code>{esc(str(path.resolve()))}</code> in a browser "
                 "(it is outside the folder Jupyter serves).")

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from .paths import PACKAGE_PARENT as REPO_ROOT, resolve_run_dir
+
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 SAMPLES_DIR = REPO_ROOT / "data_samples"
 
@@ -74,11 +75,12 @@ def run_notebooks(
     strict: bool = True,
     log=print,
 ) -> list[Path]:
-    """Execute notebooks in order with papermill; returns the executed copies under run_dir/executed."""
+    """Execute notebooks in order with papermill; returns the executed copies under run_dir/executed.
+    A relative run_dir is under the workspace root (paths.py), as in a notebook kernel."""
     import papermill
 
     kernel = ensure_kernel()
-    run_dir = Path(run_dir).resolve()
+    run_dir = resolve_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = [find_notebook(n) for n in notebooks] if notebooks else list_notebooks()
     parameters = dict(parameters or {})
@@ -120,11 +122,24 @@ def run_notebooks(
 
 
 KERNEL_NAME = "longcat-nb"
+KERNEL_DISPLAY_NAME = "Python (longcat-nb)"
+
+
+def install_kernel(user: bool = False, prefix: Optional[str] = None) -> Path:
+    """Install the 'Python (longcat-nb)' kernelspec, which runs exactly this interpreter (the one with the
+    kit and its dependencies). Default: into this environment (sys.prefix), seen by a JupyterLab
+    started from it; ``user=True``: into the user's Jupyter folder, seen by a JupyterLab from any
+    environment. Returns the kernelspec folder."""
+    from ipykernel.kernelspec import install
+
+    dest = install(kernel_name=KERNEL_NAME, display_name=KERNEL_DISPLAY_NAME, user=user,
+                   prefix=None if user else (prefix or sys.prefix))
+    return Path(dest)
 
 
 def ensure_kernel() -> str:
-    """A kernelspec that runs exactly this interpreter, installed into this environment's prefix
-    (a user's own 'python3' kernel may point at another Python without the kit)."""
+    """The kit's kernelspec, installed into this environment's prefix unless one that runs this
+    interpreter is already there (a user's own 'python3' kernel may point at another Python)."""
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
     try:
@@ -133,7 +148,5 @@ def ensure_kernel() -> str:
             return KERNEL_NAME
     except NoSuchKernel:
         pass
-    from ipykernel.kernelspec import install
-
-    install(kernel_name=KERNEL_NAME, display_name="Python (longcat-nb)", prefix=sys.prefix)
+    install_kernel()
     return KERNEL_NAME

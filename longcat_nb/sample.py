@@ -735,6 +735,21 @@ def auto_settings(values: dict, checkpoint: str = "") -> dict:
     return out
 
 
+AUTO_KEYS = ("height", "width", "num_frames", "steps", "guidance")
+
+
+def keep_auto(record: dict, asked: dict, shown: dict, used: dict) -> dict:
+    """The ``sample`` section to save (config.SampleSettings) from ``settings_record``: a value asked as
+    0 (auto), filled in by auto_settings (``shown``) and left as shown in the form (``used``), is saved
+    as 0, so the next run derives it again from its checkpoint and ``distilled`` instead of reusing
+    this run's number. Each clip's JSON in samples/ keeps the value actually used."""
+    out = dict(record)
+    for k in AUTO_KEYS:
+        if k in out and not asked.get(k) and used.get(k) == shown.get(k):
+            out[k] = type(out[k])(0)
+    return out
+
+
 def pick_lora(run_dir, lora_path: str = "") -> Optional[Path]:
     """'' = the newest LoRA trained in run_dir/lora/ (None if there is none); 'none' = no LoRA."""
     from .lora import newest_lora

@@ -22,8 +22,9 @@ from typing import Callable, Optional
 import torch
 
 from . import lora as lora_lib
-from .config import TrainSettings, load_config
+from .config import TrainSettings, load_config, section_from_dict
 from .io import atomic_save_safetensors, atomic_write_json
+from .paths import resolve_path
 
 SHIFT = 12.0
 
@@ -246,6 +247,52 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
+class ResumeMismatch(ValueError):
+    """The run's newest checkpoint was trained with settings this run cannot continue from."""
+
+
+# Settings a checkpoint cannot be resumed under: rank and targets change the LoRA tensors, the optimizer
+# its state (adamw8bit and prodigy keep other tensors than adamw), and alpha the scale alpha/rank that
+# multiplies everything learnt so far (it loads, but the model jumps). Everything else (lr, steps,
+# schedule, batch, seed, precision of the frozen base, dropout, ...) may change between runs.
+RESUME_KEYS = ("rank", "targets", "alpha", "optimizer")
+
+
+def check_resume(run_dir: str | os.PathLike, settings=None) -> Optional[Path]:
+    """Refuse, in one line, settings the newest checkpoint in run_dir/checkpoints cannot resume under.
+
+    ``settings``: the train section about to be used (a TrainSettings or a dict of some of its keys,
+    the rest from config.json); None = config.json as it is. Returns the checkpoint that will be
+    resumed (None = a fresh start). 03_train_lora calls this before it writes config.json, and
+    train() again before it builds anything."""
+    run_dir = Path(run_dir)
+    last = latest_checkpoint(run_dir / "checkpoints")
+    if last is None:
+        return None
+    if settings is None or isinstance(settings, dict):
+        current = asdict(load_config(run_dir).train)
+        current.update(settings or {})
+        settings = section_from_dict("train", current, str(run_dir / "config.json"))
+    try:
+        was = json.loads((last / "state.json").read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, json.JSONDecodeError) as e:
+        raise ResumeMismatch(f"{last / 'state.json'} cannot be read ({e}): delete {last} to resume from the "
+                             "checkpoint before it, or delete checkpoints/ to start over") from None
+    wanted = asdict(settings)
+    same = {"targets": lambda a, b: sorted(lora_lib.expand_targets(a)) == sorted(lora_lib.expand_targets(b)),
+            "alpha": lambda a, b: float(a) == float(b)}
+    diff = [k for k in RESUME_KEYS if k in was and not same.get(k, lambda a, b: a == b)(was[k], wanted[k])]
+    if not diff:
+        return last
+    had = ", ".join(f"{k}={was[k]!r}" for k in diff)
+    asked = ", ".join(f"{k}={wanted[k]!r}" for k in diff)
+    back = " and ".join(f"{k}={was[k]!r}" for k in diff)
+    raise ResumeMismatch(
+        f"{last} was trained with {had}, this run asks {asked}: a checkpoint cannot resume under another "
+        f"{'/'.join(diff)}. Use a new run_dir for the new settings, set {back} to continue this run, or delete "
+        f"{last.parent} to start this run over.")
+
+
 def load_checkpoint(path: Path, model, opt) -> dict:
     from safetensors.torch import load_file
 
@@ -339,6 +386,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
     s = cfg.train
+    check_resume(run_dir, s)  # before anything is loaded: a mismatch is one line, not a shape error
     dist = distributed.init(cfg.model.device)
     device = dist.device if dist.enabled else pick_device(cfg.model.device)
     quantized = s.base_precision in QUANTIZED
@@ -509,11 +557,13 @@ class Validator:
 
         self.run_dir, self.cfg, self.save, s = Path(run_dir), cfg, save, cfg.train
         # checked now, not at the first validation step hours later
-        self.images = [str(x or "") for x in list(s.validation_images) + [""] * len(s.validation_prompts)]
+        given = [str(x or "") for x in list(s.validation_images) + [""] * len(s.validation_prompts)]
+        self.images = [str(resolve_path(x)) if x else "" for x in given]  # relative: under the workspace root
         for i, image in enumerate(self.images[:len(s.validation_prompts)]):
-            if image and not Path(image).expanduser().is_file():
-                raise FileNotFoundError(f"validation_images[{i}] = {image!r} does not exist: give an image file "
-                                        "(png/jpg) for an image-to-video validation prompt, or \"\" for text-to-video")
+            if image and not Path(image).is_file():
+                raise FileNotFoundError(f"validation_images[{i}] = {given[i]!r} does not exist ({image}): give an "
+                                        "image file (png/jpg) for an image-to-video validation prompt, or \"\" for "
+                                        "text-to-video")
         dev = pick_device(cfg.model.device)
         tok = load_tokenizer(cfg.model.checkpoint)
         enc = load_text_encoder(cfg.model.checkpoint, dev)

@@ -238,3 +238,19 @@ def test_first_cell_in_colab_mounts_drive_and_keeps_absolute_run_dirs(tmp_path, 
     assert fake_colab == ["/content/drive"]
     # a relative run_dir (the default "runs/demo") now lands on Drive; an injected absolute one is untouched
     assert Path.cwd() == root and Path("runs/demo").resolve() == root / "runs" / "demo"
+
+
+def test_report_link_is_a_link_for_a_kernel_in_notebooks_and_the_run_in_runs(tmp_path, monkeypatch):
+    """`jupyter lab` started in the checkout: the kernel works in notebooks/, the run lies in runs/ next
+    to it (paths.py); Jupyter serves both, so the report is a link."""
+    from IPython.display import FileLink
+
+    from longcat_nb.paths import ROOT_ENV
+
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    out = write_report(tmp_path / "runs" / "r")
+    monkeypatch.setenv(ROOT_ENV, str(tmp_path))
+    monkeypatch.chdir(tmp_path / "notebooks")
+    link = report_link(out)
+    assert isinstance(link, FileLink) and "../runs/r/report.html" in link._repr_html_()

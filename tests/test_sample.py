@@ -400,3 +400,23 @@ def test_04_sample_headless_with_base_and_lora(tmp_path, tiny_ckpt):
     assert meta["steps"] == 2 and meta["num_frames"] == 5 and meta["loras"][0][0].endswith("lora-step000003.safetensors")
     cfg = load_config(tmp_path)
     assert cfg.sample.steps == 2 and cfg.sample.seed == 7 and cfg.sample.loras[0]["scale"] == 1.0
+
+
+def test_auto_values_stay_auto_in_the_run_config(tmp_path):
+    """04 saves what was asked: a value left at auto is saved as 0, so a rerun with another checkpoint or
+    distilled mode derives it again; a value given (or typed into the form) is saved as it is."""
+    from longcat_nb.config import load_config, resolve_parameters, update_section
+    from longcat_nb.sample import auto_settings, keep_auto, settings_record
+
+    asked = resolve_parameters(tmp_path, "sample", height=None, width=None, num_frames=None, steps=2, guidance=None)
+    assert asked == dict(height=0, width=0, num_frames=0, steps=2, guidance=0.0)  # kit defaults: auto
+    shown = auto_settings(dict(asked, prompt="p"), "")
+    used = dict(shown, width=96)  # the width widget changed by hand
+    req = SampleRequest(prompt="p", height=used["height"], width=used["width"], num_frames=used["num_frames"],
+                        steps=used["steps"], guidance=used["guidance"])
+    update_section(tmp_path, "sample", **keep_auto(settings_record(req), asked, shown, used))
+    s = load_config(tmp_path).sample
+    assert (s.height, s.width, s.num_frames, s.steps, s.guidance) == (0, 96, 0, 2, 0.0)
+    real = auto_settings(resolve_parameters(tmp_path, "sample", height=None, steps=None, guidance=None,
+                                            distilled=True), "/ckpt")
+    assert (real["height"], real["steps"], real["guidance"]) == (480, 2, 1.0)

@@ -168,3 +168,39 @@ def test_validation_prompts_with_an_image_sample_image_to_video(cached, tmp_path
     update_section(run, "train", validation_images=["", "missing.png"])
     with pytest.raises(FileNotFoundError, match=r"validation_images\[1\] = 'missing.png'"):
         T.Validator(run, T.load_config(run))
+
+
+def test_resume_under_another_rank_fails_in_one_line_before_anything_loads(cached, tmp_path):
+    run = _fresh(cached[0], tmp_path / "rank")
+    update_section(run, "train", steps=2, rank=4, alpha=4, checkpoint_every=2, targets=["attn"])
+    T.train(run, log=lambda *a: None)
+    ckpt = run / "checkpoints" / "step-0000002"
+    assert T.check_resume(run) == ckpt
+    # what may change between runs does not stop a resume; the "attn" preset is the same modules as its list
+    assert T.check_resume(run, {"lr": 5e-4, "steps": 4, "base_precision": "fp32", "batch_size": 2,
+                                "targets": T.lora_lib.PRESETS["attn"], "alpha": "4"}) == ckpt
+    with pytest.raises(T.ResumeMismatch) as e:
+        T.check_resume(run, {"rank": 8, "optimizer": "adamw8bit"})
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"{ckpt} was trained with rank=4, optimizer='adamw', this run asks rank=8, optimizer='adamw8bit'" in msg
+    assert "new run_dir" in msg and "set rank=4 and optimizer='adamw'" in msg and f"delete {run / 'checkpoints'}" in msg
+    update_section(run, "train", alpha=16)
+    with pytest.raises(T.ResumeMismatch, match="alpha=4.0.*alpha=16.0"):
+        T.train(run, log=lambda *a: None)  # train() checks first, instead of failing inside the LoRA load
+
+
+def test_03_rerun_with_another_rank_stops_before_config_is_written(cached, tmp_path):
+    from papermill.exceptions import PapermillExecutionError
+
+    from longcat_nb.runner import run_notebooks
+
+    run = _fresh(cached[0], tmp_path / "nb")
+    update_section(run, "train", steps=2, rank=4, alpha=4, checkpoint_every=2)
+    T.train(run, log=lambda *a: None)
+    before = (run / "config.json").read_text()
+    with pytest.raises(PapermillExecutionError) as e:
+        run_notebooks(["03_train_lora"], run, {"rank": 8, "steps": 3}, log=lambda *a: None)
+    assert e.value.ename == "ResumeMismatch" and "was trained with rank=4" in e.value.evalue
+    assert "this run asks rank=8" in e.value.evalue
+    assert (run / "config.json").read_text() == before  # nothing rewritten

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..io import atomic_write_text, sha256_file
+from ..paths import resolve_path
 from .buckets import (BucketError, aspect_buckets, assign_bucket, check_frames, check_short_clips, crop_loss,
                       parse_resolution, train_frames)
 from .video import IMAGE_EXTS, VIDEO_EXTS, VideoError, load_image, probe, resample_indices, resampled_count, window_starts
@@ -137,8 +138,9 @@ def _from_listing(path: Path) -> tuple[list[Entry], list[Problem]]:
 
 
 def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None) -> ScanReport:
-    """Validate every file and cut training windows; ``settings`` is a DatasetSettings."""
-    dataset_dir = Path(dataset_dir)
+    """Validate every file and cut training windows; ``settings`` is a DatasetSettings. A relative
+    ``dataset_dir`` is under the workspace root (paths.py), so records hold absolute paths."""
+    dataset_dir = resolve_path(dataset_dir)
     try:
         parse_resolution(settings.resolution)
         check_frames(settings.num_frames)

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any, Iterable, Optional
 
+from ..config import ConfigError
+
 HEADLESS_ENV = "LONGCAT_NB_HEADLESS"
 
 
@@ -51,9 +53,77 @@ def _widget_for(name: str, value: Any, choices: Optional[list], description: Opt
         return w.IntText(value=value, description=label, style=style, layout=layout)
     if isinstance(value, float):
         return w.FloatText(value=value, description=label, style=style, layout=layout)
-    if isinstance(value, (list, dict)):
+    if isinstance(value, list):
+        return w.Textarea(value=list_to_text(value), description=label, placeholder="one per line",
+                          rows=min(10, max(3, len(value) + 1)), style=style, layout=layout)
+    if isinstance(value, dict):
         return w.Textarea(value=json.dumps(value, ensure_ascii=False), description=label, style=style, layout=layout)
     return w.Text(value=str(value), description=label, style=style, layout=layout)
+
+
+class FormError(ConfigError):
+    """A value typed into a form that the kit cannot read; the message names the setting and the fix."""
+
+
+def _is_json_line(line: str) -> bool:
+    return len(line) >= 2 and (line[0], line[-1]) in (('"', '"'), ("{", "}"), ("[", "]"))
+
+
+def _line(item: Any) -> str:
+    # "" (an entry that must stay, e.g. a text-to-video slot in validation_images) and text that could
+    # read back as something else (JSON-looking ends, edge spaces, a newline) are written as JSON strings
+    if isinstance(item, str):
+        plain = (item and item == item.strip() and "\n" not in item and item[0] not in '"{[' and item[-1] not in '"}]')
+        return item if plain else json.dumps(item, ensure_ascii=False)
+    return json.dumps(item, ensure_ascii=False)
+
+
+def list_to_text(items: list) -> str:
+    """A list setting as the text of its form field: one item per line."""
+    return "\n".join(_line(x) for x in items)
+
+
+def text_to_list(text: str, name: str = "value", title: str = "") -> list:
+    """Read a list setting back from its form field. One item per line, blank lines skipped; a line in
+    JSON form ("", "a quoted text", {"path": "x", "scale": 1}) is read as JSON. A whole text in [...]
+    is read as a JSON list, as the form wrote lists before."""
+    where = f"{title + ': ' if title else ''}setting '{name}'"
+    stripped = text.strip()
+    if _is_json_line(stripped) and stripped[0] == "[":
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise FormError(f"{where}: {stripped[:80]!r} is in [...] but is not a JSON list ({e}); write one item "
+                            "per line, a JSON list such as [\"a\", \"b\"], or put a text that starts with [ in "
+                            "quotes") from None
+        return value
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if _is_json_line(line):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise FormError(f"{where}, line {i}: {line[:80]!r} looks like JSON but is not ({e}); fix the "
+                                "quotes or brackets, or write the item as plain text") from None
+        else:
+            out.append(line)
+    return out
+
+
+def _text_to_dict(text: str, name: str, title: str) -> dict:
+    where = f"{title + ': ' if title else ''}setting '{name}'"
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FormError(f"{where}: not a JSON object ({e}); write it like {{\"key\": \"value\"}}") from None
+    if not isinstance(value, dict):
+        raise FormError(f"{where}: expected a JSON object, got {value!r}")
+    return value
 
 
 class SettingsForm:
@@ -77,8 +147,10 @@ class SettingsForm:
             widget = self.widgets.get(name)
             if widget is None:
                 out[name] = initial
-            elif isinstance(initial, (list, dict)):
-                out[name] = json.loads(widget.value) if widget.value.strip() else type(initial)()
+            elif isinstance(initial, list):
+                out[name] = text_to_list(widget.value, name, self.title)
+            elif isinstance(initial, dict):
+                out[name] = _text_to_dict(widget.value, name, self.title)
             else:
                 out[name] = widget.value
         return out
