@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -30,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .io import atomic_write_json
+from .io import atomic_write, atomic_write_json
 from .resolution import RESOLUTIONS, i2v_bucket, refine_bucket
 from .text import encode_prompts
 from .vae import check_num_frames, check_size, decode_latents, encode_video, set_tiling, to_uint8_frames
@@ -674,14 +672,12 @@ def compare_base_and_lora(components, request: SampleRequest, lora=None, scale: 
 # ---------------------------------------------------------------------------------------------
 def write_video(path, frames: np.ndarray, fps: float) -> Path:
     """H.264 mp4 through mediapy (imageio-ffmpeg's binary when there is no ffmpeg on PATH), written
-    to a temporary name and renamed. Falls back to PyAV when no ffmpeg can be found."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    to a temporary name and renamed (io.atomic_write: the file gets the umask's permissions, not
+    mkstemp's 0600). Falls back to PyAV when no ffmpeg can be found."""
     frames = np.asarray(frames, dtype=np.uint8)
     frames = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]  # yuv420p needs even sizes
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         try:
             import mediapy
 
@@ -690,14 +686,11 @@ def write_video(path, frames: np.ndarray, fps: float) -> Path:
             ensure_ffmpeg()
             mediapy.write_video(tmp, frames, fps=fps, codec="h264", crf=20)
         except (RuntimeError, OSError, ImportError):  # no ffmpeg binary at all: PyAV has its own
-            from .data.video import write_mp4
+            from .data.video import encode_mp4
 
-            write_mp4(tmp, frames, fps)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+            encode_mp4(tmp, frames, fps)
+
+    return atomic_write(path, write, suffix=".mp4")
 
 
 def save_sample(result: SampleResult, run_dir, name: str, fps: Optional[float] = None) -> Path:
