@@ -191,6 +191,7 @@ class Components:
     scheduler: Any = None
     dit: Any = None
     loras: dict = field(default_factory=dict)  # name -> path of official LoRA files in lora/
+    memory: dict = field(default_factory=dict)  # how the DiT was placed (sample.load_sampling_components)
 
 
 def list_checkpoint_loras(folder: Path) -> dict:

@@ -36,6 +36,7 @@ def test_every_file_written_follows_the_umask(tmp_path, tiny_ckpt, monkeypatch):
         update_section(run, "sample", prompt="a red ball")
         res = generate(comps, SampleRequest("a red ball", height=64, width=64, num_frames=5, steps=1), progress=False)
         save_sample(res, run, "001_t2v_seed0_a-red-ball_base")  # mediapy (ffmpeg) + the settings JSON
+        save_sample(res, run, "001_t2v_seed0_a-red-ball_base")  # taken: the -2 copy
         write_mp4(run / "clips" / "pyav.mp4", res.video, 15)  # PyAV
         with monkeypatch.context() as m:  # no ffmpeg binary at all: write_video's PyAV fallback
             m.setattr(ui_video, "ensure_ffmpeg", lambda: (_ for _ in ()).throw(RuntimeError("no ffmpeg")))
@@ -66,7 +67,7 @@ def test_every_file_written_follows_the_umask(tmp_path, tiny_ckpt, monkeypatch):
     assert lock_mode == 0o666 & ~UMASK
     seen = list(_modes(run)) + list(_modes(tmp_path / "ckpt"))
     names = {os.path.relpath(p, tmp_path) for p, _, is_dir in seen if not is_dir}
-    for want in ("run/samples/001_t2v_seed0_a-red-ball_base.mp4", "run/samples/001_t2v_seed0_a-red-ball_base.json",
+    for want in ("run/samples/001_t2v_seed0_a-red-ball_base.mp4", "run/samples/001_t2v_seed0_a-red-ball_base-2.json",
                  "run/clips/pyav.mp4", "run/clips/fallback.mp4", "run/lora/lora-step000001-comfy.safetensors",
                  "run/checkpoints/step-0000001/optimizer.safetensors", "run/report.html", "run/config.json",
                  "ckpt/dit/config.json"):
