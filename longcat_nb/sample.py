@@ -871,7 +871,8 @@ def request_from_values(values: dict, uploaded_image=None) -> SampleRequest:
     )
 
 
-_DTYPE_PRECISION = {"auto": "auto", "": "auto", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+_DTYPE_PRECISION = {"auto": "auto", "": "auto", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32",
+                    "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}  # checkpoint._DTYPES' names
 
 
 def base_precision(precision: str, dit_dtype: str = "auto") -> str:
