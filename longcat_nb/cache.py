@@ -223,7 +223,7 @@ def _build_lock(cache_dir: Path):
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     for _ in range(2):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # os.open's default is 0o777
         except FileExistsError:
             try:
                 owner = json.loads(lock.read_text() or "{}")

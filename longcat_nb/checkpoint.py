@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from .io import set_plain_modes
 from .models import LongCatVideoTransformer3DModel
 from .paths import resolve_path
 
@@ -191,6 +192,7 @@ class Components:
     scheduler: Any = None
     dit: Any = None
     loras: dict = field(default_factory=dict)  # name -> path of official LoRA files in lora/
+    memory: dict = field(default_factory=dict)  # how the DiT was placed (sample.load_sampling_components)
 
 
 def list_checkpoint_loras(folder: Path) -> dict:
@@ -358,6 +360,8 @@ def build_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, overwrite: 
             "Tiny deterministic LongCat-Video checkpoint made by `python -m longcat_nb tiny-checkpoint` "
             f"(seed {seed}). Same layout and classes as {HUB_REPO}; random weights, for tests and demos.\n"
         )
+        # mkdtemp's 0700 folder and safetensors' 0600 files -> what the umask gives a plain write
+        set_plain_modes(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -115,13 +115,17 @@ class SampleSettings:
     # height/width/num_frames/steps/guidance = auto (sample.auto_settings: from the checkpoint and
     # `distilled`), kept as 0 so a rerun re-derives them; each clip's JSON in samples/ has the values used.
     prompt: str = "A red ball bounces across a blue floor from left to right, soft shadows."
-    negative_prompt: str = ""  # "" with guidance > 1 = the empty negative, as the official pipeline
+    # "" with guidance > 1 = the empty negative, as the official pipeline; "official" = the official
+    # demos' negative prompt (text.OFFICIAL_NEGATIVE_PROMPT); any other text as given
+    negative_prompt: str = ""
     mode: str = "t2v"  # t2v | i2v | continuation
     image: str = ""  # i2v conditioning image
     video: str = ""  # continuation input (resampled to fps)
     num_cond_frames: int = 13  # continuation: last k frames (4k+1) -> 1 + (k-1)/4 latents
-    resolution: str = ""  # "" = height/width as given; 480p | 720p = official bucket of the image/video
-    height: int = 0
+    # i2v/continuation with height = width = 0: the official bucket nearest to the input's aspect
+    # ratio, from this table ("" = 480p); the input is center-cropped, never stretched
+    resolution: str = ""
+    height: int = 0  # 0 = auto: 480x832 for t2v, the bucket of the input for i2v/continuation
     width: int = 0
     num_frames: int = 0
     steps: int = 0
@@ -132,6 +136,8 @@ class SampleSettings:
     use_kv_cache: bool = True  # continuation: cache the conditioning tokens' k/v
     enhance_hf: bool = True  # continuation (not distilled): 10 uniform steps below t=500
     offload: str = "none"  # none | model (DiT/VAE/text encoder on the GPU only while used)
+    precision: str = "auto"  # DiT base weights: auto (model.dit_dtype) | bf16 | fp16 | fp32 | int8 | int4 | fp8 | nf4
+    blocks_to_swap: int = 0  # last N DiT blocks' weights in CPU memory, streamed in per block
     loras: list = field(default_factory=list)  # [{"path": ..., "scale": 1.0}]
 
 

@@ -230,6 +230,8 @@ class BlockSwap:
     """
 
     def __init__(self, model: nn.Module, n: int, device: torch.device | str):
+        if block_swap_of(model) is not None:
+            raise ValueError("the model already has a block swap: remove() it before applying another")
         self.device = torch.device(device)
         self.model = model
         self.blocks = list(model.blocks)
@@ -250,6 +252,7 @@ class BlockSwap:
             self.cpu[i] = pairs
             self.handles.append(self.blocks[i].register_forward_pre_hook(self._make_pre(i)))
             self.handles.append(self.blocks[i].register_forward_hook(self._make_post(i)))
+        model._block_swap = self  # found by block_swap_of(); the model's own code never reads it
 
     @staticmethod
     def _frozen(block: nn.Module):
@@ -291,6 +294,11 @@ class BlockSwap:
             t.data = host
         del self.ready[i]
 
+    def release_all(self) -> None:
+        """Back to CPU memory with every fetched block (a pass that failed midway leaves some)."""
+        for i in list(self.ready):
+            self.release(i)
+
     def _neighbour(self, i: int, step: int) -> Optional[int]:
         j = i + step
         return j if j in self.cpu else None
@@ -317,11 +325,48 @@ class BlockSwap:
                 self.release(i)
         return post
 
+    def sync(self) -> None:
+        """Take in the frozen tensors that appeared in the swapped blocks since (e.g. a sampling LoRA
+        injected there, created next to the base weight in CPU memory) and forget the ones that are
+        gone (the LoRA removed again). Call it between forward passes."""
+        self.release_all()
+        for i in self.swapped:
+            known = {id(t): (t, host) for t, host in self.cpu[i]}
+            pairs = []
+            for t in self._frozen(self.blocks[i]):
+                if id(t) not in known:
+                    known[id(t)] = (t, self._to_host(t))
+                    t.data = known[id(t)][1]
+                pairs.append(known[id(t)])
+            self.cpu[i] = pairs
+
+    def move_resident(self, device: torch.device | str) -> None:
+        """Move everything except the swapped blocks' frozen weights (they stay in CPU memory and
+        stream in block by block) to ``device``: the model-level offload of a swapped model."""
+        self.release_all()
+        device = torch.device(device)
+        for i, block in enumerate(self.blocks):
+            if i not in self.cpu:
+                block.to(device)
+                continue
+            managed = {id(t) for t, _ in self.cpu[i]}
+            for t in list(block.parameters()) + list(block.buffers()):
+                if id(t) not in managed:
+                    t.data = t.data.to(device)
+        for child in self.model.children():
+            if child is not self.model.blocks:
+                child.to(device)
+        for t in list(self.model._parameters.values()) + list(self.model._buffers.values()):
+            if t is not None:
+                t.data = t.data.to(device)
+
     def remove(self) -> None:
         """Undo: every block back on the device, hooks removed."""
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        if getattr(self.model, "_block_swap", None) is self:
+            del self.model._block_swap
         for i in self.swapped:
             self.fetch(i)
         if self.device.type == "cuda":
@@ -344,6 +389,40 @@ def apply_block_swap(model: nn.Module, blocks_to_swap: int, device) -> Optional[
         return None
     swap = BlockSwap(model, blocks_to_swap, device)
     logger.info("block swap: %d of %d blocks stream from CPU memory", len(swap.swapped), len(swap.blocks))
+    return swap
+
+
+def block_swap_of(model: nn.Module) -> Optional[BlockSwap]:
+    """The BlockSwap applied to ``model`` (None when there is none)."""
+    return getattr(model, "_block_swap", None)
+
+
+def apply_inference_memory(model: nn.Module, precision: str, blocks_to_swap: int, device: torch.device | str,
+                           home: torch.device | str | None = None,
+                           log: Callable[[str], None] = logger.info) -> Optional[BlockSwap]:
+    """The frozen DiT for sampling, the pieces in the order that keeps the GPU small: base precision
+    (quantized block by block on ``device``), then block swap (the last ``blocks_to_swap`` blocks'
+    weights to pinned CPU memory), then the rest to ``home`` (``device``, or the CPU for the
+    model-level offload, where sampling moves it to ``device`` only while it runs).
+
+    An unquantized model is cast where it was loaded (the CPU) and only its resident part ever
+    reaches the GPU, so bf16 with 24 swapped blocks loads within 24 GiB. LoRAs applied later for a
+    call (lora.apply_loras) land next to their base weights; ``BlockSwap.sync`` takes them in."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"base precision {precision!r}: choose one of {PRECISIONS}")
+    if isinstance(blocks_to_swap, bool) or not isinstance(blocks_to_swap, int) or blocks_to_swap < 0:
+        raise ValueError(f"blocks_to_swap={blocks_to_swap!r}: use a whole number from 0 to the block count")
+    device = torch.device(device)
+    home = torch.device(home) if home is not None else device
+    if precision in QUANTIZED:
+        apply_base_precision(model, precision, device, log=log)
+    else:
+        model.requires_grad_(False).to(dtype=compute_dtype(precision, device))
+    swap = apply_block_swap(model, blocks_to_swap, device)
+    if swap is not None:
+        swap.move_resident(home)
+    else:
+        model.to(home)
     return swap
 
 

@@ -25,6 +25,8 @@ TARGET_SHAPES = {  # (in, out) of each LoRA target
     "ffn.w1": (4096, 11008), "ffn.w2": (11008, 4096), "ffn.w3": (4096, 11008),
     "adaLN_modulation.1": (512, 24576),
 }
+# UMT5-XXL encoder (spec §1.5: d_model 4096, 24 layers, d_ff 10240, vocab 256384), counted [D]
+TEXT_ENCODER_PARAMS = 5_680_910_336
 WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5, "nf4": 0.5,
                 "fp8_rowwise": 1.0}
 QUANTIZED = ("int8", "fp8", "fp8_rowwise", "int4", "nf4")
@@ -74,6 +76,12 @@ def block_bytes(precision: str, train: bool = False) -> float:
         per = WEIGHT_BYTES[precision] * (2 if precision == "fp8_rowwise" and train else 1)  # + transposed copy
         return BIG_LINEAR_PARAMS * per + rest * 2.0
     return BLOCK_PARAMS * WEIGHT_BYTES.get(precision, 2.0)
+
+
+def text_encoder_bytes(precision: str = "bf16") -> float:
+    """Weights of the text encoder on the GPU while the prompts are encoded (sampling only: training
+    reads cached embeddings)."""
+    return TEXT_ENCODER_PARAMS * WEIGHT_BYTES.get(precision, 2.0)
 
 
 def lora_params(rank: int, targets) -> int:

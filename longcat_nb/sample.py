@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -30,9 +28,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .io import atomic_write_json
-from .resolution import RESOLUTIONS, i2v_bucket, refine_bucket
-from .text import encode_prompts
+from .io import atomic_write, atomic_write_json
+from .resolution import RESOLUTIONS, nearest_bucket, refine_bucket
+from .text import encode_prompts, resolve_negative_prompt
 from .vae import check_num_frames, check_size, decode_latents, encode_video, set_tiling, to_uint8_frames
 
 SHIFT = 12.0
@@ -46,6 +44,7 @@ REFINE_LORA = "refinement_lora"
 BASE_FPS = 15  # every official stage-1 clip; refinement doubles it
 DEFAULT_STEPS, DISTILLED_STEPS = 50, 16
 DEFAULT_GUIDANCE = 4.0
+T2V_SIZE = (480, 832)  # the official text-to-video size
 
 
 class SampleError(ValueError):
@@ -147,13 +146,18 @@ def cfg_zero_star(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
 @dataclass
 class SampleRequest:
     prompt: str
-    negative_prompt: Optional[str] = None  # None or "" with guidance > 1: the empty negative prompt
+    # None or "" with guidance > 1: the empty negative prompt (the pipeline's default); "official":
+    # the official demos' one (text.OFFICIAL_NEGATIVE_PROMPT); anything else as given
+    negative_prompt: Optional[str] = None
     mode: str = "t2v"  # t2v | i2v | continuation
     image: Any = None  # i2v: path, uint8 [H, W, 3] array or PIL image
     video: Any = None  # continuation: path (resampled to fps) or uint8 [F, H, W, 3] frames
     num_cond_frames: int = 13  # continuation: the last k (4k+1) frames -> 1 + (k − 1)/4 latents
-    height: int = 480
-    width: int = 832
+    # None: T2V 480x832; I2V/continuation the official bucket of the image/first frame at
+    # ``resolution`` (480p when ""). Both given: that size. The input is center-cropped to the
+    # size's aspect ratio and resized, never stretched.
+    height: Optional[int] = None
+    width: Optional[int] = None
     num_frames: int = 93
     steps: Optional[int] = None  # None: 50, or 16 when distilled
     guidance: Optional[float] = None  # None: 4.0, or 1.0 when distilled; 1 = no guidance
@@ -162,13 +166,14 @@ class SampleRequest:
     use_kv_cache: bool = True  # continuation: cache the conditioning tokens' k/v (official default)
     enhance_hf: Optional[bool] = None  # None: on for continuation unless distilled (official default)
     distilled: bool = False  # the checkpoint's cfg_step_lora, 16-step list, no guidance
-    resolution: str = ""  # "" = height/width as given; 480p | 720p = bucket of the image / first frame
+    resolution: str = ""  # i2v/continuation without height/width: "" or 480p | 720p = the bucket's table
     size_multiple: int = 16  # 16 (official check), 32 or 64 (the 64-px grid that suits BSA)
 
     def resolved(self) -> "SampleRequest":
         """A copy with the mode-dependent defaults filled in."""
         return replace(
             self,
+            negative_prompt=resolve_negative_prompt(self.negative_prompt) or None,
             steps=self.steps if self.steps is not None else (DISTILLED_STEPS if self.distilled else DEFAULT_STEPS),
             guidance=self.guidance if self.guidance is not None else (1.0 if self.distilled else DEFAULT_GUIDANCE),
             enhance_hf=(self.mode == "continuation" and not self.distilled) if self.enhance_hf is None
@@ -191,8 +196,15 @@ class SampleRequest:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
                 raise SampleError(f"{name}={v!r}: must be a whole number")
+        if (self.height is None) != (self.width is None):
+            raise SampleError(f"height={self.height!r}, width={self.width!r}: give both (a size) or neither "
+                              "(480x832 for t2v, the official bucket of the image/video for i2v/continuation)")
+        if self.height is not None and self.resolution and self.mode != "t2v":
+            raise SampleError(f"resolution={self.resolution!r} with height={self.height}, width={self.width}: the "
+                              "bucket picks the size from the input; give either resolution or height/width")
         try:
-            check_size(self.height, self.width, self.size_multiple, "sample size")
+            if self.height is not None:
+                check_size(self.height, self.width, self.size_multiple, "sample size")
             check_num_frames(self.num_frames, "num_frames")
         except ValueError as e:
             raise SampleError(str(e)) from None
@@ -312,12 +324,35 @@ def image_from_upload(value) -> Optional[np.ndarray]:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
+def sample_size(request: SampleRequest, frame_hw=None) -> tuple[int, int]:
+    """(height, width) a request samples at: its own when given; else for I2V/continuation the
+    official bucket nearest to the conditioning frame's aspect ratio (``frame_hw``) at
+    ``request.resolution`` (480p when ""), from the table for its ``size_multiple``; else 480x832."""
+    if request.height is not None and request.width is not None:
+        return int(request.height), int(request.width)
+    if frame_hw is not None and request.mode != "t2v":
+        h, w = (int(v) for v in tuple(frame_hw)[:2])
+        return nearest_bucket(h, w, request.resolution or "480p", request.size_multiple)
+    return T2V_SIZE
+
+
+def center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [F, H, W, 3] cut to the largest centered region with the aspect ratio height:width
+    (what the training data path does before resizing), so a resize never stretches the input."""
+    from .data.video import crop_box
+
+    top, left, ch, cw = crop_box(frames.shape[1], frames.shape[2], height, width, "center")
+    return frames[:, top:top + ch, left:left + cw]
+
+
 def preprocess_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """uint8 [F, H, W, 3] -> [1, 3, F, height, width] in [−1, 1]: diffusers' VideoProcessor as the
-    pipeline uses it (resize without crop, Lanczos, normalize)."""
+    """uint8 [F, H, W, 3] -> [1, 3, F, height, width] in [−1, 1]: center-cropped to the target's
+    aspect ratio, then diffusers' VideoProcessor as the pipeline uses it (Lanczos resize, normalize).
+    The official pipeline resizes without the crop; at its bucket sizes the crop is a few pixels."""
     from diffusers.video_processor import VideoProcessor
     from PIL import Image
 
+    frames = center_crop(frames, height, width)
     vp = VideoProcessor(vae_scale_factor=8)
     return vp.preprocess_video([Image.fromarray(np.ascontiguousarray(f)) for f in frames], height=height, width=width)
 
@@ -353,16 +388,21 @@ def _exec_device(dit, offload: str, device) -> torch.device:
 @contextlib.contextmanager
 def placed(module, device: torch.device, enabled: bool = True):
     """Move ``module`` to ``device`` for the block and back to where it was (offload='model').
-    This is the one place a later memory strategy (e.g. block swap) hooks into."""
+    A block-swapped DiT moves only its resident part: the swapped blocks' weights stay in CPU
+    memory and stream in block by block, as without the offload."""
     if not enabled or module is None or _param_device(module) == device:
         yield module
         return
+    from .memory import block_swap_of
+
+    swap = block_swap_of(module)
+    move = swap.move_resident if swap is not None else module.to
     home = _param_device(module)
-    module.to(device)
+    move(device)
     try:
         yield module
     finally:
-        module.to(home)
+        move(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -391,18 +431,24 @@ def temporary_loras(dit, loras: Sequence[tuple]):
         yield []
         return
     from . import lora as lora_lib
+    from .memory import block_swap_of
 
     grad = {n: p.requires_grad for n, p in dit.named_parameters()}
     before = _active_adapters(dit)
+    swap = block_swap_of(dit)
     with warnings.catch_warnings():  # a second adapter on the same model is what we mean to do
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         names = lora_lib.apply_loras(dit, loras)
     if before:
         _activate(dit, before + names)
     try:
+        if swap is not None:  # the new LoRA weights of swapped blocks stream in with their block
+            swap.sync()
         yield names
     finally:
         lora_lib.remove_loras(dit, names)
+        if swap is not None:
+            swap.sync()
         if before:
             _activate(dit, before)
         for n, p in dit.named_parameters():
@@ -429,6 +475,16 @@ def _activate(model, names: list) -> None:
         m.set_adapter(names)
 
 
+def _memory(components) -> dict:
+    """How the DiT was loaded (precision, blocks_to_swap), for the settings record."""
+    from .memory import block_swap_of
+
+    mem = dict(getattr(components, "memory", None) or {})
+    swap = block_swap_of(components.dit) if components.dit is not None else None
+    mem.setdefault("blocks_to_swap", len(swap.swapped) if swap is not None else 0)
+    return mem
+
+
 def _progress(progress, total: int, desc: str):
     if not progress:
         return None
@@ -439,13 +495,19 @@ def _progress(progress, total: int, desc: str):
     return progress(total=total, desc=desc)
 
 
-def _oom_error(e: Exception, device, height: int, width: int, num_frames: int, guided: bool) -> SampleError:
+def _oom_error(e: Exception, device, height: int, width: int, num_frames: int, guided: bool,
+               memory: Optional[dict] = None) -> SampleError:
     from .planner import PlanSettings, suggest
 
+    memory = memory or {}
+    prec = memory.get("precision", "bf16")
+    prec = "bf16" if prec in ("auto", "fp32", "fp16") else prec
     budget = torch.cuda.get_device_properties(device).total_memory / 2**30 - 1
-    sug = suggest(PlanSettings(mode="sample", height=height, width=width, num_frames=num_frames, cfg=guided), budget)
-    fix = (f"load the DiT with {sug[0]} (memory.apply_block_swap), or sample with offload='model'" if sug
-           else "lower the resolution or the frame count")
+    sug = suggest(PlanSettings(mode="sample", height=height, width=width, num_frames=num_frames, cfg=guided,
+                               precision=prec, blocks_to_swap=int(memory.get("blocks_to_swap", 0))), budget)
+    fix = (f"load the DiT with {sug[0]} (04_sample: blocks_to_swap; load_sampling_components), and/or "
+           "precision='int8', and sample with offload='model'" if sug
+           else "use offload='model', precision='int8', or lower the resolution or the frame count")
     return SampleError(f"out of GPU memory while sampling {height}x{width}x{num_frames}: {fix}")
 
 
@@ -595,7 +657,7 @@ def generate(components, request: SampleRequest, loras: Optional[Sequence[tuple]
                               "or set distilled=False")
         lora_list = [(components.loras[DISTILL_LORA], 1.0)] + lora_list
 
-    # conditioning frames decide the size when a bucket resolution is asked for
+    # the conditioning frames decide the size unless height/width are given (sample_size)
     cond_frames = None
     if req.mode == "i2v":
         cond_frames = load_image_frames(req.image)
@@ -605,9 +667,11 @@ def generate(components, request: SampleRequest, loras: Optional[Sequence[tuple]
             raise SampleError(f"the video has {len(cond_frames)} frames at {req.fps} fps; continuation needs "
                               f"num_cond_frames={req.num_cond_frames}: lower it (4k+1) or give a longer video")
         cond_frames = cond_frames[-req.num_cond_frames:]
-    if req.resolution and cond_frames is not None:
-        req.height, req.width = i2v_bucket(cond_frames.shape[1:3], req.resolution)
-        req.validate()
+    req.height, req.width = sample_size(req, None if cond_frames is None else cond_frames.shape[1:3])
+    try:
+        check_size(req.height, req.width, req.size_multiple, "sample size")
+    except ValueError as e:
+        raise SampleError(str(e)) from None
 
     # text first, so the encoder can leave the GPU before the DiT needs it
     if text is not None:
@@ -638,7 +702,7 @@ def generate(components, request: SampleRequest, loras: Optional[Sequence[tuple]
                 use_kv_cache=req.mode == "continuation" and req.use_kv_cache, offload_kv_cache=offload_kv_cache,
                 progress=progress, callback=callback)
     except torch.cuda.OutOfMemoryError as e:
-        raise _oom_error(e, dev, req.height, req.width, req.num_frames, guided) from e
+        raise _oom_error(e, dev, req.height, req.width, req.num_frames, guided, _memory(components)) from e
 
     with placed(vae, dev, offload == "model"), vae_tiling(vae, vae_tiling_enabled):
         frames = to_uint8_frames(decode_latents(vae, latents))[0]
@@ -647,7 +711,7 @@ def generate(components, request: SampleRequest, loras: Optional[Sequence[tuple]
         image=_describe(req.image), video=_describe(req.video), schedule=schedule,
         num_cond_latents=n_cond, loras=[[str(p), float(s)] for p, s in lora_list],
         timesteps=[round(float(x), 3) for x in timesteps], checkpoint=str(getattr(components, "folder", "")),
-        device=str(dev), dtype=str(dtype).replace("torch.", ""),
+        device=str(dev), dtype=str(dtype).replace("torch.", ""), **_memory(components),
     )
     return SampleResult(video=frames, latents=latents.cpu(), settings=settings, seconds=time.time() - t0)
 
@@ -674,14 +738,12 @@ def compare_base_and_lora(components, request: SampleRequest, lora=None, scale: 
 # ---------------------------------------------------------------------------------------------
 def write_video(path, frames: np.ndarray, fps: float) -> Path:
     """H.264 mp4 through mediapy (imageio-ffmpeg's binary when there is no ffmpeg on PATH), written
-    to a temporary name and renamed. Falls back to PyAV when no ffmpeg can be found."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    to a temporary name and renamed (io.atomic_write: the file gets the umask's permissions, not
+    mkstemp's 0600). Falls back to PyAV when no ffmpeg can be found."""
     frames = np.asarray(frames, dtype=np.uint8)
     frames = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]  # yuv420p needs even sizes
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         try:
             import mediapy
 
@@ -690,19 +752,29 @@ def write_video(path, frames: np.ndarray, fps: float) -> Path:
             ensure_ffmpeg()
             mediapy.write_video(tmp, frames, fps=fps, codec="h264", crf=20)
         except (RuntimeError, OSError, ImportError):  # no ffmpeg binary at all: PyAV has its own
-            from .data.video import write_mp4
+            from .data.video import encode_mp4
 
-            write_mp4(tmp, frames, fps)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+            encode_mp4(tmp, frames, fps)
+
+    return atomic_write(path, write, suffix=".mp4")
+
+
+def _free_name(folder: Path, name: str) -> str:
+    """``name``, or name-2, name-3, ... : the first whose .mp4 and .json are both unused."""
+    taken = lambda n: (folder / f"{n}.mp4").exists() or (folder / f"{n}.json").exists()  # noqa: E731
+    if not taken(name):
+        return name
+    i = 2
+    while taken(f"{name}-{i}"):
+        i += 1
+    return f"{name}-{i}"
 
 
 def save_sample(result: SampleResult, run_dir, name: str, fps: Optional[float] = None) -> Path:
-    """run_dir/samples/<name>.mp4 plus <name>.json with the settings that made it (both atomic)."""
-    out = Path(run_dir) / "samples" / f"{name}.mp4"
+    """run_dir/samples/<name>.mp4 plus <name>.json with the settings that made it (both atomic).
+    Never overwrites: when <name> is taken, <name>-2 (-3, ...) is used for both files."""
+    folder = (Path(run_dir) / "samples" / name).parent
+    out = folder / f"{_free_name(folder, Path(name).name)}.mp4"
     fps = fps or result.fps
     write_video(out, result.video, fps)
     meta = {**result.settings, "fps": fps, "seconds": round(result.seconds, 2), "file": out.name,
@@ -711,23 +783,53 @@ def save_sample(result: SampleResult, run_dir, name: str, fps: Optional[float] =
     return out
 
 
+def prompt_words(prompt: str, words: int = 4, max_chars: int = 32) -> str:
+    """The first few words of a prompt as a file-name part: 'a-red-ball-bounces' (ASCII only)."""
+    import re
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD", prompt or "").encode("ascii", "ignore").decode().lower()
+    return "-".join(re.findall(r"[a-z0-9]+", text)[:words])[:max_chars].strip("-")
+
+
+def sample_stem(run_dir, request: SampleRequest) -> str:
+    """'<NNN>_<mode>_seed<seed>_<first words of the prompt>' for the next group of samples (base,
+    LoRA, their 720p refinements) in run_dir/samples/: NNN is one more than the highest number
+    there, so the files list in the order they were made and no sample overwrites another."""
+    import re
+
+    folder = Path(run_dir) / "samples"
+    used = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else [])
+            if (m := re.match(r"^(\d+)_", p.name))]
+    words = prompt_words(request.prompt)
+    return f"{max(used, default=0) + 1:03d}_{request.mode}_seed{request.seed}" + (f"_{words}" if words else "")
+
+
 # ---------------------------------------------------------------------------------------------
 # notebook helpers
 # ---------------------------------------------------------------------------------------------
 TINY_DEFAULTS = dict(height=64, width=64, num_frames=9, steps=8)
-OFFICIAL_DEFAULTS = dict(height=480, width=832, num_frames=93, steps=DEFAULT_STEPS)
+OFFICIAL_DEFAULTS = dict(height=T2V_SIZE[0], width=T2V_SIZE[1], num_frames=93, steps=DEFAULT_STEPS)
 
 
 def auto_settings(values: dict, checkpoint: str = "") -> dict:
-    """Fill the 0 ('auto') entries of height/width/num_frames/steps/guidance: the official 480x832x93,
-    50 steps (16 distilled), guidance 4 (1 distilled) for a real checkpoint; 64x64x9, 8 steps for
-    the tiny default checkpoint (checkpoint == ''), so a CPU run takes seconds."""
+    """Fill the 0 ('auto') entries of num_frames/steps/guidance: the official 93 frames, 50 steps (16
+    distilled), guidance 4 (1 distilled) for a real checkpoint; 9 frames, 8 steps for the tiny
+    default checkpoint (checkpoint == ''), so a CPU run takes seconds.
+
+    height = width = 0 stay 0 for a real checkpoint: the sampler then takes 480x832 for T2V and,
+    for I2V/continuation, the official bucket nearest to the input's aspect ratio (sample_size),
+    also when an uploaded image turns a T2V request into I2V. The tiny checkpoint gets 64x64
+    unless I2V/continuation asks for a ``bucket``."""
     out = dict(values)
     base = TINY_DEFAULTS if not checkpoint else OFFICIAL_DEFAULTS
     distilled = bool(out.get("distilled"))
-    for k in ("height", "width", "num_frames"):
-        if not out.get(k):
-            out[k] = base[k]
+    if not checkpoint and not (out.get("mode", "t2v") != "t2v" and out.get("bucket")):
+        for k in ("height", "width"):
+            if not out.get(k):
+                out[k] = base[k]
+    if not out.get("num_frames"):
+        out["num_frames"] = base["num_frames"]
     if not out.get("steps"):
         out["steps"] = DISTILLED_STEPS if distilled else base["steps"]
     if not out.get("guidance"):
@@ -766,52 +868,158 @@ def pick_lora(run_dir, lora_path: str = "") -> Optional[Path]:
 
 
 def request_from_values(values: dict, uploaded_image=None) -> SampleRequest:
-    """A SampleRequest from the 04_sample form (``bucket`` is the request's ``resolution``); an
-    uploaded image is used for i2v (and switches a t2v request to i2v)."""
+    """A SampleRequest from the 04_sample form (``bucket`` is the request's ``resolution``, height =
+    width = 0 is 'by the input'); an uploaded image is used for i2v (and switches t2v to i2v)."""
     v = dict(values)
     image = uploaded_image if uploaded_image is not None else (v.get("image") or None)
     mode = v.get("mode", "t2v")
     if uploaded_image is not None and mode == "t2v":
         mode = "i2v"
+    size = [int(v.get(k) or 0) or None for k in ("height", "width")]
     return SampleRequest(
         prompt=v["prompt"], negative_prompt=v.get("negative_prompt") or None, mode=mode, image=image,
         video=v.get("video") or None, num_cond_frames=int(v.get("num_cond_frames", 13)),
-        height=int(v["height"]), width=int(v["width"]), num_frames=int(v["num_frames"]), steps=int(v["steps"]),
+        height=size[0], width=size[1], num_frames=int(v["num_frames"]), steps=int(v["steps"]),
         guidance=float(v["guidance"]), seed=int(v.get("seed", 0)), fps=v.get("fps", BASE_FPS),
         distilled=bool(v.get("distilled", False)), resolution=v.get("bucket", v.get("resolution", "")) or "",
         use_kv_cache=bool(v.get("use_kv_cache", True)),
     )
 
 
-def load_sampling_components(model, offload: str = "none"):
-    """Components for sampling from the run's ``model`` settings (config.ModelSettings). With
-    offload='model' every part is loaded on the CPU in the dtype it will run in on the accelerator
+_DTYPE_PRECISION = {"auto": "auto", "": "auto", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32",
+                    "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}  # checkpoint._DTYPES' names
+
+
+def base_precision(precision: str, dit_dtype: str = "auto") -> str:
+    """memory.PRECISIONS value for the sampling DiT: 'auto' follows the model's ``dit_dtype``."""
+    from .memory import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise SampleError(f"precision={precision!r}: choose one of {PRECISIONS} (int8 fits the DiT in 13 GiB)")
+    if precision != "auto":
+        return precision
+    try:
+        return _DTYPE_PRECISION[str(dit_dtype).lower()]
+    except KeyError:
+        raise SampleError(f"model dit_dtype={dit_dtype!r}: use auto, bfloat16, float16 or float32") from None
+
+
+def load_sampling_components(model, offload: str = "none", precision: str = "auto", blocks_to_swap: int = 0):
+    """Components for sampling from the run's ``model`` settings (config.ModelSettings).
+
+    offload='model': every part is loaded on the CPU in the dtype it will run in on the accelerator
     (bf16 for 'auto', not the CPU's float32), and ``generate(..., offload='model')`` moves each to
-    the GPU only while it runs."""
-    from .checkpoint import load_components, pick_device, pick_dtype
+    the GPU only while it runs. ``precision`` (memory.PRECISIONS; 'auto' = the model's dit_dtype)
+    and ``blocks_to_swap`` are applied to the DiT as training applies them (memory.py:
+    apply_inference_memory): quantized block by block on the GPU, then the last N blocks' weights
+    to pinned CPU memory. LoRAs (yours, cfg_step_lora, refinement_lora) are applied per call on
+    top of the quantized weights and stream in with their swapped block."""
+    from .checkpoint import PARTS, load_components, load_dit, pick_device, pick_dtype
+    from .memory import QUANTIZED, apply_inference_memory, compute_dtype
 
     if offload not in OFFLOAD:
         raise SampleError(f"offload={offload!r}: use 'none' or 'model'")
+    if isinstance(blocks_to_swap, bool) or not isinstance(blocks_to_swap, (int, np.integer)) or blocks_to_swap < 0:
+        raise SampleError(f"blocks_to_swap={blocks_to_swap!r}: use a whole number from 0 (none) to 48 (24 fits "
+                          "bf16 sampling in 24 GiB)")
+    prec = base_precision(precision, model.dit_dtype)
     dev = pick_device(model.device)
     dtypes = {"dit": model.dit_dtype, "vae": model.vae_dtype, "text_encoder": model.text_encoder_dtype}
+    home = dev
     if offload == "model":
         dtypes = {k: pick_dtype(v, dev) for k, v in dtypes.items()}
-        dev = torch.device("cpu")
-    return load_components(model.checkpoint, device=str(dev), dtypes=dtypes, attention=model.attention)
+        home = torch.device("cpu")
+    if prec not in QUANTIZED and not blocks_to_swap:  # the plain path: the DiT loads where it runs
+        if precision != "auto":
+            dtypes["dit"] = compute_dtype(prec, dev)
+        comps = load_components(model.checkpoint, device=str(home), dtypes=dtypes, attention=model.attention)
+        comps.memory = {"precision": prec, "blocks_to_swap": 0}
+        return comps
+    comps = load_components(model.checkpoint, parts=[p for p in PARTS if p != "dit"], device=str(home), dtypes=dtypes)
+    dit = load_dit(model.checkpoint, "cpu", compute_dtype(prec, dev), model.attention)
+    try:
+        apply_inference_memory(dit, prec, int(blocks_to_swap), dev, home)
+    except ImportError as e:
+        raise SampleError(f"precision={precision!r}: {e}") from None
+    comps.dit = dit
+    comps.memory = {"precision": prec, "blocks_to_swap": int(blocks_to_swap)}
+    return comps
 
 
-def settings_record(request: SampleRequest, lora=None, scale: float = 1.0, offload: str = "none") -> dict:
-    """The run config's ``sample`` section (config.SampleSettings) for what was just sampled."""
+def settings_record(request: SampleRequest, lora=None, scale: float = 1.0, offload: str = "none",
+                    precision: str = "auto", blocks_to_swap: int = 0) -> dict:
+    """The run config's ``sample`` section (config.SampleSettings) for what was just sampled (as asked:
+    height = width = 0 when the size came from the input, the negative prompt's name if it had one)."""
     r = request.resolved()
     return dict(
-        prompt=r.prompt, negative_prompt=r.negative_prompt or "", mode=r.mode,
+        prompt=r.prompt, negative_prompt=request.negative_prompt or "", mode=r.mode,
         image=str(r.image) if isinstance(r.image, (str, Path)) else ("<uploaded>" if r.image is not None else ""),
         video=str(r.video) if isinstance(r.video, (str, Path)) else "", num_cond_frames=r.num_cond_frames,
-        resolution=r.resolution, height=r.height, width=r.width, num_frames=r.num_frames, steps=r.steps,
+        resolution=r.resolution, height=r.height or 0, width=r.width or 0, num_frames=r.num_frames, steps=r.steps,
         guidance=r.guidance, seed=r.seed, fps=int(round(r.fps)), distilled=r.distilled, use_kv_cache=r.use_kv_cache,
-        enhance_hf=bool(r.enhance_hf), offload=offload,
+        enhance_hf=bool(r.enhance_hf), offload=offload, precision=precision, blocks_to_swap=int(blocks_to_swap),
         loras=[{"path": str(lora), "scale": float(scale)}] if lora else [],
     )
+
+
+def input_size(request: SampleRequest) -> Optional[tuple[int, int]]:
+    """(H, W) of the request's conditioning image / video without decoding the whole input; None for
+    t2v or when it cannot be read."""
+    try:
+        if request.mode == "i2v" and not _missing(request.image):
+            if isinstance(request.image, (str, Path)):
+                from PIL import Image, ImageOps
+
+                with Image.open(request.image) as im:
+                    w, h = ImageOps.exif_transpose(im).size
+                return h, w
+            return tuple(load_image_frames(request.image).shape[1:3])
+        if request.mode == "continuation" and not _missing(request.video):
+            if isinstance(request.video, (str, Path)):
+                from .data.video import probe
+
+                info = probe(request.video, check_last=False)
+                return info.height, info.width
+            return tuple(load_video_frames(request.video, None, last=1).shape[1:3])
+    except Exception:  # the sampler itself reports a bad input, with the fix
+        return None
+    return None
+
+
+def sampling_plan(values: dict, uploaded_image=None, gpu_gib="auto") -> dict:
+    """planner.report for the full-size DiT with the 04_sample settings (precision, blocks_to_swap,
+    size, frames, CFG or not), plus the text encoder, which training never loads: with offload='none'
+    the UMT5-XXL encoder is on the GPU with the DiT's resident weights until the prompts are encoded,
+    and in host memory after that.
+    ``summary`` is the line 04 prints; ``fits``/``advice`` as in planner.report."""
+    from .planner import GIB, PlanSettings, plan, report, text_encoder_bytes
+
+    req = request_from_values(values, uploaded_image).resolved()
+    h, w = sample_size(req, input_size(req))
+    prec = base_precision(values.get("precision", "auto"))
+    prec = "bf16" if prec == "auto" else prec
+    swap = int(values.get("blocks_to_swap", 0) or 0)
+    if gpu_gib == "auto":
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
+    s = PlanSettings(mode="sample", height=h, width=w, num_frames=req.num_frames, precision=prec,
+                     blocks_to_swap=swap, cfg=req.guidance > 1)
+    out = report(s, gpu_gib)
+    parts = plan(s).parts
+    offload = values.get("offload", "none")
+    encode = parts["weights_resident"] + parts["swap_buffers"] if offload == "none" else 0.0
+    encode += text_encoder_bytes() / GIB
+    out["encode_peak_gib"] = round(encode, 1)
+    out["host_ram_gib"] = round(out["host_ram_gib"] + text_encoder_bytes() / GIB, 1)  # it waits there after encoding
+    out["summary"] = (f"full-size model at {h}x{w}x{req.num_frames}, {prec}, {swap} blocks swapped, "
+                      f"{'CFG' if req.guidance > 1 else 'no guidance'}: predicted denoising peak {out['peak_gib']} GiB "
+                      f"GPU, {out['host_ram_gib']} GiB host RAM; while encoding the prompt {out['encode_peak_gib']} GiB "
+                      f"({'text encoder + the DiT' if offload == 'none' else 'text encoder alone, offload=model'})")
+    if gpu_gib and offload == "none" and encode > gpu_gib - 1.0:
+        out["fits"] = False
+        out["advice"] = ((out["advice"] + "; ") if out["advice"] else "") + (
+            f"the text encoder ({text_encoder_bytes() / GIB:.1f} GiB) and the DiT do not fit together "
+            f"({encode:.1f} GiB > {gpu_gib - 1.0:.1f} GiB usable): set offload='model'")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -932,7 +1140,7 @@ def refine(components, stage1, prompt: Optional[str] = None, *, image=None, vide
             latents, timesteps = denoise(dit, components.scheduler, latents, emb, mask, steps, "refine", 1.0, n,
                                          t_thresh=t_thresh, progress=progress, callback=callback)
     except torch.cuda.OutOfMemoryError as e:
-        raise _oom_error(e, dev, h, w, f2, False) from e
+        raise _oom_error(e, dev, h, w, f2, False, _memory(components)) from e
     finally:
         dit.set_attention_backend(previous)
 
@@ -946,6 +1154,6 @@ def refine(components, stage1, prompt: Optional[str] = None, *, image=None, vide
         "num_cond_frames": num_cond_frames, "num_cond_latents": n, "latent_frames": n + m, "padding": pad,
         "bsa": use_bsa, "loras": [[str(p), float(s)] for p, s in loras],
         "timesteps": [round(float(x), 3) for x in timesteps], "checkpoint": str(getattr(components, "folder", "")),
-        "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
+        "device": str(dev), "dtype": str(dtype).replace("torch.", ""), **_memory(components),
     }
     return SampleResult(video=out, latents=latents.cpu(), settings=settings, seconds=time.time() - t0)

@@ -3,19 +3,29 @@ from __future__ import annotations
 
 import html
 import re
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 MAX_TEXT_TOKENS = 512
 
-# What the official demo scripts pass as negative prompt (English form of Wan's standard one).
-DEMO_NEGATIVE_PROMPT = (
+# What the official demo scripts (run_demo_*.py) pass as negative prompt (English form of Wan's
+# standard one). The pipeline's own default, when none is given, is the empty prompt.
+OFFICIAL_NEGATIVE_PROMPT = (
     "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, "
     "static, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra "
     "fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, "
     "still picture, messy background, three legs, many people in the background, walking backwards"
 )
+NEGATIVE_CHOICES = {"": "", "official": OFFICIAL_NEGATIVE_PROMPT}  # named negative prompts
+
+
+def resolve_negative_prompt(value: Optional[str]) -> str:
+    """A negative prompt as given, or a named one: "" / None = the empty negative (the pipeline's
+    default), "official" = OFFICIAL_NEGATIVE_PROMPT (what the official demos use)."""
+    if value is None:
+        return ""
+    return NEGATIVE_CHOICES.get(value.strip().lower(), value) if isinstance(value, str) else value
 
 
 def clean_prompt(text: str) -> str:

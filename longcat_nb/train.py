@@ -572,12 +572,15 @@ class Validator:
         self.scheduler = load_scheduler(cfg.model.checkpoint)
 
     def __call__(self, step: int, model) -> dict:
-        from .checkpoint import Components, load_vae
+        from .checkpoint import Components, load_vae, resolve_checkpoint
         from .sample import SampleRequest, generate, save_sample
 
         s = self.cfg.train
         vae = load_vae(self.cfg.model.checkpoint, next(model.parameters()).device)
-        comps = Components(folder=self.run_dir, dit=model, vae=vae, scheduler=self.scheduler)
+        # the record's 'checkpoint' is the model the LoRA is trained on; the LoRA is this run's at `step`
+        comps = Components(folder=resolve_checkpoint(self.cfg.model.checkpoint), dit=model, vae=vae,
+                           scheduler=self.scheduler)
+        saved = self.run_dir / "checkpoints" / f"step-{step:07d}"
         out = {}
         for i, (prompt, text, image) in enumerate(zip(s.validation_prompts, self.texts, self.images)):
             req = SampleRequest(prompt=prompt, mode="i2v" if image else "t2v", image=image or None,
@@ -585,6 +588,8 @@ class Validator:
                                 num_frames=s.validation_frames, steps=s.validation_steps,
                                 guidance=s.validation_guidance, seed=s.seed + i)
             res = generate(comps, req, text=text, progress=False)
+            res.settings.update(lora_step=step, lora_run=str(self.run_dir),
+                                lora_checkpoint=str(saved) if (saved / "state.json").exists() else "")
             path = save_sample(res, self.run_dir, f"validation/step{step:06d}_{i}") if self.save else None
             out[f"{i}: {prompt}"] = (path, res.video)
         del vae

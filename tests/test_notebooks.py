@@ -19,7 +19,8 @@ def test_demo_runs_every_notebook(tmp_path, tiny_ckpt):
     assert loras == ["lora-step000020-comfy.safetensors", "lora-step000020-official.safetensors",
                      "lora-step000020.safetensors"]
     samples = sorted(p.name for p in (tmp_path / "samples").glob("*.mp4"))
-    assert samples == ["t2v_seed0_base.mp4", "t2v_seed0_lora.mp4"]
+    # 04's default prompt "A red ball bounces across ...": the first sample group of the run
+    assert samples == ["001_t2v_seed0_a-red-ball-bounces_base.mp4", "001_t2v_seed0_a-red-ball-bounces_lora.mp4"]
     assert len(list((tmp_path / "samples" / "validation").glob("*.mp4"))) == 2
     # executed notebooks stay light (small previews)
     assert all(o.stat().st_size < 2_000_000 for o in outs)

@@ -137,6 +137,8 @@ def test_settings_errors_name_value_and_fix(comps):
         (dict(mode="continuation", video=VIDEO, num_cond_frames=9), "must be below num_frames=9"),
         (dict(distilled=True, enhance_hf=True), "enhance_hf=False"),
         (dict(resolution="1080p"), "resolution='1080p'"),
+        (dict(height=None), "give both"),
+        (dict(mode="i2v", image=IMAGE, resolution="480p"), "give either resolution or height/width"),
     ]
     for change, message in cases:
         with pytest.raises(SampleError, match=message):
@@ -204,10 +206,18 @@ def test_bucket_resolution_takes_the_size_from_the_image(comps, monkeypatch):
     import longcat_nb.sample as S
 
     asked = []
-    monkeypatch.setattr(S, "i2v_bucket", lambda hw, res: asked.append((tuple(hw), res)) or (64, 96))
-    r = generate(comps, SampleRequest("a red ball", mode="i2v", image=IMAGE, resolution="480p", **SMALL), progress=False)
-    assert asked == [((144, 256), "480p")] and r.video.shape == (9, 64, 96, 3)
+    # the real 480p/720p buckets are too big for a CPU test: record the lookup, answer a small size
+    monkeypatch.setattr(S, "nearest_bucket", lambda h, w, res, f: asked.append((h, w, res, f)) or (64, 96))
+    kw = dict(SMALL, height=None, width=None)
+    r = generate(comps, SampleRequest("a red ball", mode="i2v", image=IMAGE, resolution="720p", **kw), progress=False)
+    assert asked == [(144, 256, "720p", 16)] and r.video.shape == (9, 64, 96, 3)
     assert (r.settings["height"], r.settings["width"]) == (64, 96)
+    # no height/width and no resolution: the 480p table; continuation asks with the video's frame size
+    generate(comps, SampleRequest("a red ball", mode="i2v", image=IMAGE, **kw), progress=False)
+    generate(comps, SampleRequest("rain", mode="continuation", video=VIDEO, num_cond_frames=5,
+                                  **{**kw, "num_frames": 9, "enhance_hf": False}), progress=False)
+    h, w = S.load_video_frames(VIDEO, 15, last=1).shape[1:3]
+    assert asked[1:] == [(144, 256, "480p", 16), (h, w, "480p", 16)]
 
 
 def test_block_swap_hooks_do_not_change_the_result(comps):
@@ -363,7 +373,11 @@ def test_notebook_helpers(tmp_path):
     assert auto_settings(dict(height=0, width=0, num_frames=0, steps=0, guidance=0.0), "") == dict(
         height=64, width=64, num_frames=9, steps=8, guidance=4.0)
     real = auto_settings(dict(height=0, width=0, num_frames=0, steps=0, guidance=0.0, distilled=True), "/ckpt")
-    assert (real["height"], real["width"], real["num_frames"], real["steps"], real["guidance"]) == (480, 832, 93, 16, 1.0)
+    # a real checkpoint keeps the size 0 = auto: 480x832 for t2v, the input's bucket for i2v/continuation
+    assert (real["height"], real["width"], real["num_frames"], real["steps"], real["guidance"]) == (0, 0, 93, 16, 1.0)
+    assert request_from_values(dict(real, prompt="p"), np.zeros((300, 300, 3), np.uint8)).height is None
+    tiny_bucket = auto_settings(dict(mode="i2v", bucket="480p", height=0, width=0, num_frames=0, steps=0), "")
+    assert (tiny_bucket["height"], tiny_bucket["width"]) == (0, 0)
     assert auto_settings(dict(height=96, steps=3, guidance=2.5), "")["height"] == 96
     upload = ({"name": "x.png", "content": memoryview(open(IMAGE, "rb").read())},)  # ipywidgets 8 FileUpload value
     img = image_from_upload(upload)
@@ -395,11 +409,27 @@ def test_04_sample_headless_with_base_and_lora(tmp_path, tiny_ckpt):
     errors = [o for cell in nb["cells"] for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, errors[:1]
     names = sorted(p.name for p in (tmp_path / "samples").iterdir())
-    assert names == ["t2v_seed7_base.json", "t2v_seed7_base.mp4", "t2v_seed7_lora.json", "t2v_seed7_lora.mp4"]
-    meta = json.loads((tmp_path / "samples" / "t2v_seed7_lora.json").read_text())
+    stem = "001_t2v_seed7_a-red-ball-bounces"
+    assert names == [f"{stem}_base.json", f"{stem}_base.mp4", f"{stem}_lora.json", f"{stem}_lora.mp4"]
+    meta = json.loads((tmp_path / "samples" / f"{stem}_lora.json").read_text())
     assert meta["steps"] == 2 and meta["num_frames"] == 5 and meta["loras"][0][0].endswith("lora-step000003.safetensors")
+    assert meta["file"] == f"{stem}_lora.mp4" and meta["precision"] == "auto" and meta["blocks_to_swap"] == 0
     cfg = load_config(tmp_path)
     assert cfg.sample.steps == 2 and cfg.sample.seed == 7 and cfg.sample.loras[0]["scale"] == 1.0
+    # the same settings again, now with int8 weights and a swapped block: a new group, nothing overwritten
+    outs = run_notebooks(["04_sample"], tmp_path, {"sample_steps": 2, "num_frames": 5, "seed": 7, "precision": "int8",
+                                                   "blocks_to_swap": 1, "negative_prompt": "official"},
+                         log=lambda *a: None)
+    nb = json.loads(outs[0].read_text())
+    errors = [o for cell in nb["cells"] for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors[:1]
+    text = "".join("".join(o.get("text", "")) for cell in nb["cells"] for o in cell.get("outputs", []))
+    assert "predicted denoising peak" in text and "int8, 1 blocks swapped" in text  # the planner cell
+    again = json.loads((tmp_path / "samples" / "002_t2v_seed7_a-red-ball-bounces_lora.json").read_text())
+    assert again["precision"] == "int8" and again["blocks_to_swap"] == 1
+    assert again["negative_prompt"].startswith("Bright tones") and len(list((tmp_path / "samples").glob("*.mp4"))) == 4
+    cfg = load_config(tmp_path)
+    assert (cfg.sample.precision, cfg.sample.blocks_to_swap, cfg.sample.negative_prompt) == ("int8", 1, "official")
 
 
 def test_auto_values_stay_auto_in_the_run_config(tmp_path):
@@ -420,3 +450,206 @@ def test_auto_values_stay_auto_in_the_run_config(tmp_path):
     real = auto_settings(resolve_parameters(tmp_path, "sample", height=None, steps=None, guidance=None,
                                             distilled=True), "/ckpt")
     assert (real["height"], real["steps"], real["guidance"]) == (480, 2, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory options: base precision and block swap, with LoRAs and the model-level offload
+# ---------------------------------------------------------------------------------------------
+def _model_settings(checkpoint=""):
+    from longcat_nb.config import ModelSettings
+
+    return ModelSettings(checkpoint=str(checkpoint), device="cpu")
+
+
+def _rel(a, b) -> float:
+    return float((a.latents - b.latents).norm() / b.latents.norm())
+
+
+def _trained_lora(tiny_ckpt, path, seed=0):
+    """A rank-2 LoRA on the attention targets with non-zero ups, saved in the PEFT layout."""
+    from longcat_nb import lora as L
+
+    dit = load_components(tiny_ckpt, parts=["dit"], device="cpu").dit
+    L.add_lora(dit, rank=2, alpha=2, adapter_name="x")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in dit.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return L.save_lora(path, L.lora_state_dict(dit, "x"), {"rank": 2, "alpha": 2})
+
+
+def test_int8_sampling_is_close_to_full_precision_and_takes_loras(tiny_ckpt, tmp_path):
+    pytest.importorskip("optimum.quanto")
+    from optimum.quanto import QLinear
+
+    from longcat_nb.memory import quantized_bytes
+    from longcat_nb.sample import load_sampling_components
+
+    ref = load_sampling_components(_model_settings())
+    q = load_sampling_components(_model_settings(), precision="int8")
+    assert ref.memory == {"precision": "auto", "blocks_to_swap": 0} and q.memory["precision"] == "int8"
+    assert type(q.dit.blocks[0].attn.qkv) is QLinear and quantized_bytes(q.dit) < quantized_bytes(ref.dit)
+    req = SampleRequest("a red ball", seed=1, **SMALL)
+    base_ref, base_q = generate(ref, req, progress=False), generate(q, req, progress=False)
+    assert 0 < _rel(base_q, base_ref) < 0.002 and base_q.settings["precision"] == "int8"
+    # a LoRA goes on top of the quantized weights (peft wraps the QLinear) and is gone after the call
+    path = _trained_lora(tiny_ckpt, tmp_path / "l.safetensors")
+    lora_ref = generate(ref, req, loras=[(path, 1.0)], progress=False)
+    lora_q = generate(q, req, loras=[(path, 1.0)], progress=False)
+    assert _rel(lora_q, lora_ref) < 0.002 and _rel(lora_q, base_q) > 0.01  # quantization error << the LoRA's effect
+    assert type(q.dit.blocks[0].attn.qkv) is QLinear and torch.equal(generate(q, req, progress=False).latents,
+                                                                      base_q.latents)
+    with pytest.raises(SampleError, match="precision='int9': choose one of"):
+        load_sampling_components(_model_settings(), precision="int9")
+    with pytest.raises(SampleError, match="blocks_to_swap=-1"):
+        load_sampling_components(_model_settings(), blocks_to_swap=-1)
+
+
+def test_block_swap_gives_the_same_samples_and_streams_sampling_loras(comps, tiny_ckpt, tmp_path):
+    from longcat_nb.memory import block_swap_of
+    from longcat_nb.sample import load_sampling_components
+
+    sw = load_sampling_components(_model_settings(), blocks_to_swap=1)
+    swap = block_swap_of(sw.dit)
+    assert swap.swapped == [1] and sw.memory == {"precision": "auto", "blocks_to_swap": 1}
+    n_base = len(swap.cpu[1])
+    fetched = []
+    fetch = swap.fetch
+    swap.fetch = lambda i: (fetched.append(i), fetch(i))[1]
+    req = SampleRequest("a red ball", seed=4, **SMALL)
+    plain, swapped = generate(comps, req, progress=False), generate(sw, req, progress=False)
+    assert torch.equal(plain.latents, swapped.latents) and swapped.settings["blocks_to_swap"] == 1
+    assert fetched == [1, 1, 1] and swap.ready == {}  # one fetch per DiT call (3 steps), released after
+    # a sampling LoRA in the swapped block is taken into the swap for the call, dropped after it
+    path = _trained_lora(tiny_ckpt, tmp_path / "l.safetensors")
+    seen = []
+    res = generate(sw, req, loras=[(path, 1.0)], progress=False, callback=lambda *a: seen.append(len(swap.cpu[1])))
+    assert torch.equal(res.latents, generate(comps, req, loras=[(path, 1.0)], progress=False).latents)
+    assert seen == [n_base + 10] * 3 and len(swap.cpu[1]) == n_base  # A and B of the 5 attention targets
+    assert all(t.data.data_ptr() == host.data_ptr() for t, host in swap.cpu[1])  # every weight back on its host copy
+    # offload='model' moves only the resident part: here onto "meta", which holds no data
+    swap.move_resident("meta")
+    assert all(p.device.type == "meta" for n, p in sw.dit.named_parameters() if not n.startswith("blocks.1."))
+    assert all(p.device.type == "cpu" for p in sw.dit.blocks[1].parameters())
+
+
+def test_distilled_and_refinement_loras_with_int8_and_block_swap(comps_with_loras):
+    pytest.importorskip("optimum.quanto")
+    from longcat_nb.sample import load_sampling_components
+
+    c = comps_with_loras
+    q = load_sampling_components(_model_settings(c.folder), precision="int8", blocks_to_swap=1)
+    req = SampleRequest("a red ball", distilled=True, height=64, width=64, num_frames=5)
+    ref, got = generate(c, req, progress=False), generate(q, req, progress=False)
+    assert got.settings["loras"] == ref.settings["loras"] and _rel(got, ref) < 0.01
+    r_ref = refine(c, ref, size=(64, 64), progress=False)
+    r_q = refine(q, got, size=(64, 64), progress=False)
+    assert r_q.settings["precision"] == "int8" and r_q.settings["blocks_to_swap"] == 1
+    assert np.abs(r_q.video.astype(int) - r_ref.video.astype(int)).mean() < 3
+
+
+def test_sampling_plan_shows_the_planner_peak_for_the_chosen_settings(tmp_path):
+    from PIL import Image
+
+    from longcat_nb.planner import PlanSettings, plan
+    from longcat_nb.sample import sampling_plan
+
+    v = dict(prompt="p", mode="t2v", height=0, width=0, num_frames=93, steps=50, guidance=4.0,
+             precision="int8", blocks_to_swap=24, offload="model")
+    out = sampling_plan(v, gpu_gib=24.0)
+    want = plan(PlanSettings(mode="sample", precision="int8", blocks_to_swap=24, cfg=True))
+    assert out["peak_gib"] == round(want.peak_gib, 1) and out["fits"] is True
+    assert "480x832x93" in out["summary"] and "int8" in out["summary"]
+    # offload='none': the 11 GiB text encoder sits with the DiT's resident weights while encoding
+    together = sampling_plan({**v, "offload": "none"}, gpu_gib=24.0)
+    assert together["encode_peak_gib"] > out["encode_peak_gib"] and together["fits"] is False
+    assert "offload='model'" in together["advice"]
+    # i2v with the size left to the input: the plan is for the bucket of the image (a portrait here)
+    img = tmp_path / "portrait.png"
+    Image.new("RGB", (540, 960)).save(img)
+    i2v = sampling_plan({**v, "mode": "i2v", "image": str(img), "guidance": 1.0}, gpu_gib=None)
+    assert "832x480x93" in i2v["summary"] and "no guidance" in i2v["summary"] and i2v["fits"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# conditioning size: the nearest official bucket, cropped, never stretched
+# ---------------------------------------------------------------------------------------------
+def test_non_16_9_inputs_get_the_nearest_official_bucket():
+    from longcat_nb.sample import sample_size
+
+    i2v = SampleRequest("x", mode="i2v", image=IMAGE)
+    assert sample_size(i2v, (768, 1024)) == (544, 736)  # 4:3 -> ratio 0.74, not 480x832
+    assert sample_size(i2v, (1920, 1080)) == (832, 480)  # 9:16 portrait
+    assert sample_size(i2v, (1080, 1920)) == (480, 832)  # 16:9 keeps the official size
+    assert sample_size(replace(i2v, resolution="720p"), (768, 1024)) == (832, 1120)
+    assert sample_size(replace(i2v, size_multiple=64), (768, 1024)) == (576, 704)  # the 64-px table
+    assert sample_size(replace(i2v, mode="continuation"), (1920, 1080)) == (832, 480)
+    assert sample_size(replace(i2v, height=64, width=96), (1920, 1080)) == (64, 96)  # an explicit size wins
+    assert sample_size(SampleRequest("x"), None) == (480, 832)  # t2v
+
+
+def test_conditioning_frames_are_center_cropped_not_stretched(comps):
+    from longcat_nb.sample import preprocess_frames
+
+    stripes = np.zeros((1, 96, 288, 3), np.uint8)  # 3:1, red | green | blue thirds
+    stripes[:, :, :96, 0] = stripes[:, :, 96:192, 1] = stripes[:, :, 192:, 2] = 255
+    square = preprocess_frames(stripes, 64, 64)[0, :, 0]  # [3, 64, 64] in [-1, 1]
+    assert square.shape == (3, 64, 64)
+    assert torch.allclose(square[1], torch.ones(64, 64), atol=0.02)  # only the green middle is left
+    assert torch.allclose(square[[0, 2]], -torch.ones(2, 64, 64), atol=0.02)
+    wide = preprocess_frames(stripes, 64, 192)[0, :, 0]  # same aspect: nothing cut
+    assert wide[0, :, :60].mean() > 0.95 and wide[2, :, -60:].mean() > 0.95
+    # through the sampler: an explicit square size keeps the image's middle, like the training crop
+    r = generate(comps, SampleRequest("x", mode="i2v", image=stripes[0], height=64, width=64, steps=1,
+                                      num_frames=5), progress=False)
+    assert r.video.shape == (5, 64, 64, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# negative prompt: the official demos' one as a named choice
+# ---------------------------------------------------------------------------------------------
+def test_official_negative_prompt_is_a_named_choice(comps):
+    from longcat_nb.sample import settings_record
+    from longcat_nb.text import OFFICIAL_NEGATIVE_PROMPT, resolve_negative_prompt
+    from longcat_nb.ui import SettingsForm
+
+    assert OFFICIAL_NEGATIVE_PROMPT.startswith("Bright tones, overexposed") and "walking backwards" in OFFICIAL_NEGATIVE_PROMPT
+    assert resolve_negative_prompt("official") == resolve_negative_prompt(" Official ") == OFFICIAL_NEGATIVE_PROMPT
+    assert resolve_negative_prompt("") == resolve_negative_prompt(None) == "" and resolve_negative_prompt("blur") == "blur"
+    named = generate(comps, SampleRequest("a red ball", negative_prompt="official", seed=1, **SMALL), progress=False)
+    spelled = generate(comps, SampleRequest("a red ball", negative_prompt=OFFICIAL_NEGATIVE_PROMPT, seed=1, **SMALL),
+                       progress=False)
+    empty = generate(comps, SampleRequest("a red ball", seed=1, **SMALL), progress=False)
+    assert torch.equal(named.latents, spelled.latents) and not torch.equal(named.latents, empty.latents)
+    assert named.settings["negative_prompt"] == OFFICIAL_NEGATIVE_PROMPT  # the sample's JSON has the text
+    assert settings_record(SampleRequest("p", negative_prompt="official"))["negative_prompt"] == "official"
+    form = SettingsForm(dict(negative_prompt=""), suggestions=dict(negative_prompt=["official"]))
+    box = form.widgets["negative_prompt"]
+    assert type(box).__name__ == "Combobox" and list(box.options) == ["official"] and not box.ensure_option
+    box.value = "my own negative"
+    assert form.values() == {"negative_prompt": "my own negative"}
+
+
+# ---------------------------------------------------------------------------------------------
+# sample files: unique names, nothing overwritten
+# ---------------------------------------------------------------------------------------------
+def test_samples_never_overwrite_each_other(comps, tmp_path):
+    from longcat_nb.sample import sample_stem
+
+    cat = SampleRequest("A cat, walking on a wall!", seed=0, **SMALL)
+    dog = SampleRequest("a dog", seed=0, **SMALL)
+    assert sample_stem(tmp_path, cat) == "001_t2v_seed0_a-cat-walking-on"
+    a = generate(comps, cat, progress=False)
+    first = save_sample(a, tmp_path, sample_stem(tmp_path, cat) + "_base")
+    stem = sample_stem(tmp_path, dog)
+    assert stem == "002_t2v_seed0_a-dog"  # same seed, another prompt: another name
+    b = generate(comps, dog, progress=False)
+    second = save_sample(b, tmp_path, f"{stem}_base")
+    before = first.read_bytes()
+    again = save_sample(b, tmp_path, first.stem)  # a name that is taken: -2, the first file untouched
+    assert again.name == "001_t2v_seed0_a-cat-walking-on_base-2.mp4" and first.read_bytes() == before
+    for path, prompt in ((first, cat.prompt), (second, dog.prompt), (again, dog.prompt)):
+        meta = json.loads(path.with_suffix(".json").read_text())
+        assert meta["file"] == path.name and meta["prompt"] == prompt
+    assert sample_stem(tmp_path, SampleRequest("一只猫", seed=3)) == "003_t2v_seed3"

@@ -151,7 +151,7 @@ def test_each_cpu_precision_trains(cached, tmp_path, precision, module):
     assert sum(res.losses[-5:]) / 5 < sum(res.losses[:5]) / 5
 
 
-def test_validation_prompts_with_an_image_sample_image_to_video(cached, tmp_path):
+def test_validation_prompts_with_an_image_sample_image_to_video(cached, tmp_path, tiny_ckpt):
     from helpers import SAMPLES
 
     run = _fresh(cached[0], tmp_path / "val")
@@ -163,8 +163,19 @@ def test_validation_prompts_with_an_image_sample_image_to_video(cached, tmp_path
     model = load_components("", device="cpu").dit.float()
     out = v(7, model)
     assert len(out) == 2
-    modes = [json.loads((run / "samples" / "validation" / f"step000007_{i}.json").read_text())["mode"] for i in (0, 1)]
-    assert modes == ["t2v", "i2v"]
+    metas = [json.loads((run / "samples" / "validation" / f"step000007_{i}.json").read_text()) for i in (0, 1)]
+    assert [m["mode"] for m in metas] == ["t2v", "i2v"]
+    # the record names the model checkpoint (not the run folder) and the LoRA step it shows
+    assert all(m["checkpoint"] == str(tiny_ckpt) and m["lora_step"] == 7 and m["lora_run"] == str(run) for m in metas)
+    assert metas[0]["lora_checkpoint"] == ""  # no training checkpoint was written at step 7
+    # validation at a step again (a resumed run): new files next to the first ones, which stay
+    (run / "checkpoints" / "step-0000007").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000007" / "state.json").write_text("{}")
+    first = (run / "samples" / "validation" / "step000007_0.mp4").read_bytes()
+    v(7, model)
+    again = json.loads((run / "samples" / "validation" / "step000007_0-2.json").read_text())
+    assert again["file"] == "step000007_0-2.mp4" and again["lora_checkpoint"] == str(run / "checkpoints" / "step-0000007")
+    assert (run / "samples" / "validation" / "step000007_0.mp4").read_bytes() == first
     update_section(run, "train", validation_images=["", "missing.png"])
     with pytest.raises(FileNotFoundError, match=r"validation_images\[1\] = 'missing.png'"):
         T.Validator(run, T.load_config(run))

@@ -172,27 +172,28 @@ def crop_resize(frames: np.ndarray, th: int, tw: int, policy: str = "center") ->
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 20) -> Path:
-    """H.264 mp4 through PyAV (no system ffmpeg), written atomically."""
+def encode_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 20) -> None:
+    """H.264 mp4 through PyAV (no system ffmpeg) straight into ``path`` (not atomic: see write_mp4)."""
     import av
-
-    from ..io import atomic_write
 
     frames = np.asarray(frames, dtype=np.uint8)
     h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2  # yuv420p needs even sizes
-
-    def write(tmp: str) -> None:
-        with av.open(tmp, "w", format="mp4") as c:
-            s = c.add_stream("libx264", rate=int(round(fps)) if abs(fps - round(fps)) < 1e-6 else fps)
-            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-            s.options = {"crf": str(crf)}
-            for fr in frames:
-                for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(fr[:h, :w]), format="rgb24")):
-                    c.mux(p)
-            for p in s.encode():
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=int(round(fps)) if abs(fps - round(fps)) < 1e-6 else fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.options = {"crf": str(crf)}
+        for fr in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(fr[:h, :w]), format="rgb24")):
                 c.mux(p)
+        for p in s.encode():
+            c.mux(p)
 
-    return atomic_write(path, write)
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 20) -> Path:
+    """H.264 mp4 through PyAV (no system ffmpeg), written atomically."""
+    from ..io import atomic_write
+
+    return atomic_write(path, lambda tmp: encode_mp4(tmp, frames, fps, crf), suffix=".mp4")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,12 +37,16 @@ def progress(iterable: Optional[Iterable] = None, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
-def _widget_for(name: str, value: Any, choices: Optional[list], description: Optional[str]):
+def _widget_for(name: str, value: Any, choices: Optional[list], description: Optional[str],
+                suggestions: Optional[list] = None):
     import ipywidgets as w
 
     label = description or name.replace("_", " ")
     style = {"description_width": "160px"}
     layout = w.Layout(width="480px")
+    if suggestions and isinstance(value, str):  # free text, with named values to pick from
+        return w.Combobox(value=value, options=list(suggestions), ensure_option=False, description=label,
+                          style=style, layout=layout)
     if choices:
         if value not in choices:
             choices = [value] + list(choices)
@@ -130,13 +134,15 @@ class SettingsForm:
     """A column of widgets, one per setting, with ``values()`` to read them back."""
 
     def __init__(self, values: dict, choices: Optional[dict] = None, descriptions: Optional[dict] = None,
-                 title: str = ""):
+                 title: str = "", suggestions: Optional[dict] = None):
+        """``choices``: a dropdown of exactly these; ``suggestions``: free text offering these."""
         self._initial = dict(values)
         self.widgets = {}
-        choices, descriptions = choices or {}, descriptions or {}
+        choices, descriptions, suggestions = choices or {}, descriptions or {}, suggestions or {}
         try:
             for name, value in values.items():
-                self.widgets[name] = _widget_for(name, value, choices.get(name), descriptions.get(name))
+                self.widgets[name] = _widget_for(name, value, choices.get(name), descriptions.get(name),
+                                                 suggestions.get(name))
         except ImportError:  # no ipywidgets: still usable, values are the parameters
             self.widgets = {}
         self.title = title

@@ -447,8 +447,9 @@ def check_run_folder(run_dir: Path):
     assert (run_dir / "dataset.jsonl").read_text().strip(), "dataset.jsonl is empty"
     assert (run_dir / "cache" / "manifest.json").exists(), "02_cache wrote no cache/manifest.json"
     samples = sorted(p.name for p in (run_dir / "samples").glob("*.mp4"))
-    assert samples == ["t2v_seed0_base.mp4", "t2v_seed0_lora.mp4"], f"samples/: {samples}"
-    lora_json = json.loads((run_dir / "samples" / "t2v_seed0_lora.json").read_text())
+    stem = "001_t2v_seed0_a-red-ball-bounces"  # the first sample group, 04's default prompt
+    assert samples == [f"{stem}_base.mp4", f"{stem}_lora.mp4"], f"samples/: {samples}"
+    lora_json = json.loads((run_dir / "samples" / f"{stem}_lora.json").read_text())
     used = [Path(p).name for p, _ in lora_json["loras"]]
     assert used == [f"lora-step{WIDGET_STEPS:06d}.safetensors"], \
         f"04 sampled with {used}, not the LoRA trained with the widget's {WIDGET_STEPS} steps"
