@@ -145,6 +145,9 @@ def _ours_bsa(q, k, v, grid, sel=None):
 # name -> fn(q, k, v, grid, sel=None) -> o   (see the module docstring)
 BSA_VARIANTS = {
     "ours": _ours_bsa,
+    "ours_raster": lambda q, k, v, grid, sel=None: bsa_attention(q, k, v, grid, grid, SPARSITY, sel=sel, layout="raster"),
+    "ours_notma": lambda q, k, v, grid, sel=None: bsa_attention(q, k, v, grid, grid, SPARSITY, sel=sel,
+                                                              config={"tma": False}),
     # ---- LEAD: new kernel variants here, e.g. ----
     # "ours_fwd64": lambda q, k, v, grid, sel=None: bsa_attention(
     #     q, k, v, grid, grid, SPARSITY, sel=sel, config={"fwd": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}}),
@@ -168,7 +171,7 @@ def _glue_cudnn(model):
 def _blocks(model):
     from longcat_nb.speed import apply_compile
 
-    apply_compile(model, scope="blocks")  # sampling only: a compiled block fails checkpoint's recompute check
+    apply_compile(model, scope="blocks")
 
 
 def _blocks_cudnn(model):
@@ -176,6 +179,31 @@ def _blocks_cudnn(model):
 
     set_sdpa_preference(default_sdpa_preference())
     _blocks(model)
+
+
+def _fp8_base(model, backward=True):
+    """fp8_rowwise on the block matrices of a model that may already carry peft LoRA layers."""
+    from longcat_nb.memory import BIG_LINEARS, Float8RowwiseLinear
+
+    for block in model.blocks:
+        for name, mod in list(block.named_modules()):
+            base = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+            if type(mod) is torch.nn.Linear and BIG_LINEARS.match(base):
+                parent_name, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent_name), child, Float8RowwiseLinear.from_linear(mod, backward))
+
+
+def _train_setup(model, checkpointing, fp8=False):
+    """As longcat_nb.train runs with compile=True: cuDNN-first SDPA, the kit's checkpointing mode,
+    whole compiled blocks (optionally the fp8_rowwise base)."""
+    from longcat_nb.memory import apply_gradient_checkpointing
+    from longcat_nb.speed import apply_compile, default_sdpa_preference, set_sdpa_preference
+
+    if fp8:
+        _fp8_base(model)
+    set_sdpa_preference(default_sdpa_preference())
+    apply_gradient_checkpointing(model, checkpointing)
+    apply_compile(model, scope="blocks")
 
 
 # name -> setup(model) -> None | callable   (see the module docstring)
@@ -186,6 +214,11 @@ OUR_VARIANTS = {
     "blocks": _blocks,
     "blocks_cudnn": _blocks_cudnn,
     # ---- LEAD: new model variants here ----
+    "blocks_full": lambda model: _train_setup(model, "full"),
+    "blocks_selective": lambda model: _train_setup(model, "selective"),
+    "fp8_blocks_selective": lambda model: _train_setup(model, "selective", fp8=True),
+    "fp8_blocks_full": lambda model: _train_setup(model, "full", fp8=True),
+    "fp8_blocks": lambda model: (_fp8_base(model, backward=False), _blocks_cudnn(model))[1],
 }
 
 # the official model: as its demos run it (``dit = torch.compile(dit)``), or eager

@@ -136,7 +136,7 @@ class SampleSettings:
     use_kv_cache: bool = True  # continuation: cache the conditioning tokens' k/v
     enhance_hf: bool = True  # continuation (not distilled): 10 uniform steps below t=500
     offload: str = "none"  # none | model (DiT/VAE/text encoder on the GPU only while used)
-    precision: str = "auto"  # DiT base weights: auto (model.dit_dtype) | bf16 | fp16 | fp32 | int8 | int4 | fp8 | nf4
+    precision: str = "auto"  # DiT base weights: auto (model.dit_dtype) | bf16 | fp16 | fp32 | int8 | int4 | fp8 | fp8_rowwise | nf4
     blocks_to_swap: int = 0  # last N DiT blocks' weights in CPU memory, streamed in per block
     loras: list = field(default_factory=list)  # [{"path": ..., "scale": 1.0}]
 

@@ -415,7 +415,7 @@ def apply_inference_memory(model: nn.Module, precision: str, blocks_to_swap: int
     device = torch.device(device)
     home = torch.device(home) if home is not None else device
     if precision in QUANTIZED:
-        apply_base_precision(model, precision, device, log=log)
+        apply_base_precision(model, precision, device, log=log, backward=False)
     else:
         model.requires_grad_(False).to(dtype=compute_dtype(precision, device))
     swap = apply_block_swap(model, blocks_to_swap, device)

@@ -66,7 +66,7 @@ def test_relative_checkpoint_and_dataset_resolve_under_the_root(tmp_path, monkey
                                for r in rep.records)
 
 
-def test_kernel_in_notebooks_and_cli_write_one_run_folder(tmp_path, tiny_ckpt):
+def test_kernel_in_notebooks_and_cli_write_one_run_folder(tmp_path, tiny_ckpt, monkeypatch):
     """00_setup in a kernel started in notebooks/ (as JupyterLab does) with run_dir='runs/same', then the
     command line from another folder with --run-dir runs/same: one folder (the root is set to tmp_path
     so the test writes nothing into the checkout)."""
@@ -74,19 +74,11 @@ def test_kernel_in_notebooks_and_cli_write_one_run_folder(tmp_path, tiny_ckpt):
 
     from longcat_nb.runner import ensure_kernel
 
-    env_backup = {k: os.environ.get(k) for k in (ROOT_ENV, "PYTHONPATH")}
-    os.environ[ROOT_ENV] = str(tmp_path)
-    os.environ["PYTHONPATH"] = str(REPO)  # the kernel imports this checkout's package, as runner.py arranges
-    try:
-        papermill.execute_notebook(str(REPO / "notebooks" / "00_setup.ipynb"), str(tmp_path / "00.ipynb"),
-                                   parameters={"run_dir": "runs/same", "checkpoint": str(tiny_ckpt)},
-                                   cwd=str(REPO / "notebooks"), kernel_name=ensure_kernel(), progress_bar=False)
-    finally:
-        for k, v in env_backup.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    monkeypatch.setenv(ROOT_ENV, str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the kernel imports this checkout's package, as runner.py arranges
+    papermill.execute_notebook(str(REPO / "notebooks" / "00_setup.ipynb"), str(tmp_path / "00.ipynb"),
+                               parameters={"run_dir": "runs/same", "checkpoint": str(tiny_ckpt)},
+                               cwd=str(REPO / "notebooks"), kernel_name=ensure_kernel(), progress_bar=False)
     run = tmp_path / "runs" / "same"
     assert json.loads((run / "config.json").read_text())["model"]["checkpoint"] == str(tiny_ckpt)
     assert not (REPO / "notebooks" / "runs" / "same").exists()
