@@ -325,8 +325,8 @@ class OutOfMemory(RuntimeError):
     """Training ran out of GPU memory; the last checkpoint is kept."""
 
 
-def _suggest_for_oom(s: TrainSettings) -> str:
-    if s.keep_attention != "off" and s.gradient_checkpointing and not s.activation_offload:
+def _suggest_for_oom(s: TrainSettings, checkpointing: str) -> str:
+    if checkpointing == "selective":
         return "set keep_attention='off' (recompute attention in the backward)"
     if not s.gradient_checkpointing:
         return "turn on gradient_checkpointing"
@@ -525,7 +525,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
                     on_validation(step, videos)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory(
-            f"out of GPU memory at step {step + 1}: {_suggest_for_oom(s)}. The last checkpoint "
+            f"out of GPU memory at step {step + 1}: {_suggest_for_oom(s, checkpointing)}. The last checkpoint "
             f"({latest_checkpoint(ckpt_dir)}) is kept; re-run to resume."
         ) from e
     finally:
