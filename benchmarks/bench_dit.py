@@ -3,9 +3,10 @@
 
     python benchmarks/bench_dit.py --cases sample,train_bf16,train_int8 [--out $OUT/dit.json]
 
-Case names: <train|sample>_<precision>[_bsa][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac],
+Case names: <train|sample>_<precision>[_bsa|_q8][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac],
 e.g. train_bf16_compile_selective, sample_fp8rw_compile (precision: bf16 int8 int4 fp8, fp8rw = fp8_rowwise);
-fp8diff[_bsa]: relative output difference of the fp8_rowwise base against bf16.
+fp8diff[_bsa]: relative output difference of the fp8_rowwise base against bf16; q8diff: of the 8-bit
+attention (quant8) against SDPA; attention8: the 8-bit attention kernel's launch configs against cuDNN.
 
 Every case runs in try/except so one failure (or OOM) still reports the others. Timings are the
 median of ``--repeat`` runs after one warm-up, synchronized, on the same random inputs.
@@ -174,6 +175,70 @@ def case_attention(repeat):
     return out
 
 
+def case_attention8(repeat):
+    """8-bit self-attention (models/quant_attention.py) against cuDNN SDPA, 32 heads x 128, forward:
+    time per launch config, and the error of each against an fp32 reference on two heads."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from longcat_nb.models import quant_attention as QA
+    from longcat_nb.models.attention import dense_attention, set_sdpa_preference
+
+    configs = {
+        "default": {},
+        "m64n128w4s3_notma": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, tma=False),
+        "m64n128w4s4": dict(block_m=64, block_n=128, num_warps=4, num_stages=4),
+        "m64n128w4s2": dict(block_m=64, block_n=128, num_warps=4, num_stages=2),
+        "m64n64w4s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+        "m64n128w8s3": dict(block_m=64, block_n=128, num_warps=8, num_stages=3),
+        "m128n128w8s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
+        "m128n128w8s3_notma": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=False),
+        "pv_bf16": dict(pv="bf16"),
+    }
+    out = {}
+    for label, B, n in (("480x832x93_cfg", 2, 37440), ("704x1280x93", 1, 84480)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        # DiT-like operands: RMS-normed q, k with a shared offset, v with a per-channel offset
+        q = F.rms_norm(torch.randn(B, n, 32, 128, device="cuda", generator=g), (128,)).to(torch.bfloat16).transpose(1, 2)
+        k = (F.rms_norm(torch.randn(B, n, 32, 128, device="cuda", generator=g), (128,))
+             + 0.5 * torch.randn(1, 1, 32, 128, device="cuda", generator=g)).to(torch.bfloat16).transpose(1, 2)
+        v = (torch.randn(B, n, 32, 128, device="cuda", generator=g)
+             + torch.randn(1, 1, 32, 128, device="cuda", generator=g)).to(torch.bfloat16).transpose(1, 2)
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # fp32 reference on the first two heads
+            ref = F.scaled_dot_product_attention(q[:1, :2].float(), k[:1, :2].float(), v[:1, :2].float())
+        flops = 4 * n * n * 4096 * B
+
+        def err(o):
+            return float((o[:1, :2].float() - ref).norm() / ref.norm())
+
+        set_sdpa_preference("cudnn")
+        with torch.no_grad():
+            t, _ = timed(lambda: dense_attention(q, k, v), repeat + 3)
+            out[f"{label}/cudnn_bf16"] = {"fwd_ms": t * 1e3, "tflops": flops / t / 1e12, "err": err(dense_attention(q, k, v))}
+            set_sdpa_preference("auto")
+            tq, _ = timed(lambda: QA.quantize(q, k, v), repeat + 3)
+            out[f"{label}/quantize_only"] = {"fwd_ms": tq * 1e3}
+            for name, cfg in configs.items():
+                try:
+                    t, _ = timed(lambda: QA.quant8_attention(q, k, v, cfg), repeat + 3)
+                    out[f"{label}/quant8_{name}"] = {"fwd_ms": t * 1e3, "tflops": flops / t / 1e12,
+                                                    "err": err(QA.quant8_attention(q, k, v, cfg))}
+                except Exception as e:
+                    out[f"{label}/quant8_{name}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                print(json.dumps({f"{label}/{name}": out.get(f"{label}/quant8_{name}")}), flush=True)
+        # plain N(0, 1) operands (no offsets for the mean subtraction to take out): the hard case
+        qr, kr, vr = (torch.randn(1, 2, n, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), torch.no_grad():
+            ref_r = F.scaled_dot_product_attention(qr.float(), kr.float(), vr.float())
+            for name, o in (("cudnn_bf16", dense_attention(qr, kr, vr)), ("quant8", QA.quant8_attention(qr, kr, vr)),
+                            ("quant8_pv_bf16", QA.quant8_attention(qr, kr, vr, {"pv": "bf16"}))):
+                out[f"{label}/randn_err_{name}"] = float((o.float() - ref_r).norm() / ref_r.norm())
+        del q, k, v, ref, qr, kr, vr, ref_r
+        torch.cuda.empty_cache()
+    return out
+
+
 def case_attention_diag():
     """Why a fused kernel is or is not taken: cuDNN only, on plain and on DiT-made q/k/v."""
     import warnings
@@ -241,8 +306,19 @@ def main():
         try:
             if case == "attention":
                 r = case_attention(args.repeat)
+            elif case == "attention8":
+                r = case_attention8(args.repeat)
             elif case == "attention_diag":
                 r = case_attention_diag()
+            elif case == "q8diff":  # output of the 8-bit attention against SDPA, same model and input
+                model = random_full_dit(depth=args.depth)
+                x, y, mask = inputs(1)
+                t = torch.full((1,), 700.0, device="cuda")
+                with torch.no_grad():
+                    ref = model(x, t, y, mask)
+                    backend = model.set_attention_backend("quant8")
+                    out = model(x, t, y, mask)
+                r = {"rel_diff_quant8_vs_sdpa": float((out - ref).norm() / ref.norm()), "backend": backend}
             elif case == "dit_bsa_diff":
                 model = random_full_dit(depth=args.depth)
                 x, y, mask = inputs(1)
@@ -254,7 +330,7 @@ def main():
                 r = {"rel_diff_bsa_vs_dense": float((sparse - dense).norm() / dense.norm()),
                      "backend": model.attention_backend}
             elif case.startswith("train_") or case.startswith("sample_") or case.startswith("fp8diff"):
-                # <train|sample>_<precision>[_bsa][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac]
+                # <train|sample>_<precision>[_bsa|_q8][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac]
                 parts = case.split("_")
                 kind = parts[0]
                 precision = {"fp8rw": "fp8_rowwise"}.get(parts[1], parts[1]) if kind != "fp8diff" else "bf16"
@@ -265,6 +341,8 @@ def main():
                 model = random_full_dit(depth=args.depth)
                 if "bsa" in parts:
                     model.set_attention_backend("bsa")
+                if "q8" in parts:
+                    model.set_attention_backend("quant8")
                 if kind == "fp8diff":  # output of fp8_rowwise vs bf16 on the same weights and input
                     x, y, mask = inputs(1)
                     t = torch.full((1,), 700.0, device="cuda")

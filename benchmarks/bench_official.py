@@ -219,6 +219,10 @@ OUR_VARIANTS = {
     "fp8_blocks_selective": lambda model: _train_setup(model, "selective", fp8=True),
     "fp8_blocks_full": lambda model: _train_setup(model, "full", fp8=True),
     "fp8_blocks": lambda model: (_fp8_base(model, backward=False), _blocks_cudnn(model))[1],
+    # 8-bit self-attention (int8 Q·Kᵀ, fp8 P·V) for sampling, with the bf16 or the fp8_rowwise base
+    "q8_blocks": lambda model: (model.set_attention_backend("quant8"), _blocks_cudnn(model))[1],
+    "fp8_q8_blocks": lambda model: (_fp8_base(model, backward=False), model.set_attention_backend("quant8"),
+                                    _blocks_cudnn(model))[2],
 }
 
 # the official model: as its demos run it (``dit = torch.compile(dit)``), or eager

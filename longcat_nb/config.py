@@ -30,7 +30,8 @@ class ModelSettings:
     dit_dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     text_encoder_dtype: str = "auto"
     vae_dtype: str = "auto"
-    attention: str = "sdpa"  # sdpa | xformers | bsa
+    # sdpa | xformers | bsa | quant8 (8-bit dense attention where no gradient is needed: sampling)
+    attention: str = "sdpa"
 
 
 @dataclass
@@ -138,6 +139,9 @@ class SampleSettings:
     offload: str = "none"  # none | model (DiT/VAE/text encoder on the GPU only while used)
     precision: str = "auto"  # DiT base weights: auto (model.dit_dtype) | bf16 | fp16 | fp32 | int8 | int4 | fp8 | fp8_rowwise | nf4
     blocks_to_swap: int = 0  # last N DiT blocks' weights in CPU memory, streamed in per block
+    # torch.compile of each DiT block (CUDA): the first clip (and each LoRA change) compiles for about
+    # 15 s, then every step is faster (6.9 vs 9.4 s per CFG step at 480x832x93 on an H200)
+    compile: bool = False
     loras: list = field(default_factory=list)  # [{"path": ..., "scale": 1.0}]
 
 

@@ -5,6 +5,9 @@
 * ``xformers``: ``xformers.ops.memory_efficient_attention`` when installed.
 * ``bsa``: block-sparse self-attention (spec §3) through our Triton kernel on CUDA; on other
   devices, or for single-frame grids, it falls back to dense SDPA. Cross-attention is always dense.
+* ``quant8``: dense self-attention with 8-bit operands (int8 Q·Kᵀ, float8 P·V; :mod:`.quant_attention`)
+  where no gradient is needed (sampling, validation clips) on GPUs with 8-bit tensor cores (compute
+  capability 8.9+); SDPA elsewhere: training steps, the CPU, older GPUs, cross-attention.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("sdpa", "xformers", "bsa")
+BACKENDS = ("sdpa", "xformers", "bsa", "quant8")
 
 DEFAULT_BSA_PARAMS = {"sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
 
@@ -107,6 +110,12 @@ def self_attention(q, k, v, grid_q, grid_k, backend: str, bsa_params: dict | Non
                 chunk_k=tuple(params.get("chunk_3d_shape_k", (4, 4, 4))),
                 cdf_threshold=params.get("cdf_threshold"),
             )
+    if backend == "quant8" and q.is_cuda and not (
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        from .quant_attention import available, quant8_attention
+
+        if available(q.device):
+            return quant8_attention(q, k, v)
     return dense_attention(q, k, v, "xformers" if backend == "xformers" else "sdpa")
 
 
@@ -124,4 +133,16 @@ def check_backend_available(backend: str) -> str:
             ok = False
         if not ok:
             logger.warning("block-sparse attention needs CUDA and Triton; using dense SDPA instead")
+    if backend == "quant8":
+        try:
+            from .quant_attention import available
+
+            ok = torch.cuda.is_available() and available(torch.device("cuda"))
+        except Exception:
+            ok = False
+        if not ok:
+            logger.warning("8-bit attention needs a CUDA GPU of compute capability 8.9+ and Triton; "
+                           "using dense SDPA instead")
+        else:
+            logger.info("8-bit attention where no gradient is needed (sampling); training steps use SDPA")
     return backend

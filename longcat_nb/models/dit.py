@@ -354,7 +354,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
 
     # ---- runtime switches -------------------------------------------------------------------
     def set_attention_backend(self, backend: str) -> str:
-        """'sdpa' | 'xformers' | 'bsa'; returns the backend that will actually run."""
+        """'sdpa' | 'xformers' | 'bsa' | 'quant8'; returns the backend that will actually run."""
         backend = backend_from_config(backend, False, False)
         effective = check_backend_available(backend)
         bsa_params = self.config.bsa_params

@@ -1,0 +1,279 @@
+"""Dense attention with 8-bit operands, for sampling on GPUs with 8-bit tensor cores (Ada, Hopper
+and newer): Q·Kᵀ in int8, P·V in float8 e4m3 (or bf16), softmax and accumulation in fp32.
+
+Why: at 480x832x93 the DiT's 48 self-attentions are more than half of a bf16 sampling step, and
+they already run at the bf16 kernel's roof (cuDNN, docs/benchmarks.md); 8-bit tensor cores have
+twice the rate. Only the forward exists: where a gradient is needed (training) the model uses SDPA.
+
+Quantization (one Triton pass, :func:`quantize`), chosen so the rounding stays small where it matters:
+
+* **Q**: int8 with one scale per token (its absolute maximum / 127), so no token loses precision to
+  another; the softmax scale and log2(e) are folded into it. int8, not e4m3: with 3 mantissa bits
+  e4m3 puts ~4% of noise on every element, int8 under 1% of the row's maximum.
+* **K**: the mean over tokens is subtracted first. That leaves every query's softmax unchanged
+  (q·(k - m) = q·k - q·m, a constant per query) and takes out the offset shared by all keys, so the
+  scale covers only their spread. int8, one scale per block of 128 keys.
+* **V**: the mean over tokens is subtracted (added back to the output, exact since each row of the
+  softmax sums to 1), then e4m3 with one scale per channel, applied to the output at the end.
+* **P**: exp2 of the running-max-shifted scores times 448, i.e. in [0, 448], which e4m3 spans
+  without a per-tile scale; the factor cancels against the row sum. Each tile's P·V starts from a
+  fresh accumulator and is added to the fp32 output accumulator, so the tensor cores' reduced-precision
+  fp8 accumulation never spans more than one tile.
+
+The kernels run inside a torch custom op (``longcat_nb::attention_quant8``), so a compiled block keeps
+attention as one node; the quantization is a Triton kernel too, so eager mode makes no fp32 copies.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU machines without Triton never reach the kernels
+    triton = None
+
+try:  # host-side TMA descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+INT8_MAX = 127.0
+QUANT_BLOCK = 128  # tokens per K scale (and per quantization program)
+_LOG2E = 1.4426950408889634
+
+# Launch parameters (block_m and block_n divide QUANT_BLOCK); ``tma`` loads the tiles through
+# Hopper's tensor memory accelerator; ``pv`` = bf16 keeps P·V in bf16 (int8 Q·Kᵀ only: more accurate
+# on unstructured inputs, but slower than cuDNN). Chosen on an H200 with
+# ``benchmarks/bench_dit.py --cases attention8`` (docs/benchmarks.md, run 12): at 2x37440 tokens, 32
+# heads, forward 61.1 ms against cuDNN's 79.8 (64x128 tiles, 4 warps, 3 stages; TMA 63.7, 128x128
+# tiles with 8 warps 70.9, 4 stages 89.7, pv bf16 102.4).
+DEFAULT_CONFIG = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3, "tma": False,
+                  "pv": "fp8"}
+
+
+def available(device) -> bool:
+    """8-bit tensor-core attention can run on this device (CUDA, compute capability 8.9+, Triton)."""
+    device = torch.device(device)
+    return (triton is not None and device.type == "cuda" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _to_int8(x):
+        """Round half away from zero (|x| <= 127 here), then int8."""
+        return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
+
+    @triton.jit
+    def _quant_q_kernel(Q, Q8, QS, sqb, sqh, sqs, H, S, SP, qk_scale, D: tl.constexpr, BLOCK: tl.constexpr):
+        """Q -> int8 with a scale per token, the softmax scale (base 2) folded in; zero rows past S."""
+        bh = tl.program_id(1).to(tl.int64)
+        rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        real = rows < S
+        cols = tl.arange(0, D)
+        q = tl.load(Q + (bh // H) * sqb + (bh % H) * sqh + rows[:, None] * sqs + cols[None, :],
+                    mask=real[:, None], other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)
+        tl.store(Q8 + (bh * SP + rows)[:, None] * D + cols[None, :], _to_int8(q * (127.0 / amax)[:, None]))
+        tl.store(QS + bh * SP + rows, amax / 127.0 * qk_scale)
+
+    @triton.jit
+    def _quant_kv_kernel(K, V, K8, KS, V8T, KMEAN, VMEAN, VSCALE, skb, skh, sks, svb, svh, svs,
+                         H, S, SP, NB, D: tl.constexpr, BLOCK: tl.constexpr):
+        """K - mean -> int8 with a scale per block of BLOCK keys; (V - mean) / scale per channel ->
+        e4m3, stored transposed [D, SP] (the 8-bit tensor cores want P·V's right operand contiguous
+        along the reduced token axis); zero rows past S."""
+        blk = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // H
+        h = bh % H
+        rows = (blk * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        real = rows < S
+        cols = tl.arange(0, D)
+        mean = tl.load(KMEAN + bh * D + cols)
+        k = tl.load(K + b * skb + h * skh + rows[:, None] * sks + cols[None, :], mask=real[:, None], other=0.0)
+        k = tl.where(real[:, None], k.to(tl.float32) - mean[None, :], 0.0)
+        amax = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), 1e-30)
+        tl.store(K8 + (bh * SP + rows)[:, None] * D + cols[None, :], _to_int8(k * (127.0 / amax)))
+        tl.store(KS + bh * NB + blk, amax / 127.0)
+        vs = tl.load(VSCALE + bh * D + cols)
+        vm = tl.load(VMEAN + bh * D + cols)
+        v = tl.load(V + b * svb + h * svh + rows[:, None] * svs + cols[None, :], mask=real[:, None], other=0.0)
+        v = tl.where(real[:, None], v.to(tl.float32) - vm[None, :], 0.0)
+        tl.store(V8T + (bh * D + cols)[None, :] * SP + rows[:, None], (v / vs[None, :]).to(tl.float8e4nv))
+
+    @triton.jit
+    def _tile(X, XD, r0, c0, ld, R: tl.constexpr, C: tl.constexpr, TMA: tl.constexpr):
+        """The [R, C] box at (r0, c0) of a contiguous 2-D tensor X with row length ld (or its descriptor)."""
+        if TMA:
+            x = XD.load([r0, c0])
+        else:
+            r = (r0 + tl.arange(0, R)).to(tl.int64)
+            x = tl.load(X + r[:, None] * ld + c0 + tl.arange(0, C)[None, :])
+        return x
+
+    @triton.jit
+    def _step(q, qs, m_i, l_i, acc, K8, KD, KS, V8T, VD, V, svb, svh, svs, b, h, bh, n0, S, SP, NB,
+              D: tl.constexpr, BLOCK_N: tl.constexpr, QBLOCK: tl.constexpr, MASK: tl.constexpr,
+              TMA: tl.constexpr, PV_FP8: tl.constexpr):
+        k = _tile(K8, KD, bh * SP + n0, 0, D, BLOCK_N, D, TMA)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32)  # int8 x int8 -> int32 [BLOCK_M, BLOCK_N]
+        c = qs * tl.load(KS + bh.to(tl.int64) * NB + n0 // QBLOCK)  # base-2 softmax scale of each row
+        if MASK:
+            s = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] < S, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+        # p in [0, 448]: e4m3's range without a tile scale; 8.807 = log2(448) cancels in acc / l
+        p = tl.exp2(s * c[:, None] - (m_new - 8.807354922057604)[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if PV_FP8:
+            vt = _tile(V8T, VD, bh * D, n0, SP, D, BLOCK_N, TMA)  # [D, BLOCK_N]
+            pv = tl.dot(p.to(tl.float8e4nv), tl.trans(vt))
+        else:  # bf16 P·V straight from the raster V
+            r = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            v = tl.load(V + b * svb + h * svh + r[:, None] * svs + tl.arange(0, D)[None, :],
+                        mask=(r < S)[:, None], other=0.0)
+            pv = tl.dot(p.to(v.dtype), v)  # p <= 448 is exact enough in bf16; the 448 cancels in acc / l
+        acc = acc * alpha[:, None] + pv
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _fwd_kernel(Q8, QD, QS, K8, KD, KS, V8T, VD, VMEAN, VSCALE, V, O,
+                    svb, svh, svs, sob, soh, sos,
+                    H, SQ, SPQ, S, SP, NB,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QBLOCK: tl.constexpr,
+                    TMA: tl.constexpr, PV_FP8: tl.constexpr):
+        pid = tl.program_id(0)
+        bh32 = tl.program_id(1)  # descriptor coordinates are 32-bit
+        bh = bh32.to(tl.int64)
+        b = bh // H
+        h = bh % H
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = _tile(Q8, QD, bh32 * SPQ + pid * BLOCK_M, 0, D, BLOCK_M, D, TMA)
+        qs = tl.load(QS + bh * SPQ + rows)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        n_full = S // BLOCK_N
+        for j in range(0, n_full):
+            m_i, l_i, acc = _step(q, qs, m_i, l_i, acc, K8, KD, KS, V8T, VD, V, svb, svh, svs, b, h, bh32,
+                                  j * BLOCK_N, S, SP, NB, D, BLOCK_N, QBLOCK, False, TMA, PV_FP8)
+        if n_full * BLOCK_N < S:
+            m_i, l_i, acc = _step(q, qs, m_i, l_i, acc, K8, KD, KS, V8T, VD, V, svb, svh, svs, b, h, bh32,
+                                  n_full * BLOCK_N, S, SP, NB, D, BLOCK_N, QBLOCK, True, TMA, PV_FP8)
+        cols = tl.arange(0, D)
+        if PV_FP8:  # scale back per channel, add the mean taken out of V
+            acc = acc * tl.load(VSCALE + bh * D + cols)[None, :]
+            out = acc / l_i[:, None] + tl.load(VMEAN + bh * D + cols)[None, :]
+        else:
+            out = acc / l_i[:, None]
+        out = out.to(O.dtype.element_ty)
+        ptrs = O + b * sob + h * soh + rows.to(tl.int64)[:, None] * sos + cols[None, :]
+        tl.store(ptrs, out, mask=(rows < SQ)[:, None])
+
+
+def quantize(q, k, v):
+    """q [B, H, Sq, D], k, v [B, H, Sk, D] (any strides, unit stride along D) -> the kernel's 8-bit
+    operands: int8 Q8 [B·H, SPq, D] and K8 [B·H, SPk, D], e4m3 V8ᵀ [B·H, D, SPk] (SP = S rounded up
+    to 128, zero rows beyond S); the per-token Q scales (softmax scale folded in) [B·H, SPq], the
+    per-block K scales [B·H, SPk/128], and the per-channel mean and scale of V [B·H, D]
+    (V8 = (V - mean) / scale)."""
+    B, H, SQ, D = q.shape
+    SK = k.shape[2]
+    BH = B * H
+    NBQ, NBK = triton.cdiv(SQ, QUANT_BLOCK), triton.cdiv(SK, QUANT_BLOCK)
+    SPQ, SPK = NBQ * QUANT_BLOCK, NBK * QUANT_BLOCK
+    dev = q.device
+    kmean = torch.mean(k, dim=2, dtype=torch.float32).reshape(BH, D).contiguous()
+    vmean = torch.mean(v, dim=2, dtype=torch.float32)
+    vmin, vmax = torch.aminmax(v, dim=2)
+    vscale = torch.maximum(vmax.float() - vmean, vmean - vmin.float()).clamp_min(1e-30) / FP8_MAX
+    vmean, vscale = vmean.reshape(BH, D).contiguous(), vscale.reshape(BH, D).contiguous()
+    q8 = torch.empty(BH, SPQ, D, device=dev, dtype=torch.int8)
+    qs = torch.empty(BH, SPQ, device=dev, dtype=torch.float32)
+    k8 = torch.empty(BH, SPK, D, device=dev, dtype=torch.int8)
+    ks = torch.empty(BH, NBK, device=dev, dtype=torch.float32)
+    v8t = torch.empty(BH, D, SPK, device=dev, dtype=torch.float8_e4m3fn)
+    _quant_q_kernel[(NBQ, BH)](q, q8, qs, *q.stride()[:3], H, SQ, SPQ, _LOG2E / math.sqrt(D),
+                               D=D, BLOCK=QUANT_BLOCK, num_warps=8)
+    _quant_kv_kernel[(NBK, BH)](k, v, k8, ks, v8t, kmean, vmean, vscale, *k.stride()[:3], *v.stride()[:3],
+                                H, SK, SPK, NBK, D=D, BLOCK=QUANT_BLOCK, num_warps=8)
+    return q8, k8, v8t, qs, ks, vmean, vscale
+
+
+def _config(config: str | dict | None) -> dict:
+    cfg = dict(DEFAULT_CONFIG)
+    extra = json.loads(config) if isinstance(config, str) and config else (config or {})
+    unknown = set(extra) - set(cfg)
+    if unknown:
+        raise ValueError(f"8-bit attention config {extra}: unknown keys {sorted(unknown)}; known: {DEFAULT_CONFIG}")
+    cfg.update(extra)
+    if QUANT_BLOCK % cfg["block_n"] or QUANT_BLOCK % cfg["block_m"] or cfg["pv"] not in ("fp8", "bf16"):
+        raise ValueError(f"8-bit attention config {cfg}: block_m and block_n must divide {QUANT_BLOCK}, "
+                         "pv is fp8 or bf16")
+    return cfg
+
+
+def _use_tma(cfg, x) -> bool:
+    if not cfg["tma"] or TensorDescriptor is None:
+        return False
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability(x.device)[0] >= 9
+    return True  # Triton's interpreter emulates the descriptors (tests)
+
+
+def _prep(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _run(q, k, v, config: str | dict | None):
+    cfg = _config(config)
+    q, k, v = _prep(q), _prep(k), _prep(v)
+    B, H, S, D = q.shape
+    SK = k.shape[2]
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != D or v.shape != k.shape:
+        raise ValueError(f"8-bit attention needs q [B, H, Sq, D] and k, v [B, H, Sk, D]: {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head_dim {D}: the 8-bit attention kernel needs a power of two >= 16")
+    q8, k8, v8t, qs, ks, vmean, vscale = quantize(q, k, v)
+    SPQ, SP = q8.shape[1], k8.shape[1]
+    BM, BN = cfg["block_m"], cfg["block_n"]
+    tma = _use_tma(cfg, q)
+    qd = TensorDescriptor.from_tensor(q8.view(-1, D), [BM, D]) if tma else None
+    kd = TensorDescriptor.from_tensor(k8.view(-1, D), [BN, D]) if tma else None
+    vd = TensorDescriptor.from_tensor(v8t.view(-1, SP), [D, BN]) if tma else None
+    o = torch.empty(B, S, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)  # like SDPA's layout in the DiT
+    _fwd_kernel[(triton.cdiv(S, BM), B * H)](
+        q8, qd, qs, k8, kd, ks, v8t, vd, vmean, vscale, v, o,
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        H, S, SPQ, SK, SP, ks.shape[1], D=D, BLOCK_M=BM, BLOCK_N=BN, QBLOCK=QUANT_BLOCK, TMA=tma,
+        PV_FP8=cfg["pv"] == "fp8", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return o
+
+
+@torch.library.custom_op("longcat_nb::attention_quant8", mutates_args=())
+def _attention_quant8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: str) -> torch.Tensor:
+    return _run(q, k, v, config)
+
+
+@_attention_quant8.register_fake
+def _(q, k, v, config):
+    B, H, S, D = q.shape
+    return q.new_empty(B, S, H, D).transpose(1, 2)
+
+
+def quant8_attention(q, k, v, config: dict | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(D)) v for q, k, v [B, H, S, D] (bf16 or fp16, any strides with unit stride
+    along D), both matmuls in 8 bits. Forward only: raises when a gradient would be needed."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("8-bit attention has no backward: call it under torch.no_grad(), or use sdpa for training")
+    if triton is None:
+        raise RuntimeError("8-bit attention needs Triton (pip install triton)")
+    return _attention_quant8(q, k, v, json.dumps(config, sort_keys=True) if config else "")

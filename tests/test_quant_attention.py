@@ -1,0 +1,114 @@
+"""8-bit attention (models/quant_attention.py): the kernels against an fp32 reference through Triton's
+CPU interpreter (in a subprocess), where the model uses it and where it falls back to SDPA, and on a
+GPU the real kernel against cuDNN/flash SDPA inside a compiled DiT."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from longcat_nb.models import LongCatVideoTransformer3DModel
+from longcat_nb.models.attention import self_attention
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_INTERPRETED = r"""
+import torch, torch.nn.functional as F
+from longcat_nb.models.quant_attention import quant8_attention, quantize
+torch.manual_seed(0)
+B, H, D = 1, 2, 32
+def ops(sq, sk, strided=False):
+    # DiT-like: unit-RMS q and k (the model's q/k norms), k and v with an offset shared by all tokens
+    q = F.rms_norm(torch.randn(B, sq, H, D), (D,))
+    k = F.rms_norm(torch.randn(B, sk, H, D), (D,)) + 0.5 * torch.randn(1, 1, H, D)
+    v = torch.randn(B, sk, H, D) + torch.randn(1, 1, H, D)
+    q, k, v = (t.to(torch.bfloat16).transpose(1, 2) for t in (q, k, v))
+    return (q, k, v) if strided else tuple(t.contiguous() for t in (q, k, v))
+for sq, sk, strided, cfg in [(200, 200, False, {}), (130, 333, True, {"block_n": 64}),
+                             (64, 64, False, {"tma": True, "block_m": 128})]:
+    q, k, v = ops(sq, sk, strided)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    with torch.no_grad():
+        o = quant8_attention(q, k, v, cfg)
+    err = float((o.float() - ref).norm() / ref.norm())
+    assert o.shape == ref.shape and o.dtype == torch.bfloat16, (o.shape, o.dtype)
+    assert err < 0.05, (sq, sk, cfg, err)
+    print("case", sq, sk, cfg, round(err, 4))
+# the quantized operands: Q per token and K per block (after the mean) round to within 1% in int8
+q, k, v = ops(200, 200)
+q8, k8, v8t, qs, ks, vmean, vscale = quantize(q, k, v)
+assert q8.dtype == k8.dtype == torch.int8 and v8t.dtype == torch.float8_e4m3fn
+assert q8.shape == (2, 256, D) and v8t.shape == (2, D, 256) and ks.shape == (2, 2)
+assert int(q8[:, 200:].abs().sum()) == 0 and int(k8[:, 200:].abs().sum()) == 0
+kc = (k.float() - k.float().mean(2, keepdim=True)).reshape(2, 200, D)
+kd = (k8[:, :200].float().view(2, 200, D) * ks.repeat_interleave(128, 1)[:, :200, None])
+assert float((kd - kc).norm() / kc.norm()) < 0.01
+print("ok")
+"""
+
+
+def test_kernels_match_fp32_reference_in_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=REPO)
+    assert p.returncode == 0 and "ok" in p.stdout, (p.stdout + p.stderr)[-4000:]
+
+
+def test_falls_back_to_sdpa_without_a_gpu_or_when_a_gradient_is_needed():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 16) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    out = self_attention(q, k, v, (2, 3, 4), (2, 3, 4), "quant8", None)
+    assert torch.equal(out, ref)  # CPU: plain SDPA
+    model = LongCatVideoTransformer3DModel(hidden_size=64, depth=1, num_heads=2, caption_channels=16,
+                                           adaln_tembed_dim=32, frequency_embedding_size=32)
+    assert model.set_attention_backend("quant8") == "quant8"
+    assert model.blocks[0].attn.backend == "quant8" and model.blocks[0].cross_attn.backend == "sdpa"
+    with pytest.raises(ValueError, match="attention_implementation='int4'"):
+        model.set_attention_backend("int4")
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_against_sdpa_and_in_a_compiled_dit():
+    pytest.importorskip("triton")
+    from longcat_nb.models.quant_attention import available, quant8_attention
+    from longcat_nb.speed import apply_compile
+
+    if not available("cuda"):
+        pytest.skip("8-bit attention needs compute capability 8.9+")
+    torch.manual_seed(0)
+    F = torch.nn.functional
+    q = F.rms_norm(torch.randn(2, 4, 3000, 128, device="cuda"), (128,)).bfloat16()
+    k = (F.rms_norm(torch.randn(2, 4, 3100, 128, device="cuda"), (128,)) + 0.3).bfloat16()
+    v = torch.randn(2, 4, 3100, 128, device="cuda").bfloat16()
+    with torch.no_grad():
+        # unstructured V (no shared offset): e4m3's rounding shows; bf16 P·V keeps it near 1%
+        for offset, bounds in ((0.0, (0.08, 0.02)), (1.0, (0.01, 0.01))):
+            vv = (v.float() + offset * torch.randn(1, 4, 1, 128, device="cuda")).bfloat16()
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), vv.float())
+            for cfg in ({}, {"tma": True}, {"pv": "bf16"}, {"block_m": 128, "num_warps": 8}):
+                o = quant8_attention(q, k, vv, cfg)
+                err = float((o.float() - ref).norm() / ref.norm())
+                assert err < bounds[cfg.get("pv") == "bf16"], (offset, cfg, err)
+    # a whole model: sampling output close to SDPA's, the same compiled and eager; training uses SDPA
+    cfg = dict(hidden_size=256, depth=2, num_heads=2, caption_channels=64, adaln_tembed_dim=64,
+               frequency_embedding_size=64)
+    model = LongCatVideoTransformer3DModel(**cfg).cuda().bfloat16().eval()
+    x = torch.randn(2, 16, 5, 16, 24, device="cuda")
+    t = torch.full((2,), 500.0, device="cuda")
+    y = torch.randn(2, 1, 32, 64, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(2, 32, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        dense = model(x, t, y, mask).float()
+        model.set_attention_backend("quant8")
+        eager = model(x, t, y, mask).float()
+        apply_compile(model, scope="blocks")
+        compiled = model(x, t, y, mask).float()
+    assert float((eager - dense).norm() / dense.norm()) < 0.02
+    assert float((compiled - eager).norm() / eager.norm()) < 0.01
+    model.requires_grad_(True)
+    loss = model(x, t, y, mask).float().square().mean()  # grad enabled: SDPA inside, so it trains
+    loss.backward()
+    assert all(p.grad is not None for p in model.blocks[0].attn.qkv.parameters())
