@@ -35,6 +35,7 @@ QUANTIZED = ("int8", "fp8", "fp8_rowwise", "int4", "nf4")
 K_TRAIN_BLOCK = 50.0  # one block's recompute + backward working set (measured 14.4 GiB at N=37,440)
 K_TRAIN_BLOCK_COMPILED = 42.0  # with the fp32 glue compiled (51.6 vs 53.9 GiB)
 K_SAMPLE = 15.4  # inference working set per token row (8.8 GiB for CFG batch 2 at N=37,440)
+K_SAMPLE_COMPILED = 9.2  # with compiled blocks (H200, run 12: 30.6 GiB bf16, 18.9 GiB fp8_rowwise)
 OPTIMIZER_BYTES = {"adamw": 16.0, "adamw8bit": 10.0, "prodigy": 24.0}  # per LoRA param: w, g, states
 CONTEXT_GIB = 0.0  # max_memory_allocated excludes the CUDA context; keep predictions comparable
 
@@ -101,7 +102,7 @@ def plan(s: PlanSettings) -> Plan:
     }
     if s.mode == "sample":
         rows = n * (2 if s.cfg else 1)
-        parts["activations"] = K_SAMPLE * rows * C * 2
+        parts["activations"] = (K_SAMPLE_COMPILED if s.compile else K_SAMPLE) * rows * C * 2
     else:
         p = lora_params(s.rank, s.targets)
         parts["lora_and_optimizer"] = p * OPTIMIZER_BYTES.get(s.optimizer, 16.0)

@@ -904,7 +904,8 @@ def base_precision(precision: str, dit_dtype: str = "auto") -> str:
         raise SampleError(f"model dit_dtype={dit_dtype!r}: use auto, bfloat16, float16 or float32") from None
 
 
-def load_sampling_components(model, offload: str = "none", precision: str = "auto", blocks_to_swap: int = 0):
+def load_sampling_components(model, offload: str = "none", precision: str = "auto", blocks_to_swap: int = 0,
+                             compile: bool = False):
     """Components for sampling from the run's ``model`` settings (config.ModelSettings).
 
     offload='model': every part is loaded on the CPU in the dtype it will run in on the accelerator
@@ -913,7 +914,8 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
     and ``blocks_to_swap`` are applied to the DiT as training applies them (memory.py:
     apply_inference_memory): quantized block by block on the GPU, then the last N blocks' weights
     to pinned CPU memory. LoRAs (yours, cfg_step_lora, refinement_lora) are applied per call on
-    top of the quantized weights and stream in with their swapped block."""
+    top of the quantized weights and stream in with their swapped block. ``compile`` compiles each
+    DiT block on CUDA (speed.apply_compile; ignored elsewhere): the first call compiles."""
     from .checkpoint import PARTS, load_components, load_dit, pick_device, pick_dtype
     from .memory import QUANTIZED, apply_inference_memory, compute_dtype
 
@@ -933,7 +935,7 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
         if precision != "auto":
             dtypes["dit"] = compute_dtype(prec, dev)
         comps = load_components(model.checkpoint, device=str(home), dtypes=dtypes, attention=model.attention)
-        comps.memory = {"precision": prec, "blocks_to_swap": 0}
+        comps.memory = {"precision": prec, "blocks_to_swap": 0, "compile": _compile_dit(comps.dit, compile, dev)}
         return comps
     comps = load_components(model.checkpoint, parts=[p for p in PARTS if p != "dit"], device=str(home), dtypes=dtypes)
     dit = load_dit(model.checkpoint, "cpu", compute_dtype(prec, dev), model.attention)
@@ -942,12 +944,22 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
     except ImportError as e:
         raise SampleError(f"precision={precision!r}: {e}") from None
     comps.dit = dit
-    comps.memory = {"precision": prec, "blocks_to_swap": int(blocks_to_swap)}
+    comps.memory = {"precision": prec, "blocks_to_swap": int(blocks_to_swap), "compile": _compile_dit(dit, compile, dev)}
     return comps
 
 
+def _compile_dit(dit, compile: bool, device) -> bool:
+    """Compile each DiT block where it pays (CUDA); True when compiled."""
+    if not compile or torch.device(device).type != "cuda":
+        return False
+    from .speed import apply_compile
+
+    apply_compile(dit, scope="blocks")
+    return True
+
+
 def settings_record(request: SampleRequest, lora=None, scale: float = 1.0, offload: str = "none",
-                    precision: str = "auto", blocks_to_swap: int = 0) -> dict:
+                    precision: str = "auto", blocks_to_swap: int = 0, compile: bool = False) -> dict:
     """The run config's ``sample`` section (config.SampleSettings) for what was just sampled (as asked:
     height = width = 0 when the size came from the input, the negative prompt's name if it had one)."""
     r = request.resolved()
@@ -958,7 +970,7 @@ def settings_record(request: SampleRequest, lora=None, scale: float = 1.0, offlo
         resolution=r.resolution, height=r.height or 0, width=r.width or 0, num_frames=r.num_frames, steps=r.steps,
         guidance=r.guidance, seed=r.seed, fps=int(round(r.fps)), distilled=r.distilled, use_kv_cache=r.use_kv_cache,
         enhance_hf=bool(r.enhance_hf), offload=offload, precision=precision, blocks_to_swap=int(blocks_to_swap),
-        loras=[{"path": str(lora), "scale": float(scale)}] if lora else [],
+        compile=bool(compile), loras=[{"path": str(lora), "scale": float(scale)}] if lora else [],
     )
 
 
@@ -1002,7 +1014,7 @@ def sampling_plan(values: dict, uploaded_image=None, gpu_gib="auto") -> dict:
     if gpu_gib == "auto":
         gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
     s = PlanSettings(mode="sample", height=h, width=w, num_frames=req.num_frames, precision=prec,
-                     blocks_to_swap=swap, cfg=req.guidance > 1)
+                     blocks_to_swap=swap, cfg=req.guidance > 1, compile=bool(values.get("compile")))
     out = report(s, gpu_gib)
     parts = plan(s).parts
     offload = values.get("offload", "none")

@@ -16,6 +16,8 @@ MEASURED = [
     (PlanSettings(precision="int8", blocks_to_swap=40, activation_offload=True), 30.6),
     (PlanSettings(precision="fp8", blocks_to_swap=40, activation_offload=True), 27.3),
     (PlanSettings(compile=True), 51.6),
+    (PlanSettings(mode="sample", compile=True), 30.6),  # H200, compiled blocks (run 12)
+    (PlanSettings(mode="sample", precision="fp8_rowwise", compile=True), 18.9),
 ]
 
 

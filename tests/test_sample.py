@@ -489,7 +489,7 @@ def test_int8_sampling_is_close_to_full_precision_and_takes_loras(tiny_ckpt, tmp
 
     ref = load_sampling_components(_model_settings())
     q = load_sampling_components(_model_settings(), precision="int8")
-    assert ref.memory == {"precision": "auto", "blocks_to_swap": 0} and q.memory["precision"] == "int8"
+    assert ref.memory == {"precision": "auto", "blocks_to_swap": 0, "compile": False} and q.memory["precision"] == "int8"
     assert type(q.dit.blocks[0].attn.qkv) is QLinear and quantized_bytes(q.dit) < quantized_bytes(ref.dit)
     req = SampleRequest("a red ball", seed=1, **SMALL)
     base_ref, base_q = generate(ref, req, progress=False), generate(q, req, progress=False)
@@ -513,7 +513,7 @@ def test_block_swap_gives_the_same_samples_and_streams_sampling_loras(comps, tin
 
     sw = load_sampling_components(_model_settings(), blocks_to_swap=1)
     swap = block_swap_of(sw.dit)
-    assert swap.swapped == [1] and sw.memory == {"precision": "auto", "blocks_to_swap": 1}
+    assert swap.swapped == [1] and sw.memory == {"precision": "auto", "blocks_to_swap": 1, "compile": False}
     n_base = len(swap.cpu[1])
     fetched = []
     fetch = swap.fetch
