@@ -42,7 +42,6 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
-INT8_MAX = 127.0
 QUANT_BLOCK = 128  # tokens per K scale (and per quantization program)
 _LOG2E = 1.4426950408889634
 
