@@ -92,6 +92,17 @@ def inputs(B, F=93, H=480, W=832, L=512, C=4096, seed=1):
     return x, y, mask
 
 
+def output_diff(model, change, key):
+    """Relative difference of the model's output after ``change(model)`` against before, on one input."""
+    x, y, mask = inputs(1)
+    t = torch.full((1,), 700.0, device="cuda")
+    with torch.no_grad():
+        ref = model(x, t, y, mask)
+        change(model)
+        out = model(x, t, y, mask)
+    return {key: float((out - ref).norm() / ref.norm()), "backend": model.attention_backend}
+
+
 def case_sample(model, repeat):
     """One CFG step: batch 2 (negative, positive) through the DiT."""
     gc.collect()
@@ -312,23 +323,10 @@ def main():
                 r = case_attention_diag()
             elif case == "q8diff":  # output of the 8-bit attention against SDPA, same model and input
                 model = random_full_dit(depth=args.depth)
-                x, y, mask = inputs(1)
-                t = torch.full((1,), 700.0, device="cuda")
-                with torch.no_grad():
-                    ref = model(x, t, y, mask)
-                    backend = model.set_attention_backend("quant8")
-                    out = model(x, t, y, mask)
-                r = {"rel_diff_quant8_vs_sdpa": float((out - ref).norm() / ref.norm()), "backend": backend}
+                r = output_diff(model, lambda m: m.set_attention_backend("quant8"), "rel_diff_quant8_vs_sdpa")
             elif case == "dit_bsa_diff":
                 model = random_full_dit(depth=args.depth)
-                x, y, mask = inputs(1)
-                t = torch.full((1,), 700.0, device="cuda")
-                with torch.no_grad():
-                    dense = model(x, t, y, mask)
-                    model.set_attention_backend("bsa")
-                    sparse = model(x, t, y, mask)
-                r = {"rel_diff_bsa_vs_dense": float((sparse - dense).norm() / dense.norm()),
-                     "backend": model.attention_backend}
+                r = output_diff(model, lambda m: m.set_attention_backend("bsa"), "rel_diff_bsa_vs_dense")
             elif case.startswith("train_") or case.startswith("sample_") or case.startswith("fp8diff"):
                 # <train|sample>_<precision>[_bsa|_q8][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac]
                 parts = case.split("_")
@@ -344,14 +342,8 @@ def main():
                 if "q8" in parts:
                     model.set_attention_backend("quant8")
                 if kind == "fp8diff":  # output of fp8_rowwise vs bf16 on the same weights and input
-                    x, y, mask = inputs(1)
-                    t = torch.full((1,), 700.0, device="cuda")
-                    with torch.no_grad():
-                        ref = model(x, t, y, mask)
-                        apply_base_precision(model, "fp8_rowwise", "cuda", backward=False)
-                        out = model(x, t, y, mask)
-                    r = {"rel_diff_fp8_rowwise_vs_bf16": float((out - ref).norm() / ref.norm()),
-                         "backend": model.attention_backend}
+                    r = output_diff(model, lambda m: apply_base_precision(m, "fp8_rowwise", "cuda", backward=False),
+                                    "rel_diff_fp8_rowwise_vs_bf16")
                 elif kind == "train":
                     if precision != "bf16":
                         apply_base_precision(model, precision, "cuda")

@@ -16,3 +16,24 @@ def make_run(run_dir, checkpoint, **dataset):
     rep = scan_dataset(cfg.dataset.dataset_dir, cfg.dataset, load_tokenizer(checkpoint))
     write_dataset_jsonl(run_dir, rep)
     return rep
+
+
+def one_clip_run(path, ckpt, keep="green_square"):
+    """A run folder with one data_samples clip (the first whose line holds ``keep``), cached; its record."""
+    import json
+
+    from longcat_nb.cache import build_cache
+
+    make_run(path, ckpt)
+    lines = [l for l in (path / "dataset.jsonl").read_text().splitlines() if keep in l]
+    (path / "dataset.jsonl").write_text(lines[0] + "\n")
+    build_cache(path)
+    return json.loads(lines[0])
+
+
+def fresh_copy(src, dst):
+    """A copy of a cached run folder without its checkpoints, LoRAs and logs."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "lora", "logs"))
+    return dst

@@ -2,15 +2,13 @@
 checkpointing, the fp8_rowwise base, BSA. The tiny model, the data_samples clip; skipped without a GPU."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
 
 import longcat_nb.train as T
-from longcat_nb.cache import build_cache
 from longcat_nb.config import update_section
-from helpers import make_run
+from helpers import fresh_copy, one_clip_run
 
 pytestmark = pytest.mark.gpu
 
@@ -18,15 +16,12 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory, tiny_ckpt):
     run = tmp_path_factory.mktemp("gpu_train") / "src"
-    make_run(run, tiny_ckpt)
-    lines = [l for l in (run / "dataset.jsonl").read_text().splitlines() if "green_square" in l]
-    (run / "dataset.jsonl").write_text(lines[0] + "\n")
-    build_cache(run)
+    one_clip_run(run, tiny_ckpt)
     return run
 
 
 def _run(src, dst, **train):
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "lora", "logs"))
+    fresh_copy(src, dst)
     update_section(dst, "model", device="cuda", attention=train.pop("attention", "sdpa"))
     update_section(dst, "train", **{**dict(steps=6, rank=8, alpha=8, lr=1e-3, checkpoint_every=3, seed=0,
                                            caption_dropout=0.0, validate_every=0), **train})

@@ -6,23 +6,17 @@ import pytest
 import torch
 
 import longcat_nb.train as T
-from longcat_nb.cache import CachedDataset, build_cache
+from longcat_nb.cache import CachedDataset
 from longcat_nb.checkpoint import load_components
 from longcat_nb.config import update_section
 from longcat_nb.sample import SampleRequest, generate
-from helpers import make_run
+from helpers import fresh_copy, one_clip_run
 
 
 # every block matrix plus the final layer: enough capacity on the 2-block tiny model to overfit a clip
 FIT_TARGETS = ["attn", "ffn", "modulation", "final"]
 
 
-def one_clip_run(path, ckpt, keep="green_square"):
-    make_run(path, ckpt)
-    lines = [l for l in (path / "dataset.jsonl").read_text().splitlines() if keep in l]
-    (path / "dataset.jsonl").write_text(lines[0] + "\n")
-    build_cache(path)
-    return json.loads(lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +26,6 @@ def cached(tmp_path_factory, tiny_ckpt):
     return base / "src", rec
 
 
-def _fresh(src, dst):
-    import shutil
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "lora", "logs"))
-    return dst
 
 
 def _distance_after_sampling(run, rec, lora):
@@ -61,7 +50,7 @@ def _fixed_eval_loss(model, run) -> float:
 
 
 def test_overfit_lowers_loss_and_moves_samples_to_the_clip(cached, tmp_path):
-    run = _fresh(cached[0], tmp_path / "fit")
+    run = fresh_copy(cached[0], tmp_path / "fit")
     update_section(run, "train", steps=80, rank=32, alpha=32, lr=1e-2, checkpoint_every=0, seed=0,
                    targets=FIT_TARGETS)
     before = _fixed_eval_loss(load_components("", device="cpu").dit.float(), run)
@@ -83,7 +72,7 @@ def test_flipped_target_sign_is_caught(cached, tmp_path, monkeypatch):
         return (dit(x_t, t, text, mask).float() - (noise - x0)).square().mean()
 
     monkeypatch.setattr(T, "flow_matching_loss", flipped)
-    run = _fresh(cached[0], tmp_path / "flip")
+    run = fresh_copy(cached[0], tmp_path / "flip")
     update_section(run, "train", steps=80, rank=32, alpha=32, lr=1e-2, checkpoint_every=0, seed=0,
                    targets=FIT_TARGETS)
     res = T.train(run, log=lambda *a: None)
@@ -93,8 +82,8 @@ def test_flipped_target_sign_is_caught(cached, tmp_path, monkeypatch):
 
 
 def test_resume_continues_exactly(cached, tmp_path):
-    a = _fresh(cached[0], tmp_path / "a")
-    b = _fresh(cached[0], tmp_path / "b")
+    a = fresh_copy(cached[0], tmp_path / "a")
+    b = fresh_copy(cached[0], tmp_path / "b")
     for run in (a, b):
         update_section(run, "train", steps=8, rank=4, alpha=4, lr=1e-3, checkpoint_every=4, seed=1,
                        caption_dropout=0.3, dropout=0.1)
@@ -139,7 +128,7 @@ def test_i2v_conditioning_frame_gets_no_loss_and_no_gradient(tiny_ckpt):
                                               ("fp8", "torchao"), ("nf4", "bitsandbytes")])
 def test_each_cpu_precision_trains(cached, tmp_path, precision, module):
     pytest.importorskip(module)
-    run = _fresh(cached[0], tmp_path / precision)
+    run = fresh_copy(cached[0], tmp_path / precision)
     update_section(run, "train", steps=25, rank=8, alpha=8, lr=5e-3, checkpoint_every=0, base_precision=precision,
                    targets=["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj", "ffn"])
     try:
@@ -154,7 +143,7 @@ def test_each_cpu_precision_trains(cached, tmp_path, precision, module):
 def test_validation_prompts_with_an_image_sample_image_to_video(cached, tmp_path, tiny_ckpt):
     from helpers import SAMPLES
 
-    run = _fresh(cached[0], tmp_path / "val")
+    run = fresh_copy(cached[0], tmp_path / "val")
     image = str(SAMPLES / "red_ball_bounce.png")
     update_section(run, "train", validation_prompts=["a green square", "a red ball"], validation_images=["", image],
                    validation_steps=2, validation_height=64, validation_width=64, validation_frames=9)
@@ -182,7 +171,7 @@ def test_validation_prompts_with_an_image_sample_image_to_video(cached, tmp_path
 
 
 def test_resume_under_another_rank_fails_in_one_line_before_anything_loads(cached, tmp_path):
-    run = _fresh(cached[0], tmp_path / "rank")
+    run = fresh_copy(cached[0], tmp_path / "rank")
     update_section(run, "train", steps=2, rank=4, alpha=4, checkpoint_every=2, targets=["attn"])
     T.train(run, log=lambda *a: None)
     ckpt = run / "checkpoints" / "step-0000002"
@@ -206,7 +195,7 @@ def test_03_rerun_with_another_rank_stops_before_config_is_written(cached, tmp_p
 
     from longcat_nb.runner import run_notebooks
 
-    run = _fresh(cached[0], tmp_path / "nb")
+    run = fresh_copy(cached[0], tmp_path / "nb")
     update_section(run, "train", steps=2, rank=4, alpha=4, checkpoint_every=2)
     T.train(run, log=lambda *a: None)
     before = (run / "config.json").read_text()

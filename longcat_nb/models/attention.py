@@ -137,7 +137,7 @@ def check_backend_available(backend: str) -> str:
         try:
             from .quant_attention import available
 
-            ok = torch.cuda.is_available() and available(torch.device("cuda"))
+            ok = available("cuda")
         except Exception:
             ok = False
         if not ok:

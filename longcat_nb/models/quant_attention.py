@@ -33,13 +33,11 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    # the BSA kernels' host helpers: TMA only on sm_90+ (or the interpreter), unit stride along D
+    from .bsa.blocked import TensorDescriptor, _prep, _use_tma
 except ImportError:  # pragma: no cover - CPU machines without Triton never reach the kernels
     triton = None
-
-try:  # host-side TMA descriptors (Triton >= 3.3)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 QUANT_BLOCK = 128  # tokens per K scale (and per quantization program)
@@ -217,18 +215,6 @@ def _config(config: str | dict | None) -> dict:
         raise ValueError(f"8-bit attention config {cfg}: block_m and block_n must divide {QUANT_BLOCK}, "
                          "pv is fp8 or bf16")
     return cfg
-
-
-def _use_tma(cfg, x) -> bool:
-    if not cfg["tma"] or TensorDescriptor is None:
-        return False
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device)[0] >= 9
-    return True  # Triton's interpreter emulates the descriptors (tests)
-
-
-def _prep(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _run(q, k, v, config: str | dict | None):
