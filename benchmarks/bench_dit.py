@@ -6,7 +6,8 @@
 Case names: <train|sample>_<precision>[_bsa|_q8][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac],
 e.g. train_bf16_compile_selective, sample_fp8rw_compile (precision: bf16 int8 int4 fp8, fp8rw = fp8_rowwise);
 fp8diff[_bsa]: relative output difference of the fp8_rowwise base against bf16; q8diff: of the 8-bit
-attention (quant8) against SDPA; attention8: the 8-bit attention kernel's launch configs against cuDNN.
+attention (quant8) against SDPA; attention8: the 8-bit attention kernel's launch configs against cuDNN;
+attention8_train: its backward's (training) configs and gradient errors against cuDNN.
 
 Every case runs in try/except so one failure (or OOM) still reports the others. Timings are the
 median of ``--repeat`` runs after one warm-up, synchronized, on the same random inputs.
@@ -250,6 +251,93 @@ def case_attention8(repeat):
     return out
 
 
+def case_attention8_train(repeat):
+    """8-bit attention for training against cuDNN SDPA, B = 1, 32 heads x 128 at 480x832x93 (37440
+    tokens): fwd+bwd and backward-only time per backward launch config, and the errors of O, dQ, dK,
+    dV against an fp32 reference on two heads."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from longcat_nb.models import quant_attention as QA
+    from longcat_nb.models.attention import dense_attention, set_sdpa_preference
+
+    def bwd(m, n, w, s):
+        return {"block_m": m, "block_n": n, "num_warps": w, "num_stages": s}
+
+    configs = {
+        "default": {},
+        "triton": {"backward": "triton"},
+        "triton_dv_bf16": {"backward": "triton", "dv": "bf16"},
+        "triton_dv_bf16_dkdv_m128n64w8": {"backward": "triton", "dv": "bf16", "dkdv": bwd(128, 64, 8, 2)},
+        "triton_dv_bf16_dkdv_m64n128w8": {"backward": "triton", "dv": "bf16", "dkdv": bwd(64, 128, 8, 2)},
+        "triton_dv_bf16_dq_m128n64w8": {"backward": "triton", "dv": "bf16", "dq": bwd(128, 64, 8, 2)},
+    }
+    n = 37440
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = F.rms_norm(torch.randn(1, n, 32, 128, device="cuda", generator=g), (128,)).to(torch.bfloat16).transpose(1, 2)
+    k = (F.rms_norm(torch.randn(1, n, 32, 128, device="cuda", generator=g), (128,))
+         + 0.5 * torch.randn(1, 1, 32, 128, device="cuda", generator=g)).to(torch.bfloat16).transpose(1, 2)
+    v = (torch.randn(1, n, 32, 128, device="cuda", generator=g)
+         + torch.randn(1, 1, 32, 128, device="cuda", generator=g)).to(torch.bfloat16).transpose(1, 2)
+    q, k, v = (t.contiguous().requires_grad_() for t in (q, k, v))
+    do = (torch.randn(1, 32, n, 128, device="cuda", generator=g) * 1e-3).to(torch.bfloat16)
+    flops = 4 * n * n * 4096
+    # fp32 reference on the first two heads
+    qr, kr, vr = (t[:, :2].detach().float().requires_grad_() for t in (q, k, v))
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        ref = F.scaled_dot_product_attention(qr, kr, vr)
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), do[:, :2].float())
+    ref = ref.detach()
+
+    def errors(fn):
+        q2, k2, v2 = (t[:, :2].detach().clone().requires_grad_() for t in (q, k, v))
+        o = fn(q2, k2, v2)
+        grads = torch.autograd.grad(o, (q2, k2, v2), do[:, :2])
+        rel = [float((a.float() - b).norm() / b.norm()) for a, b in zip((o, *grads), (ref, *ref_grads))]
+        return dict(zip(("err_o", "err_dq", "err_dk", "err_dv"), rel))
+
+    def fwd_bwd(fn):
+        def run():
+            o = fn(q, k, v)
+            torch.autograd.grad(o, (q, k, v), do)
+        return run
+
+    out = {}
+    for pref in ("cudnn", "flash"):
+        set_sdpa_preference(pref)
+        t, _ = timed(fwd_bwd(dense_attention), repeat + 3)
+        with torch.no_grad():
+            tf, _ = timed(lambda: dense_attention(q, k, v), repeat + 3)
+        out[f"{pref}_bf16"] = {"fwd_bwd_ms": t * 1e3, "fwd_ms": tf * 1e3, "bwd_ms": (t - tf) * 1e3,
+                               "fwd_bwd_tflops": 3.5 * flops / t / 1e12, **errors(dense_attention)}
+        print(json.dumps({pref: out[f"{pref}_bf16"]}), flush=True)
+    set_sdpa_preference("auto")
+    with torch.no_grad():
+        o, lse, mrow = QA._run(q, k, v, None, stats=True)
+        tf, _ = timed(lambda: QA._run(q, k, v, None, stats=True), repeat + 3)
+    out["quant8_fwd_stats_ms"] = tf * 1e3
+    # cuDNN's own log-sum-exp against the one handed to its backward (quant_attention._cudnn_backward)
+    with torch.no_grad():
+        ref_lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[1]
+        kmean = k.float().mean(2)
+        ours = (lse.view(1, 32, -1)[:, :, :n] * 0.6931471805599453
+                + torch.einsum("bhsd,bhd->bhs", q.float(), kmean) / 128 ** 0.5)
+        out["cudnn_lse"] = {"shape": list(ref_lse.shape), "stride": list(ref_lse.stride()),
+                            "max_abs_diff_vs_ours": float((ref_lse.reshape(ours.shape) - ours).abs().max())}
+    print(json.dumps(out["cudnn_lse"]), flush=True)
+    for name, cfg in configs.items():
+        try:
+            with torch.no_grad():
+                tb, _ = timed(lambda: QA._run_backward(do, q, k, v, o, lse, mrow, cfg), repeat + 3)
+            t, _ = timed(fwd_bwd(lambda a, b, c: QA.quant8_attention(a, b, c, cfg)), repeat + 3)
+            out[f"quant8_{name}"] = {"fwd_bwd_ms": t * 1e3, "bwd_ms": tb * 1e3, "fwd_bwd_tflops": 3.5 * flops / t / 1e12,
+                                     **errors(lambda a, b, c: QA.quant8_attention(a, b, c, cfg))}
+        except Exception as e:
+            out[f"quant8_{name}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        print(json.dumps({name: out[f"quant8_{name}"]}), flush=True)
+    return out
+
+
 def case_attention_diag():
     """Why a fused kernel is or is not taken: cuDNN only, on plain and on DiT-made q/k/v."""
     import warnings
@@ -319,6 +407,8 @@ def main():
                 r = case_attention(args.repeat)
             elif case == "attention8":
                 r = case_attention8(args.repeat)
+            elif case == "attention8_train":
+                r = case_attention8_train(args.repeat)
             elif case == "attention_diag":
                 r = case_attention_diag()
             elif case == "q8diff":  # output of the 8-bit attention against SDPA, same model and input

@@ -500,6 +500,7 @@ _ATTENTION_OPS = tuple(
         "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
     if hasattr(torch.ops.aten, name))
+_QUANT8_ATTENTION_OP = "longcat_nb::attention_quant8_fwd"  # models/quant_attention.py, training
 LONG_KEYS = 4096  # keys above this are video tokens (text has <= 512)
 
 
@@ -507,7 +508,8 @@ def _keep_attention(ctx, func, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
 
     # block-sparse attention is cheap to recompute (6% of dense), so only dense attention is kept
-    if func in _ATTENTION_OPS and args[1].shape[-2] > LONG_KEYS:
+    if (func in _ATTENTION_OPS or getattr(func, "_name", None) == _QUANT8_ATTENTION_OP) \
+            and args[1].shape[-2] > LONG_KEYS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

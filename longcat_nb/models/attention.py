@@ -6,8 +6,9 @@
 * ``bsa``: block-sparse self-attention (spec §3) through our Triton kernel on CUDA; on other
   devices, or for single-frame grids, it falls back to dense SDPA. Cross-attention is always dense.
 * ``quant8``: dense self-attention with 8-bit operands (int8 Q·Kᵀ, float8 P·V; :mod:`.quant_attention`)
-  where no gradient is needed (sampling, validation clips) on GPUs with 8-bit tensor cores (compute
-  capability 8.9+); SDPA elsewhere: training steps, the CPU, older GPUs, cross-attention.
+  on GPUs with 8-bit tensor cores (compute capability 8.9+), in sampling and in training (its backward
+  recomputes Q·Kᵀ in int8 and runs Pᵀ·dO in float8, the other three matmuls in bf16); SDPA elsewhere:
+  the CPU, older GPUs, cross-attention.
 """
 from __future__ import annotations
 
@@ -110,8 +111,7 @@ def self_attention(q, k, v, grid_q, grid_k, backend: str, bsa_params: dict | Non
                 chunk_k=tuple(params.get("chunk_3d_shape_k", (4, 4, 4))),
                 cdf_threshold=params.get("cdf_threshold"),
             )
-    if backend == "quant8" and q.is_cuda and not (
-            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    if backend == "quant8" and q.is_cuda:
         from .quant_attention import available, quant8_attention
 
         if available(q.device):
@@ -144,5 +144,5 @@ def check_backend_available(backend: str) -> str:
             logger.warning("8-bit attention needs a CUDA GPU of compute capability 8.9+ and Triton; "
                            "using dense SDPA instead")
         else:
-            logger.info("8-bit attention where no gradient is needed (sampling); training steps use SDPA")
+            logger.info("8-bit self-attention (sampling and training); cross-attention uses SDPA")
     return backend
