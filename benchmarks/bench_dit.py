@@ -266,7 +266,7 @@ def case_attention8_train(repeat):
 
     configs = {
         "default": {},
-        "triton": {"backward": "triton"},
+        "cudnn_unverified": {"backward": "cudnn"},
         "triton_dv_bf16": {"backward": "triton", "dv": "bf16"},
         "triton_dv_bf16_dkdv_m128n64w8": {"backward": "triton", "dv": "bf16", "dkdv": bwd(128, 64, 8, 2)},
         "triton_dv_bf16_dkdv_m64n128w8": {"backward": "triton", "dv": "bf16", "dkdv": bwd(64, 128, 8, 2)},

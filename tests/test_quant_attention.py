@@ -121,18 +121,16 @@ def test_gpu_kernel_against_sdpa_and_in_a_compiled_dit():
         compiled = model(x, t, y, mask).float()
     assert float((eager - dense).norm() / dense.norm()) < 0.02
     assert float((compiled - eager).norm() / eager.norm()) < 0.01
-    # training: the 8-bit backward's gradients close to SDPA's, compiled and eager
-    grads = {}
-    for name, backend, compiled in (("sdpa", "sdpa", False), ("quant8", "quant8", False), ("compiled", "quant8", True)):
-        from longcat_nb.speed import disable_compile
-
-        disable_compile(model)
-        model.set_attention_backend(backend)
-        if compiled:
-            apply_compile(model, scope="blocks")
-        model.zero_grad(set_to_none=True)
-        model.requires_grad_(True)
-        model(x, t, y, mask).float().square().mean().backward()
-        grads[name] = torch.cat([p.grad.float().flatten() for p in model.blocks[0].attn.qkv.parameters()])
-    for name in ("quant8", "compiled"):
-        assert float((grads[name] - grads["sdpa"]).norm() / grads["sdpa"].norm()) < 0.05, name
+    model.requires_grad_(True)
+    loss = model(x, t, y, mask).float().square().mean()  # grad enabled: SDPA inside, so it trains
+    loss.backward()
+    assert all(p.grad is not None for p in model.blocks[0].attn.qkv.parameters())
+    # the kernel's own backward (Triton) against SDPA's gradients (bounds from run 13: 0.021 / 0.012 /
+    # 0.038 vs fp32 at 37440 tokens)
+    qg, kg, vg = (t[:1].detach().clone().requires_grad_() for t in (q, k, v))
+    do = torch.randn_like(qg)
+    ref = [t.float().detach().requires_grad_() for t in (qg, kg, vg)]
+    torch.autograd.backward(F.scaled_dot_product_attention(*ref), do.float())
+    quant8_attention(qg, kg, vg, {"backward": "triton"}).backward(do)
+    for got, want, bound in zip((qg, kg, vg), ref, (0.05, 0.03, 0.08)):
+        assert float((got.grad.float() - want.grad).norm() / want.grad.norm()) < bound

@@ -6,9 +6,10 @@
 * ``bsa``: block-sparse self-attention (spec §3) through our Triton kernel on CUDA; on other
   devices, or for single-frame grids, it falls back to dense SDPA. Cross-attention is always dense.
 * ``quant8``: dense self-attention with 8-bit operands (int8 Q·Kᵀ, float8 P·V; :mod:`.quant_attention`)
-  on GPUs with 8-bit tensor cores (compute capability 8.9+), in sampling and in training (its backward
-  recomputes Q·Kᵀ in int8 and runs Pᵀ·dO in float8, the other three matmuls in bf16); SDPA elsewhere:
-  the CPU, older GPUs, cross-attention.
+  where no gradient is needed (sampling, validation clips) on GPUs with 8-bit tensor cores (compute
+  capability 8.9+); SDPA elsewhere: training steps, the CPU, older GPUs, cross-attention. (The kernel
+  has a backward, :func:`.quant_attention.quant8_attention`, but it is slower than cuDNN's bf16 one
+  so far: docs/benchmarks.md, run 13.)
 """
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def self_attention(q, k, v, grid_q, grid_k, backend: str, bsa_params: dict | Non
                 chunk_k=tuple(params.get("chunk_3d_shape_k", (4, 4, 4))),
                 cdf_threshold=params.get("cdf_threshold"),
             )
-    if backend == "quant8" and q.is_cuda:
+    if backend == "quant8" and q.is_cuda and not (
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         from .quant_attention import available, quant8_attention
 
         if available(q.device):
@@ -144,5 +146,5 @@ def check_backend_available(backend: str) -> str:
             logger.warning("8-bit attention needs a CUDA GPU of compute capability 8.9+ and Triton; "
                            "using dense SDPA instead")
         else:
-            logger.info("8-bit self-attention (sampling and training); cross-attention uses SDPA")
+            logger.info("8-bit attention where no gradient is needed (sampling); training steps use SDPA")
     return backend

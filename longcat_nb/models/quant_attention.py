@@ -3,7 +3,8 @@ and newer): Q·Kᵀ in int8, P·V in float8 e4m3 (or bf16), softmax and accumula
 
 Why: at 480x832x93 the DiT's 48 self-attentions are more than half of a bf16 sampling step, and
 they already run at the bf16 kernel's roof (cuDNN, docs/benchmarks.md); 8-bit tensor cores have
-twice the rate. Only the forward exists: where a gradient is needed (training) the model uses SDPA.
+twice the rate. The DiT uses it only where no gradient is needed; :func:`quant8_attention` also has a
+backward (below), slower than cuDNN's bf16 backward so far, so training steps use SDPA.
 
 Quantization (one Triton pass, :func:`quantize`), chosen so the rounding stays small where it matters:
 
@@ -56,9 +57,11 @@ DEFAULT_CONFIG = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3
                   "dq": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
                   "dkdv": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
                   "dv": "fp8",
-                  # cudnn: cuDNN's bf16 backward fed this forward's output and log-sum-exp (the fastest on
-                  # an H200); triton: our kernels above (int8 Q·Kᵀ recompute, dV per ``dv``)
-                  "backward": "cudnn"}
+                  # triton: our kernels above (int8 Q·Kᵀ recompute, dV per ``dv``); measured correct, but
+                  # 174-353 ms against cuDNN's 104 at 37440 tokens (docs/benchmarks.md, run 13).
+                  # cudnn: cuDNN's fused bf16 backward fed this forward's O and log-sum-exp; NOT verified:
+                  # its one measurement (before O and dO were put in Q's layout) had dV right, dQ and dK wrong
+                  "backward": "triton"}
 
 
 def available(device) -> bool:
@@ -408,7 +411,7 @@ def _run(q, k, v, config: str | dict | None, stats: bool = False):
 
 
 def _run_backward(do, q, k, v, o, lse, mrow, config: str | dict | None):
-    """dQ, dK, dV (laid out [B, S, H, D] like the forward's output) from the forward's O and stats."""
+    """dQ, dK, dV (in the layouts of q, k, v) from the forward's O and stats."""
     cfg = _config(config)
     q, k, v, do = _prep(q), _prep(k), _prep(v), _prep(do)
     B, H, SQ, D = q.shape
@@ -426,9 +429,7 @@ def _run_backward(do, q, k, v, o, lse, mrow, config: str | dict | None):
     _bwd_prep_kernel[(NBQ, BH)](o, do, lse, mrow, delta, w, do8t, dos, o.stride(0), o.stride(1), o.stride(2),
                                 do.stride(0), do.stride(1), do.stride(2), H, SQ, SPQ, NBQ,
                                 D=D, BLOCK=QUANT_BLOCK, num_warps=8)
-    dq = torch.empty(B, SQ, H, D, device=dev, dtype=q.dtype).transpose(1, 2)
-    dk = torch.empty(B, SK, H, D, device=dev, dtype=k.dtype).transpose(1, 2)
-    dv = torch.empty(B, SK, H, D, device=dev, dtype=v.dtype).transpose(1, 2)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # the layouts of q, k, v
     sm_scale = 1.0 / math.sqrt(D)
     c = cfg["dq"]
     _dq_kernel[(triton.cdiv(SQ, c["block_m"]), BH)](
@@ -453,10 +454,12 @@ def _cudnn_backward(do, q, k, v, o, lse):
     kmean = torch.mean(k, dim=2, dtype=torch.float32)  # [B, H, D]
     shift = torch.einsum("bhsd,bhd->bhs", q.float(), kmean) * scale
     lse_nat = (lse.view(B, H, -1)[:, :, :SQ] * math.log(2.0) + shift).unsqueeze(-1)
-    none = torch.empty(0, device=q.device)
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        do, q, k, v, o, lse_nat, none, none, none, none, none, SQ, k.shape[2], 0.0, False, scale=scale)
-    return dq, dk, dv
+    philox = torch.empty(0, device=q.device)  # no dropout; bias and sequence offsets undefined
+    # cuDNN reads O and dO in Q's layout (measured: dV right and dQ, dK wrong otherwise)
+    o, do = (t if t.stride() == q.stride() else torch.empty_like(q).copy_(t) for t in (o, do))
+    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        do, q, k, v, o, lse_nat, philox, philox, None, None, None, SQ, k.shape[2], 0.0, False, scale=scale)
+    return tuple(g if g.stride() == x.stride() else torch.empty_like(x).copy_(g) for g, x in zip(grads, (q, k, v)))
 
 
 @torch.library.custom_op("longcat_nb::attention_quant8", mutates_args=())
@@ -499,10 +502,7 @@ def _attention_quant8_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 @_attention_quant8_bwd.register_fake
 def _(do, q, k, v, o, lse, mrow, config):
-    B, H, SQ, D = q.shape
-    SK = k.shape[2]
-    return (q.new_empty(B, SQ, H, D).transpose(1, 2), k.new_empty(B, SK, H, D).transpose(1, 2),
-            v.new_empty(B, SK, H, D).transpose(1, 2))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
