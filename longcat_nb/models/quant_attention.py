@@ -209,9 +209,8 @@ if triton is not None:
         rows = (blk * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
         real = rows < SQ
         cols = tl.arange(0, D)
-        o = tl.load(O + b * sob + h * soh + rows[:, None] * sos + cols[None, :], mask=real[:, None], other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sds + cols[None, :], mask=real[:, None],
-                     other=0.0).to(tl.float32)
+        o = _raster(O, sob, soh, sos, b, h, blk * BLOCK, BLOCK, D, SQ, True)
+        do = _raster(DO, sdb, sdh, sds, b, h, blk * BLOCK, BLOCK, D, SQ, True).to(tl.float32)
         tl.store(DELTA + bh * SPQ + rows, tl.sum(o.to(tl.float32) * do, 1))
         w = tl.where(real, tl.exp2(tl.load(MROW + bh * SPQ + rows) - tl.load(LSE + bh * SPQ + rows)), 0.0)
         tl.store(W + bh * SPQ + rows, w)
