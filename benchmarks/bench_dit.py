@@ -3,11 +3,15 @@
 
     python benchmarks/bench_dit.py --cases sample,train_bf16,train_int8 [--out $OUT/dit.json]
 
-Case names: <train|sample>_<precision>[_bsa|_q8][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac],
+Case names: <train|sample>_<precision>[_bsa|_q8|_q8cudnn|_q8triton][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac][_tf32][_prof],
 e.g. train_bf16_compile_selective, sample_fp8rw_compile (precision: bf16 int8 int4 fp8, fp8rw = fp8_rowwise);
 fp8diff[_bsa]: relative output difference of the fp8_rowwise base against bf16; q8diff: of the 8-bit
 attention (quant8) against SDPA; attention8: the 8-bit attention kernel's launch configs against cuDNN;
-attention8_train: its backward's (training) configs and gradient errors against cuDNN.
+attention8_train: its backward's (training) configs and gradient errors against cuDNN. In training
+cases _q8 runs SDPA (the DiT's default: quant8 is sampling-only), _q8cudnn / _q8triton the 8-bit
+forward with that backward (attention.set_quant8_training); _tf32 runs float32 matmuls (the
+LoRA's) on TF32 tensor cores, as train.py does; _prof adds a GPU-time breakdown of one
+more step by kernel category (kernel_breakdown).
 
 Every case runs in try/except so one failure (or OOM) still reports the others. Timings are the
 median of ``--repeat`` runs after one warm-up, synchronized, on the same random inputs.
@@ -118,7 +122,41 @@ def case_sample(model, repeat):
             "resident_gib": resident}
 
 
-def case_train(model, repeat, rank=32, swap=0, compile_scope=None, checkpointing="full"):
+# kernel-name fragments -> category, first match wins (kernel_breakdown)
+KERNEL_CATEGORIES = (
+    ("attention_bwd", ("flash_bwd", "bprop", "backward", "_dq_kernel", "_dkdv_kernel", "_bwd_prep")),
+    ("attention_fwd", ("flash_fwd", "fprop", "cudnn", "_fwd_kernel", "_quant_q_kernel", "_quant_kv_kernel",
+                       "fmha", "attention")),
+    ("gemm_fp8", ("e4m3", "f8", "fp8")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "ampere", "matmul", "nvjet")),
+    ("triton_fused", ("triton_",)),
+)
+
+
+def kernel_breakdown(fn, top=25):
+    """GPU time of one call of ``fn`` per kernel category (KERNEL_CATEGORIES) and its largest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0.0)
+        if str(getattr(e, "device_type", "")).endswith("CUDA") and us:
+            kernels[e.key] = kernels.get(e.key, 0.0) + us / 1e3
+    cats = {}
+    for name, ms in kernels.items():
+        low = name.lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k.lower() in low for k in keys)), "other")
+        cats[cat] = round(cats.get(cat, 0.0) + ms, 1)
+    largest = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    return {"gpu_ms": round(sum(kernels.values()), 1), "by_category_ms": cats,
+            "largest_ms": {k[:120]: round(v, 1) for k, v in largest}}
+
+
+def case_train(model, repeat, rank=32, swap=0, compile_scope=None, checkpointing="full", profile=False):
     from longcat_nb.memory import apply_gradient_checkpointing
     from longcat_nb.speed import apply_compile, disable_compile
 
@@ -155,6 +193,8 @@ def case_train(model, repeat, rank=32, swap=0, compile_scope=None, checkpointing
            "first_step_s": time.perf_counter() - t0 - sum(times), "checkpointing": checkpointing,
            "compile": compile_scope, "lora_params_m": sum(p.numel() for p in params) / 1e6, "losses": losses,
            "blocks_to_swap": swap}
+    if profile:
+        out["profile"] = kernel_breakdown(step)
     if sw is not None:
         sw.remove()
     disable_compile(model)
@@ -418,7 +458,7 @@ def main():
                 model = random_full_dit(depth=args.depth)
                 r = output_diff(model, lambda m: m.set_attention_backend("bsa"), "rel_diff_bsa_vs_dense")
             elif case.startswith("train_") or case.startswith("sample_") or case.startswith("fp8diff"):
-                # <train|sample>_<precision>[_bsa|_q8][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac]
+                # <train|sample>_<precision>[_bsa|_q8|_q8cudnn|_q8triton][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac]
                 parts = case.split("_")
                 kind = parts[0]
                 precision = {"fp8rw": "fp8_rowwise"}.get(parts[1], parts[1]) if kind != "fp8diff" else "bf16"
@@ -429,15 +469,19 @@ def main():
                 model = random_full_dit(depth=args.depth)
                 if "bsa" in parts:
                     model.set_attention_backend("bsa")
-                if "q8" in parts:
+                if {"q8", "q8cudnn", "q8triton"} & set(parts):
                     model.set_attention_backend("quant8")
+                from longcat_nb.models.attention import set_quant8_training
+                set_quant8_training(next((p[2:] for p in parts if p in ("q8cudnn", "q8triton")), "off"))
+                torch.backends.cuda.matmul.allow_tf32 = "tf32" in parts
                 if kind == "fp8diff":  # output of fp8_rowwise vs bf16 on the same weights and input
                     r = output_diff(model, lambda m: apply_base_precision(m, "fp8_rowwise", "cuda", backward=False),
                                     "rel_diff_fp8_rowwise_vs_bf16")
                 elif kind == "train":
                     if precision != "bf16":
                         apply_base_precision(model, precision, "cuda")
-                    r = case_train(model, args.repeat, swap=swap, compile_scope=scope, checkpointing=ckpt)
+                    r = case_train(model, args.repeat, swap=swap, compile_scope=scope, checkpointing=ckpt,
+                                   profile="prof" in parts)
                 else:
                     if precision != "bf16":
                         apply_base_precision(model, precision, "cuda", backward=False)
@@ -457,6 +501,7 @@ def main():
         res["cases"][case_name] = r
         print(json.dumps({case_name: {k: v for k, v in r.items() if k != "trace"}}), flush=True)
         del model
+        torch._dynamo.reset()  # compiled code of one case must not count against the next's recompile limit
         gc.collect()
         torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

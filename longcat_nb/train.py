@@ -464,6 +464,10 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
 
     stop = min(s.steps, max_steps) if max_steps else s.steps
     t_start, step_start = time.time(), step
+    # the LoRA's float32 matmuls on TF32 tensor cores (still finer than the bf16 base they add to);
+    # restored afterwards
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32 or device.type == "cuda"
     try:
         while step < stop:
             t0 = time.time()
@@ -529,6 +533,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
             f"({latest_checkpoint(ckpt_dir)}) is kept; re-run to resume."
         ) from e
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         if tb is not None:
             tb.close()
         if swap is not None:

@@ -1,5 +1,5 @@
 """train() end to end on a CUDA GPU with the settings the speed work added: compiled blocks, selective
-checkpointing, the fp8_rowwise base, BSA. The tiny model, the data_samples clip; skipped without a GPU."""
+checkpointing, the fp8_rowwise base, BSA, 8-bit attention. The tiny model, the data_samples clip; skipped without a GPU."""
 import json
 import math
 
@@ -29,10 +29,10 @@ def _run(src, dst, **train):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8_rowwise"])
-@pytest.mark.parametrize("attention", ["sdpa", "bsa"])
+@pytest.mark.parametrize("attention", ["sdpa", "bsa", "quant8"])
 def test_compiled_training_matches_eager_and_resumes(cached, tmp_path, precision, attention):
-    if precision == "fp8_rowwise" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("float8 matmuls need compute capability 8.9+")
+    if (precision == "fp8_rowwise" or attention == "quant8") and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 matmuls and 8-bit attention need compute capability 8.9+")
     eager = T.train(_run(cached, tmp_path / "eager", base_precision=precision, attention=attention,
                          compile=False), log=lambda *a: None).losses
     run = _run(cached, tmp_path / "compiled", base_precision=precision, attention=attention, compile=True,

@@ -6,10 +6,9 @@
 * ``bsa``: block-sparse self-attention (spec §3) through our Triton kernel on CUDA; on other
   devices, or for single-frame grids, it falls back to dense SDPA. Cross-attention is always dense.
 * ``quant8``: dense self-attention with 8-bit operands (int8 Q·Kᵀ, float8 P·V; :mod:`.quant_attention`)
-  where no gradient is needed (sampling, validation clips) on GPUs with 8-bit tensor cores (compute
-  capability 8.9+); SDPA elsewhere: training steps, the CPU, older GPUs, cross-attention. (The kernel
-  has a backward, :func:`.quant_attention.quant8_attention`, but it is slower than cuDNN's bf16 one
-  so far: docs/benchmarks.md, run 13.)
+  on GPUs with 8-bit tensor cores (compute capability 8.9+). Training steps on Hopper and newer run
+  this forward with cuDNN's bf16 backward (:func:`set_quant8_training`); on Ada they use SDPA. SDPA
+  also on the CPU, older GPUs and for cross-attention.
 """
 from __future__ import annotations
 
@@ -72,6 +71,21 @@ def set_sdpa_preference(name: str) -> None:
     _sdpa_pref = name
 
 
+# Training steps with the quant8 backend: "off" = SDPA (forward and backward in bf16); "cudnn" or
+# "triton" = the 8-bit forward and that backward (quant_attention.DEFAULT_CONFIG says what each is);
+# "auto" = cudnn on Hopper and newer (measured there: docs/benchmarks.md, run 14), off elsewhere.
+QUANT8_TRAINING = ("auto", "off", "cudnn", "triton")
+_quant8_training = os.environ.get("LONGCAT_NB_QUANT8_TRAINING", "auto")
+
+
+def set_quant8_training(name: str) -> None:
+    """How a training step runs self-attention under the quant8 backend: one of QUANT8_TRAINING."""
+    global _quant8_training
+    if name not in QUANT8_TRAINING:
+        raise ValueError(f"quant8 training {name!r}: choose one of {QUANT8_TRAINING}")
+    _quant8_training = name
+
+
 def _sdpa(q, k, v, attn_mask=None):
     if _sdpa_pref == "auto" or not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -112,12 +126,17 @@ def self_attention(q, k, v, grid_q, grid_k, backend: str, bsa_params: dict | Non
                 chunk_k=tuple(params.get("chunk_3d_shape_k", (4, 4, 4))),
                 cdf_threshold=params.get("cdf_threshold"),
             )
-    if backend == "quant8" and q.is_cuda and not (
-            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    if backend == "quant8" and q.is_cuda:
         from .quant_attention import available, quant8_attention
 
-        if available(q.device):
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if available(q.device) and not grad:
             return quant8_attention(q, k, v)
+        mode = _quant8_training
+        if mode == "auto":
+            mode = "cudnn" if torch.cuda.get_device_capability(q.device) >= (9, 0) else "off"
+        if available(q.device) and mode != "off":
+            return quant8_attention(q, k, v, f'{{"backward": "{mode}"}}')
     return dense_attention(q, k, v, "xformers" if backend == "xformers" else "sdpa")
 
 
@@ -146,5 +165,5 @@ def check_backend_available(backend: str) -> str:
             logger.warning("8-bit attention needs a CUDA GPU of compute capability 8.9+ and Triton; "
                            "using dense SDPA instead")
         else:
-            logger.info("8-bit attention where no gradient is needed (sampling); training steps use SDPA")
+            logger.info("8-bit attention: 8-bit forward; in training, a bf16 backward (%s)", _quant8_training)
     return backend

@@ -1,10 +1,12 @@
-"""Dense attention with 8-bit operands, for sampling on GPUs with 8-bit tensor cores (Ada, Hopper
-and newer): Q·Kᵀ in int8, P·V in float8 e4m3 (or bf16), softmax and accumulation in fp32.
+"""Dense attention with 8-bit operands on GPUs with 8-bit tensor cores (Ada, Hopper and newer):
+Q·Kᵀ in int8, P·V in float8 e4m3 (or bf16), softmax and accumulation in fp32.
 
 Why: at 480x832x93 the DiT's 48 self-attentions are more than half of a bf16 sampling step, and
 they already run at the bf16 kernel's roof (cuDNN, docs/benchmarks.md); 8-bit tensor cores have
-twice the rate. The DiT uses it only where no gradient is needed; :func:`quant8_attention` also has a
-backward (below), slower than cuDNN's bf16 backward so far, so training steps use SDPA.
+twice the rate. :func:`quant8_attention` is differentiable: training steps run this forward and a
+bf16 backward, cuDNN's fused one fed this forward's output and log-sum-exp (``backward="cudnn"``, what
+the DiT uses on Hopper: 0.96x cuDNN's own forward+backward, its gradients as accurate) or our Triton
+one (``"triton"``: correct, more accurate in dQ, but slower; docs/benchmarks.md, runs 13-14).
 
 Quantization (one Triton pass, :func:`quantize`), chosen so the rounding stays small where it matters:
 
@@ -59,8 +61,8 @@ DEFAULT_CONFIG = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3
                   "dv": "fp8",
                   # triton: our kernels above (int8 Q·Kᵀ recompute, dV per ``dv``); measured correct, but
                   # 174-353 ms against cuDNN's 104 at 37440 tokens (docs/benchmarks.md, run 13).
-                  # cudnn: cuDNN's fused bf16 backward fed this forward's O and log-sum-exp; NOT verified:
-                  # its one measurement (before O and dO were put in Q's layout) had dV right, dQ and dK wrong
+                  # cudnn: cuDNN's fused bf16 backward fed this forward's O and log-sum-exp: 106 ms, errors
+                  # those of cuDNN's own backward (run 14); the DiT picks it (attention.set_quant8_training)
                   "backward": "triton"}
 
 
@@ -522,13 +524,14 @@ def _backward(ctx, do, *_unused):
 _attention_quant8_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def quant8_attention(q, k, v, config: dict | None = None) -> torch.Tensor:
+def quant8_attention(q, k, v, config: dict | str | None = None) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(D)) v for q, k, v [B, H, S, D] (bf16 or fp16, any strides with unit stride
     along D), both matmuls in 8 bits. Where a gradient is needed the forward also keeps its
     statistics and the backward runs (Q·Kᵀ recomputed in int8, Pᵀ·dO in e4m3, the rest in bf16)."""
     if triton is None:
         raise RuntimeError("8-bit attention needs Triton (pip install triton)")
-    cfg = json.dumps(config, sort_keys=True) if config else ""
+    # a JSON string passes through as is: json.dumps would break a torch.compile graph
+    cfg = config if isinstance(config, str) else (json.dumps(config, sort_keys=True) if config else "")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _attention_quant8_fwd(q, k, v, cfg)[0]
     return _attention_quant8(q, k, v, cfg)
