@@ -10,6 +10,7 @@ optimizer state and RNG states as safetensors, the rest as JSON. Never pickle.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -464,10 +465,6 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
 
     stop = min(s.steps, max_steps) if max_steps else s.steps
     t_start, step_start = time.time(), step
-    # the LoRA's float32 matmuls on TF32 tensor cores (still finer than the bf16 base they add to);
-    # restored afterwards
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32 or device.type == "cuda"
     try:
         while step < stop:
             t0 = time.time()
@@ -485,8 +482,9 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
                     mask[drop] = neg_mask.to(device)
                 sigma = sample_sigmas(len(items), gen, s.timestep_sampling)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
-                loss = flow_matching_loss(dit, x0, text, mask, sigma.to(device), noise, n_cond)
-                (loss / s.grad_accum).backward()
+                with _tf32(device.type == "cuda"):
+                    loss = flow_matching_loss(dit, x0, text, mask, sigma.to(device), noise, n_cond)
+                    (loss / s.grad_accum).backward()
                 loss_sum += loss.item() / s.grad_accum
             distributed.average_gradients(params, dist)
             loss_sum = dist.mean(loss_sum)
@@ -533,7 +531,6 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
             f"({latest_checkpoint(ckpt_dir)}) is kept; re-run to resume."
         ) from e
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
         if tb is not None:
             tb.close()
         if swap is not None:
@@ -546,6 +543,18 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     dist.barrier()
     result.model = dit  # type: ignore[attr-defined]
     return result
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """Float32 matmuls (the LoRA's: its weights are fp32) on TF32 tensor cores, still finer than the
+    bf16 base they add to; for the training step only, so validation clips match 04's samples."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = before or enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _quiet(msg: str) -> None:
