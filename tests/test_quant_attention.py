@@ -81,6 +81,13 @@ def test_falls_back_to_sdpa_without_a_gpu():
     assert model.blocks[0].attn.backend == "quant8" and model.blocks[0].cross_attn.backend == "sdpa"
     with pytest.raises(ValueError, match="attention_implementation='int4'"):
         model.set_attention_backend("int4")
+    # training through quant8 on the CPU: SDPA, gradients flow
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    self_attention(qg, kg, vg, (2, 3, 4), (2, 3, 4), "quant8", None).sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+    from longcat_nb.models.attention import set_quant8_training
+    with pytest.raises(ValueError, match="'fast'.*'auto', 'off', 'cudnn', 'triton'"):
+        set_quant8_training("fast")
 
 
 @pytest.mark.gpu
