@@ -76,6 +76,8 @@ def set_sdpa_preference(name: str) -> None:
 # "auto" = cudnn on Hopper and newer (measured there: docs/benchmarks.md, run 14), off elsewhere.
 QUANT8_TRAINING = ("auto", "off", "cudnn", "triton")
 _quant8_training = os.environ.get("LONGCAT_NB_QUANT8_TRAINING", "auto")
+if _quant8_training not in QUANT8_TRAINING:
+    raise ValueError(f"LONGCAT_NB_QUANT8_TRAINING={_quant8_training!r}: choose one of {QUANT8_TRAINING}")
 
 
 def set_quant8_training(name: str) -> None:
@@ -129,14 +131,14 @@ def self_attention(q, k, v, grid_q, grid_k, backend: str, bsa_params: dict | Non
     if backend == "quant8" and q.is_cuda:
         from .quant_attention import available, quant8_attention
 
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if available(q.device) and not grad:
-            return quant8_attention(q, k, v)
-        mode = _quant8_training
-        if mode == "auto":
-            mode = "cudnn" if torch.cuda.get_device_capability(q.device) >= (9, 0) else "off"
-        if available(q.device) and mode != "off":
-            return quant8_attention(q, k, v, f'{{"backward": "{mode}"}}')
+        if available(q.device):
+            if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+                return quant8_attention(q, k, v)
+            mode = _quant8_training
+            if mode == "auto":
+                mode = "cudnn" if torch.cuda.get_device_capability(q.device) >= (9, 0) else "off"
+            if mode != "off":  # the config as a string: json.dumps would break a compiled graph
+                return quant8_attention(q, k, v, f'{{"backward": "{mode}"}}')
     return dense_attention(q, k, v, "xformers" if backend == "xformers" else "sdpa")
 
 
