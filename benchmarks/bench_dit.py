@@ -8,8 +8,8 @@ e.g. train_bf16_compile_selective, sample_fp8rw_compile (precision: bf16 int8 in
 fp8diff[_bsa]: relative output difference of the fp8_rowwise base against bf16; q8diff: of the 8-bit
 attention (quant8) against SDPA; attention8: the 8-bit attention kernel's launch configs against cuDNN;
 attention8_train: its backward's (training) configs and gradient errors against cuDNN. In training
-cases _q8 runs SDPA (the DiT's default: quant8 is sampling-only), _q8cudnn / _q8triton the 8-bit
-forward with that backward (attention.set_quant8_training); _tf32 runs float32 matmuls (the
+cases _q8 keeps SDPA (set_quant8_training("off")), _q8cudnn / _q8triton run the 8-bit forward with
+that backward (the DiT's default on Hopper is cudnn); _tf32 runs float32 matmuls (the
 LoRA's) on TF32 tensor cores, as train.py does; _prof adds a GPU-time breakdown of one
 more step by kernel category (kernel_breakdown).
 
@@ -123,13 +123,13 @@ def case_sample(model, repeat):
 
 
 # kernel-name fragments -> category, first match wins (kernel_breakdown)
+# (inductor's fused kernels are named triton_*, our attention kernels _fwd_kernel, _dq_kernel, ...;
+# cuBLAS's fp8 GEMMs, nvjet_*qq*, count as gemm)
 KERNEL_CATEGORIES = (
-    ("attention_bwd", ("flash_bwd", "bprop", "backward", "_dq_kernel", "_dkdv_kernel", "_bwd_prep")),
-    ("attention_fwd", ("flash_fwd", "fprop", "cudnn", "_fwd_kernel", "_quant_q_kernel", "_quant_kv_kernel",
-                       "fmha", "attention")),
-    ("gemm_fp8", ("e4m3", "f8", "fp8")),
-    ("gemm", ("gemm", "sm90_xmma", "cutlass", "ampere", "matmul", "nvjet")),
     ("triton_fused", ("triton_",)),
+    ("attention_bwd", ("flash_bwd", "bprop", "_dq_kernel", "_dkdv_kernel", "_bwd_prep")),
+    ("attention_fwd", ("flash_fwd", "fprop", "cudnn", "_fwd_kernel", "_quant_q_kernel", "_quant_kv_kernel", "fmha")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "ampere", "matmul", "nvjet")),
 )
 
 
@@ -458,7 +458,7 @@ def main():
                 model = random_full_dit(depth=args.depth)
                 r = output_diff(model, lambda m: m.set_attention_backend("bsa"), "rel_diff_bsa_vs_dense")
             elif case.startswith("train_") or case.startswith("sample_") or case.startswith("fp8diff"):
-                # <train|sample>_<precision>[_bsa|_q8|_q8cudnn|_q8triton][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac]
+                # <train|sample>_<precision>[_bsa|_q8|_q8cudnn|_q8triton][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac][_tf32][_prof]
                 parts = case.split("_")
                 kind = parts[0]
                 precision = {"fp8rw": "fp8_rowwise"}.get(parts[1], parts[1]) if kind != "fp8diff" else "bf16"
