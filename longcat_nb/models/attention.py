@@ -80,12 +80,14 @@ if _quant8_training not in QUANT8_TRAINING:
     raise ValueError(f"LONGCAT_NB_QUANT8_TRAINING={_quant8_training!r}: choose one of {QUANT8_TRAINING}")
 
 
-def set_quant8_training(name: str) -> None:
-    """How a training step runs self-attention under the quant8 backend: one of QUANT8_TRAINING."""
+def set_quant8_training(name: str) -> str:
+    """How a training step runs self-attention under the quant8 backend: one of QUANT8_TRAINING.
+    Returns the previous setting (to restore it)."""
     global _quant8_training
     if name not in QUANT8_TRAINING:
         raise ValueError(f"quant8 training {name!r}: choose one of {QUANT8_TRAINING}")
-    _quant8_training = name
+    previous, _quant8_training = _quant8_training, name
+    return previous
 
 
 def _sdpa(q, k, v, attn_mask=None):
