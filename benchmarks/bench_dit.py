@@ -7,7 +7,8 @@ Case names: <train|sample>_<precision>[_bsa|_q8|_q8cudnn|_q8triton][_compile|_co
 e.g. train_bf16_compile_selective, sample_fp8rw_compile (precision: bf16 int8 int4 fp8, fp8rw = fp8_rowwise);
 fp8diff[_bsa]: relative output difference of the fp8_rowwise base against bf16; q8diff: of the 8-bit
 attention (quant8) against SDPA; attention8: the 8-bit attention kernel's launch configs against cuDNN;
-attention8_train: its backward's (training) configs and gradient errors against cuDNN. In training
+attention8_train: its backward's (training) configs and gradient errors against cuDNN;
+attention_fp8bwd: cuDNN's FP8 attention backward against its bf16 one (needs nvidia-cudnn-frontend). In training
 cases _q8 keeps SDPA (set_quant8_training("off")), _q8cudnn / _q8triton run the 8-bit forward with
 that backward (the DiT's default on Hopper is cudnn); _tf32 runs float32 matmuls (the
 LoRA's) on TF32 tensor cores, as train.py does; _prof adds a GPU-time breakdown of one
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -426,6 +428,121 @@ def case_attention_diag():
     return out
 
 
+def case_attention_fp8_backward(repeat):
+    """cuDNN's FP8 attention backward (cudnn-frontend's ``sdpa_fp8_backward``; needs the
+    nvidia-cudnn-frontend package) against its bf16 backward, both fed the 8-bit forward's O and
+    statistics: B = 1, 32 heads x 128, 37440 tokens, the operands of attention8_train. On Hopper this
+    graph takes and returns float8 only (bf16 gradients are Blackwell-only), so Q, K, V, O and dO are
+    quantized per tensor and dQ, dK, dV come back in e4m3. Scales are the best case: dS's and the
+    gradients' from a calibration run on the same inputs (training would need delayed scaling).
+    Errors against fp32 on two heads; ``centred``: keys less their mean (dQ = dS (K - mean) exactly,
+    the statistics lose the shift), which takes out the cancellation of dS's rows in dQ."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import cudnn
+
+    from longcat_nb.models import quant_attention as QA
+
+    n, H, D = 37440, 32, 128
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def bshd(t):  # [B, H, S, D] view of a [B, S, H, D] tensor, the DiT's layout
+        return t.transpose(1, 2)
+
+    q = bshd(F.rms_norm(torch.randn(1, n, H, D, device="cuda", generator=g), (D,)).to(torch.bfloat16))
+    k = bshd((F.rms_norm(torch.randn(1, n, H, D, device="cuda", generator=g), (D,))
+              + 0.5 * torch.randn(1, 1, H, D, device="cuda", generator=g)).to(torch.bfloat16))
+    v = bshd((torch.randn(1, n, H, D, device="cuda", generator=g)
+              + torch.randn(1, 1, H, D, device="cuda", generator=g)).to(torch.bfloat16))
+    do = bshd((torch.randn(1, n, H, D, device="cuda", generator=g) * 1e-3).to(torch.bfloat16))
+    sm_scale = D ** -0.5
+    with torch.no_grad():
+        o, lse, mrow = QA._run(q, k, v, None, stats=True)
+    kmean = torch.mean(k, dim=2, dtype=torch.float32)
+    lse_nat = lse.view(1, H, -1)[:, :, :n] * math.log(2.0)  # against the keys' mean
+    shift = torch.einsum("bhsd,bhd->bhs", q.float(), kmean) * sm_scale
+
+    qr, kr, vr = (t[:, :2].detach().float().requires_grad_() for t in (q, k, v))
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        ref = F.scaled_dot_product_attention(qr, kr, vr)
+    ref_grads = [x.detach() for x in torch.autograd.grad(ref, (qr, kr, vr), do[:, :2].float())]
+    del ref, qr, kr, vr
+
+    def errors(grads):
+        return {f"err_{nm}": float((a[:, :2].float() - b).norm() / b.norm())
+                for nm, a, b in zip(("dq", "dk", "dv"), grads, ref_grads)}
+
+    flops = 2.5 * 4 * n * n * H * D
+    out = {"cudnn_backend": cudnn.backend_version(), "cudnn_frontend": getattr(cudnn, "__version__", None)}
+    with torch.no_grad():
+        t, _ = timed(lambda: QA._cudnn_backward(do, q, k, v, o, lse), repeat + 3)
+        out["bf16"] = {"bwd_ms": t * 1e3, "tflops": flops / t / 1e12,
+                       **errors(QA._cudnn_backward(do, q, k, v, o, lse))}
+    print(json.dumps({"bf16": out["bf16"]}), flush=True)
+
+    dims, strides = (1, H, n, D), (n * H * D, D, H * D, 1)
+    f8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+    graph = cudnn.pygraph(io_data_type=f8, intermediate_data_type=f32, compute_data_type=f32)
+    ten = {nm: graph.tensor(name=nm, dim=dims, stride=strides, data_type=f8) for nm in ("q", "k", "v", "o", "dO")}
+    ten["stats"] = graph.tensor(name="stats", dim=(1, H, n, 1), stride=(H * n, n, 1, 1), data_type=f32)
+    names = ("descale_q", "descale_k", "descale_v", "descale_o", "descale_dO", "descale_s", "descale_dP",
+             "scale_s", "scale_dQ", "scale_dK", "scale_dV", "scale_dP")
+    scal = {nm: graph.tensor(name=nm, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=f32) for nm in names}
+    *grads_t, aq, ak, av, ap = graph.sdpa_fp8_backward(
+        q=ten["q"], k=ten["k"], v=ten["v"], o=ten["o"], dO=ten["dO"], stats=ten["stats"], **scal,
+        attn_scale=sm_scale)
+    for x in grads_t:
+        x.set_output(True).set_dim(dims).set_stride(strides).set_data_type(f8)
+    amax_t = (aq, ak, av, ap)
+    for x in amax_t:
+        x.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(f32)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+    ws = torch.empty(graph.get_workspace_size(), device="cuda", dtype=torch.uint8)
+    one = torch.ones(1, 1, 1, 1, device="cuda")
+    grads = [bshd(torch.empty(1, n, H, D, device="cuda", dtype=torch.float8_e4m3fn)) for _ in range(3)]
+    amax = [torch.zeros(1, 1, 1, 1, device="cuda") for _ in range(4)]
+
+    def quant(t):  # per-tensor e4m3, scale on the device (no host sync)
+        a = t.abs().amax().float().clamp_min(1e-12).reshape(1, 1, 1, 1)
+        return bshd(torch.empty(1, n, H, D, device="cuda", dtype=torch.float8_e4m3fn)).copy_(t * (fmax / a)), a / fmax
+
+    def backward(ops, stats, s_dp, s_out):
+        (q8, dq_), (k8, dk_), (v8, dv_), (o8, do_), (do8, ddo) = ops
+        pack = {ten["q"]: q8, ten["k"]: k8, ten["v"]: v8, ten["o"]: o8, ten["dO"]: do8, ten["stats"]: stats,
+                scal["descale_q"]: dq_, scal["descale_k"]: dk_, scal["descale_v"]: dv_, scal["descale_o"]: do_,
+                scal["descale_dO"]: ddo, scal["descale_s"]: one / fmax, scal["scale_s"]: one * fmax,
+                scal["scale_dP"]: s_dp, scal["descale_dP"]: 1 / s_dp, scal["scale_dQ"]: s_out[0],
+                scal["scale_dK"]: s_out[1], scal["scale_dV"]: s_out[2]}
+        pack.update(zip(grads_t, grads))
+        pack.update(zip(amax_t, amax))
+        graph.execute(pack, ws, handle=handle)
+        return [x.float() / s for x, s in zip(grads, s_out)]
+
+    with torch.no_grad():
+        for name, kk, stats in (("plain", k, (lse_nat + shift).unsqueeze(-1).contiguous()),
+                                ("centred", (k.float() - kmean[:, :, None]).to(torch.bfloat16),
+                                 lse_nat.unsqueeze(-1).contiguous())):
+            ops = [quant(t) for t in (q, kk, v, o, do)]
+            backward(ops, stats, one, [one] * 3)  # calibration: dS's amax, then the gradients'
+            s_dp = fmax / amax[3].clamp_min(1e-30)
+            backward(ops, stats, s_dp, [one] * 3)
+            s_out = [fmax / a.clamp_min(1e-30) for a in amax[:3]]
+            rec = errors(backward(ops, stats, s_dp, s_out))
+            t, _ = timed(lambda: backward(ops, stats, s_dp, s_out), repeat + 3)
+            tq, _ = timed(lambda: [quant(t_) for t_ in (q, kk, v, o, do)], repeat + 3)
+            out[f"fp8_{name}"] = {"bwd_ms": t * 1e3, "tflops": flops / t / 1e12, "quantize_ms_eager": tq * 1e3, **rec}
+            print(json.dumps({name: out[f"fp8_{name}"]}), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="sample,train_bf16,train_int8")
@@ -449,6 +566,8 @@ def main():
                 r = case_attention8(args.repeat)
             elif case == "attention8_train":
                 r = case_attention8_train(args.repeat)
+            elif case == "attention_fp8bwd":
+                r = case_attention_fp8_backward(args.repeat)
             elif case == "attention_diag":
                 r = case_attention_diag()
             elif case == "q8diff":  # output of the 8-bit attention against SDPA, same model and input
