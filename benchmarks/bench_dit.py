@@ -293,12 +293,37 @@ def case_attention8(repeat):
     return out
 
 
+def _training_operands(n, H=32, D=128):
+    """DiT-like attention operands for the training cases, [B, H, S, D] views of [B, S, H, D]
+    tensors: RMS-normed q and k, a shared offset on k, a per-channel offset on v, and dO."""
+    import torch.nn.functional as F
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=g)
+
+    q = F.rms_norm(randn(1, n, H, D), (D,))
+    k = F.rms_norm(randn(1, n, H, D), (D,)) + 0.5 * randn(1, 1, H, D)
+    v = randn(1, n, H, D) + randn(1, 1, H, D)
+    do = randn(1, n, H, D) * 1e-3
+    return tuple(t.to(torch.bfloat16).transpose(1, 2) for t in (q, k, v, do))
+
+
+def _fp32_reference_two_heads(q, k, v, do):
+    """O and (dQ, dK, dV) in fp32 on the first two heads."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qr, kr, vr = (t[:, :2].detach().float().requires_grad_() for t in (q, k, v))
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        ref = F.scaled_dot_product_attention(qr, kr, vr)
+    grads = torch.autograd.grad(ref, (qr, kr, vr), do[:, :2].float())
+    return ref.detach(), [x.detach() for x in grads]
+
+
 def case_attention8_train(repeat):
     """8-bit attention for training against cuDNN SDPA, B = 1, 32 heads x 128 at 480x832x93 (37440
     tokens): fwd+bwd and backward-only time per backward launch config, and the errors of O, dQ, dK,
     dV against an fp32 reference on two heads."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from longcat_nb.models import quant_attention as QA
     from longcat_nb.models.attention import dense_attention, set_sdpa_preference
@@ -315,21 +340,11 @@ def case_attention8_train(repeat):
         "triton_dv_bf16_dq_m128n64w8": {"backward": "triton", "dv": "bf16", "dq": bwd(128, 64, 8, 2)},
     }
     n = 37440
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = F.rms_norm(torch.randn(1, n, 32, 128, device="cuda", generator=g), (128,)).to(torch.bfloat16).transpose(1, 2)
-    k = (F.rms_norm(torch.randn(1, n, 32, 128, device="cuda", generator=g), (128,))
-         + 0.5 * torch.randn(1, 1, 32, 128, device="cuda", generator=g)).to(torch.bfloat16).transpose(1, 2)
-    v = (torch.randn(1, n, 32, 128, device="cuda", generator=g)
-         + torch.randn(1, 1, 32, 128, device="cuda", generator=g)).to(torch.bfloat16).transpose(1, 2)
+    q, k, v, do = _training_operands(n)
     q, k, v = (t.contiguous().requires_grad_() for t in (q, k, v))
-    do = (torch.randn(1, 32, n, 128, device="cuda", generator=g) * 1e-3).to(torch.bfloat16)
+    do = do.contiguous()
     flops = 4 * n * n * 4096
-    # fp32 reference on the first two heads
-    qr, kr, vr = (t[:, :2].detach().float().requires_grad_() for t in (q, k, v))
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-        ref = F.scaled_dot_product_attention(qr, kr, vr)
-    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), do[:, :2].float())
-    ref = ref.detach()
+    ref, ref_grads = _fp32_reference_two_heads(q, k, v, do)
 
     def errors(fn):
         q2, k2, v2 = (t[:, :2].detach().clone().requires_grad_() for t in (q, k, v))
@@ -437,26 +452,17 @@ def case_attention_fp8_backward(repeat):
     gradients' from a calibration run on the same inputs (training would need delayed scaling).
     Errors against fp32 on two heads; ``centred``: keys less their mean (dQ = dS (K - mean) exactly,
     the statistics lose the shift), which takes out the cancellation of dS's rows in dQ."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     import cudnn
 
     from longcat_nb.models import quant_attention as QA
 
     n, H, D = 37440, 32, 128
     fmax = torch.finfo(torch.float8_e4m3fn).max
-    g = torch.Generator(device="cuda").manual_seed(0)
 
     def bshd(t):  # [B, H, S, D] view of a [B, S, H, D] tensor, the DiT's layout
         return t.transpose(1, 2)
 
-    q = bshd(F.rms_norm(torch.randn(1, n, H, D, device="cuda", generator=g), (D,)).to(torch.bfloat16))
-    k = bshd((F.rms_norm(torch.randn(1, n, H, D, device="cuda", generator=g), (D,))
-              + 0.5 * torch.randn(1, 1, H, D, device="cuda", generator=g)).to(torch.bfloat16))
-    v = bshd((torch.randn(1, n, H, D, device="cuda", generator=g)
-              + torch.randn(1, 1, H, D, device="cuda", generator=g)).to(torch.bfloat16))
-    do = bshd((torch.randn(1, n, H, D, device="cuda", generator=g) * 1e-3).to(torch.bfloat16))
+    q, k, v, do = _training_operands(n, H, D)
     sm_scale = D ** -0.5
     with torch.no_grad():
         o, lse, mrow = QA._run(q, k, v, None, stats=True)
@@ -464,11 +470,7 @@ def case_attention_fp8_backward(repeat):
     lse_nat = lse.view(1, H, -1)[:, :, :n] * math.log(2.0)  # against the keys' mean
     shift = torch.einsum("bhsd,bhd->bhs", q.float(), kmean) * sm_scale
 
-    qr, kr, vr = (t[:, :2].detach().float().requires_grad_() for t in (q, k, v))
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-        ref = F.scaled_dot_product_attention(qr, kr, vr)
-    ref_grads = [x.detach() for x in torch.autograd.grad(ref, (qr, kr, vr), do[:, :2].float())]
-    del ref, qr, kr, vr
+    _, ref_grads = _fp32_reference_two_heads(q, k, v, do)
 
     def errors(grads):
         return {f"err_{nm}": float((a[:, :2].float() - b).norm() / b.norm())
