@@ -1,7 +1,7 @@
 """Full-size LongCat-Video DiT on one GPU: a CFG sampling step and a LoRA training step at
 480x832x93 (random weights), in several base precisions; peak memory of each. JSON out.
 
-    python benchmarks/bench_dit.py --cases sample,train_bf16,train_int8 [--out $OUT/dit.json]
+    python benchmarks/bench_dit.py --cases sample,train_bf16,train_int8 [--frames 45] [--out $OUT/dit.json]
 
 Case names: <train|sample>_<precision>[_bsa|_q8|_q8cudnn|_q8triton][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac][_tf32][_prof],
 e.g. train_bf16_compile_selective, sample_fp8rw_compile (precision: bf16 int8 int4 fp8, fp8rw = fp8_rowwise);
@@ -10,7 +10,7 @@ attention (quant8) against SDPA; attention8: the 8-bit attention kernel's launch
 attention8_train: its backward's (training) configs and gradient errors against cuDNN;
 attention_fp8bwd: cuDNN's FP8 attention backward against its bf16 one (needs nvidia-cudnn-frontend). In training
 cases _q8 keeps SDPA (set_quant8_training("off")), _q8cudnn / _q8triton run the 8-bit forward with
-that backward (the DiT's default on Hopper is cudnn); _tf32 runs float32 matmuls (the
+that backward (training defaults to SDPA; run 16); _tf32 runs float32 matmuls (the
 LoRA's) on TF32 tensor cores, as train.py does; _prof adds a GPU-time breakdown of one
 more step by kernel category (kernel_breakdown).
 
@@ -90,7 +90,11 @@ def timed(fn, repeat):
     return statistics.median(times), times
 
 
-def inputs(B, F=93, H=480, W=832, L=512, C=4096, seed=1):
+FRAMES = 93  # --frames: the clip length of the train/sample cases (the attention cases keep 37440 tokens)
+
+
+def inputs(B, F=None, H=480, W=832, L=512, C=4096, seed=1):
+    F = FRAMES if F is None else F
     g = torch.Generator(device="cuda").manual_seed(seed)
     T = 1 + (F - 1) // 4
     x = torch.randn(B, 16, T, H // 8, W // 8, device="cuda", generator=g)
@@ -550,10 +554,16 @@ def main():
     ap.add_argument("--cases", default="sample,train_bf16,train_int8")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--depth", type=int, default=48)
+    ap.add_argument("--frames", type=int, default=93, help="clip length of the train and sample cases (4k+1)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "dit.json"))
     args = ap.parse_args()
+    if args.frames < 1 or (args.frames - 1) % 4:
+        ap.error(f"--frames {args.frames}: the VAE needs 4k+1 frames (e.g. 45, 93)")
+    global FRAMES
+    FRAMES = args.frames
+    latent_t = 1 + (FRAMES - 1) // 4
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "depth": args.depth,
-           "shape": "480x832x93 (latent 24x60x104, 37440 tokens)", "cases": {}}
+           "shape": f"480x832x{FRAMES} (latent {latent_t}x60x104, {latent_t * 30 * 52} tokens)", "cases": {}}
     for case in args.cases.split(","):
         t0 = time.time()
         model = None

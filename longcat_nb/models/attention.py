@@ -6,9 +6,9 @@
 * ``bsa``: block-sparse self-attention (spec §3) through our Triton kernel on CUDA; on other
   devices, or for single-frame grids, it falls back to dense SDPA. Cross-attention is always dense.
 * ``quant8``: dense self-attention with 8-bit operands (int8 Q·Kᵀ, float8 P·V; :mod:`.quant_attention`)
-  on GPUs with 8-bit tensor cores (compute capability 8.9+). Training steps on Hopper and newer run
-  this forward with cuDNN's bf16 backward (:func:`set_quant8_training`); on Ada they use SDPA. SDPA
-  also on the CPU, older GPUs and for cross-attention.
+  on GPUs with 8-bit tensor cores (compute capability 8.9+). Training steps use SDPA by default;
+  :func:`set_quant8_training` can run them through this forward with a bf16 backward (``cudnn`` or
+  ``triton``). SDPA also on the CPU, older GPUs and for cross-attention.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def set_sdpa_preference(name: str) -> None:
 
 # Training steps with the quant8 backend: "off" = SDPA (forward and backward in bf16); "cudnn" or
 # "triton" = the 8-bit forward and that backward (quant_attention.DEFAULT_CONFIG says what each is);
-# "auto" = cudnn on Hopper and newer (measured there: docs/benchmarks.md, run 14), off elsewhere.
+# "auto" = off (SDPA) for now: see set_quant8_training.
 QUANT8_TRAINING = ("auto", "off", "cudnn", "triton")
 _quant8_training = os.environ.get("LONGCAT_NB_QUANT8_TRAINING", "auto")
 if _quant8_training not in QUANT8_TRAINING:
@@ -82,7 +82,12 @@ if _quant8_training not in QUANT8_TRAINING:
 
 def set_quant8_training(name: str) -> str:
     """How a training step runs self-attention under the quant8 backend: one of QUANT8_TRAINING.
-    Returns the previous setting (to restore it)."""
+    ``auto`` (the default) and ``off``: SDPA. ``cudnn``: the 8-bit forward with cuDNN's bf16 backward
+    fed its statistics. ``triton``: with our Triton backward (slower than SDPA).
+
+    ``auto`` meant ``cudnn`` on Hopper until run 16 found that path's gradients wrong in the DiT
+    (docs/benchmarks.md); ``cudnn`` now hands cuDNN layouts of its own, and ``auto`` stays on SDPA
+    until the GPU test (tests/test_quant_attention.py) has checked it. Returns the previous setting."""
     global _quant8_training
     if name not in QUANT8_TRAINING:
         raise ValueError(f"quant8 training {name!r}: choose one of {QUANT8_TRAINING}")
@@ -137,9 +142,7 @@ def self_attention(q, k, v, grid_q, grid_k, backend: str, bsa_params: dict | Non
             if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
                 return quant8_attention(q, k, v)
             mode = _quant8_training
-            if mode == "auto":
-                mode = "cudnn" if torch.cuda.get_device_capability(q.device) >= (9, 0) else "off"
-            if mode != "off":  # the config as a string: json.dumps would break a compiled graph
+            if mode not in ("auto", "off"):  # the config as a string: json.dumps would break a compiled graph
                 return quant8_attention(q, k, v, f'{{"backward": "{mode}"}}')
     return dense_attention(q, k, v, "xformers" if backend == "xformers" else "sdpa")
 
@@ -169,5 +172,7 @@ def check_backend_available(backend: str) -> str:
             logger.warning("8-bit attention needs a CUDA GPU of compute capability 8.9+ and Triton; "
                            "using dense SDPA instead")
         else:
-            logger.info("8-bit attention: 8-bit forward; in training, a bf16 backward (%s)", _quant8_training)
+            steps = ("SDPA" if _quant8_training in ("auto", "off")
+                     else f"the 8-bit forward with the {_quant8_training} backward")
+            logger.info("8-bit attention for sampling and validation; training steps: %s", steps)
     return backend

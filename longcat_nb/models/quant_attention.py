@@ -3,10 +3,12 @@ Q·Kᵀ in int8, P·V in float8 e4m3 (or bf16), softmax and accumulation in fp32
 
 Why: at 480x832x93 the DiT's 48 self-attentions are more than half of a bf16 sampling step, and
 they already run at the bf16 kernel's roof (cuDNN, docs/benchmarks.md); 8-bit tensor cores have
-twice the rate. :func:`quant8_attention` is differentiable: training steps run this forward and a
-bf16 backward, cuDNN's fused one fed this forward's output and log-sum-exp (``backward="cudnn"``, what
-the DiT uses on Hopper: 0.96x cuDNN's own forward+backward, its gradients as accurate) or our Triton
-one (``"triton"``: correct, more accurate in dQ, but slower; docs/benchmarks.md, runs 13-14).
+twice the rate. :func:`quant8_attention` is differentiable: a training step runs this forward and a
+bf16 backward, either cuDNN's fused one fed this forward's output and log-sum-exp (``backward="cudnn"``:
+0.96x cuDNN's own forward+backward at the kernel level, its gradients as accurate) or our Triton one
+(``"triton"``: correct, more accurate in dQ, but slower; docs/benchmarks.md, runs 13-14). In the DiT
+the cudnn one's gradients were wrong until its operands got layouts of their own (run 16:
+:func:`_private_layout`; not yet rerun on a GPU), so the DiT trains through SDPA unless asked.
 
 Quantization (one Triton pass, :func:`quantize`), chosen so the rounding stays small where it matters:
 
@@ -62,7 +64,9 @@ DEFAULT_CONFIG = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3
                   # triton: our kernels above (int8 Q·Kᵀ recompute, dV per ``dv``); measured correct, but
                   # 174-353 ms against cuDNN's 104 at 37440 tokens (docs/benchmarks.md, run 13).
                   # cudnn: cuDNN's fused bf16 backward fed this forward's O and log-sum-exp: 106 ms, errors
-                  # those of cuDNN's own backward (run 14); the DiT picks it (attention.set_quant8_training)
+                  # those of cuDNN's own backward (run 14); in layouts of its own since run 16
+                  # (_private_layout). The DiT's training steps take it only when asked
+                  # (attention.set_quant8_training)
                   "backward": "triton"}
 
 
@@ -447,6 +451,24 @@ def _run_backward(do, q, k, v, o, lse, mrow, config: str | dict | None):
     return dq, dk, dv
 
 
+_PRIVATE_PAD = 8  # elements past D in each row of _private_layout's buffers (16 bytes in bf16)
+
+
+def _private_layout(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t [B, H, S, D] with strides no caller of SDPA produces: [B, S, H, D + 8] memory,
+    the first D of each row used.
+
+    torch caches cuDNN's attention graphs by the shapes and strides of Q, K and V only (its
+    MHAParams), not by those of O, dO or the statistics. On an H200 (run 16) this backward returned
+    garbage gradients when it ran after an SDPA training step whose Q, K, V had the same shapes and
+    strides but whose dO was laid out otherwise: in a 2-block DiT and in the full-size benchmark.
+    The likely cause is that it reused SDPA's graph. Under strides of their own, every one of our
+    calls hands its graph the same O and dO layout, and neither side picks up the other's graphs."""
+    B, H, S, D = t.shape
+    buf = torch.empty(B, S, H, D + _PRIVATE_PAD, device=t.device, dtype=t.dtype)
+    return buf[..., :D].transpose(1, 2).copy_(t)
+
+
 def _cudnn_backward(do, q, k, v, o, lse):
     """cuDNN's fused bf16 backward with this forward's O and its log-sum-exp in cuDNN's convention
     (natural log of the raw scaled scores: ours is base 2 of the scores against the keys' mean)."""
@@ -454,12 +476,11 @@ def _cudnn_backward(do, q, k, v, o, lse):
     scale = 1.0 / math.sqrt(D)
     kmean = torch.mean(k, dim=2, dtype=torch.float32)  # [B, H, D]
     shift = torch.einsum("bhsd,bhd->bhs", q.float(), kmean) * scale
-    lse_nat = (lse.view(B, H, -1)[:, :, :SQ] * math.log(2.0) + shift).unsqueeze(-1)
+    lse_nat = (lse.view(B, H, -1)[:, :, :SQ] * math.log(2.0) + shift).unsqueeze(-1).contiguous()
     philox = torch.empty(0, device=q.device)  # no dropout; bias and sequence offsets undefined
-    # cuDNN reads O and dO in Q's layout (measured: dV right and dQ, dK wrong otherwise)
-    o, do = (t if t.stride() == q.stride() else torch.empty_like(q).copy_(t) for t in (o, do))
+    q_, k_, v_, o, do = (_private_layout(t) for t in (q, k, v, o, do))
     grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        do, q, k, v, o, lse_nat, philox, philox, None, None, None, SQ, k.shape[2], 0.0, False, scale=scale)
+        do, q_, k_, v_, o, lse_nat, philox, philox, None, None, None, SQ, k.shape[2], 0.0, False, scale=scale)
     return tuple(g if g.stride() == x.stride() else torch.empty_like(x).copy_(g) for g, x in zip(grads, (q, k, v)))
 
 
