@@ -30,7 +30,7 @@ class ModelSettings:
     dit_dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     text_encoder_dtype: str = "auto"
     vae_dtype: str = "auto"
-    # sdpa | xformers | bsa | quant8 (8-bit dense self-attention forward; training on Hopper and newer)
+    # sdpa | xformers | bsa | quant8 (8-bit dense self-attention for sampling and validation; training steps use SDPA)
     attention: str = "sdpa"
 
 
