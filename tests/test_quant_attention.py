@@ -85,9 +85,15 @@ def test_falls_back_to_sdpa_without_a_gpu():
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     self_attention(qg, kg, vg, (2, 3, 4), (2, 3, 4), "quant8", None).sum().backward()
     assert qg.grad is not None and torch.isfinite(qg.grad).all()
-    from longcat_nb.models.attention import set_quant8_training
+    from longcat_nb.models.attention import quant8_training, set_quant8_training
     with pytest.raises(ValueError, match="'fast'.*'auto', 'off', 'cudnn', 'triton'"):
         set_quant8_training("fast")
+    before = set_quant8_training("auto")
+    with pytest.raises(RuntimeError):  # restored when the block fails, too
+        with quant8_training("triton"):
+            assert set_quant8_training("triton") == "triton"
+            raise RuntimeError
+    assert set_quant8_training(before) == "auto"
 
 
 @pytest.mark.gpu
@@ -129,15 +135,12 @@ def test_gpu_kernel_against_sdpa_and_in_a_compiled_dit():
     assert float((eager - dense).norm() / dense.norm()) < 0.02
     assert float((compiled - eager).norm() / eager.norm()) < 0.01
     model.requires_grad_(True)
-    from longcat_nb.models.attention import set_quant8_training
+    from longcat_nb.models.attention import quant8_training
     # an SDPA training step first: the same q, k, v shapes as the cudnn step below, which once
     # picked up SDPA's cached cuDNN graph (run 16)
-    previous = set_quant8_training("off")
-    try:
+    with quant8_training("off"):
         loss = model(x, t, y, mask).float().square().mean()
         loss.backward()
-    finally:
-        set_quant8_training(previous)
     assert all(p.grad is not None for p in model.blocks[0].attn.qkv.parameters())
     sdpa_grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if ".attn.qkv." in n}
     # the kernel's backwards against fp32 gradients: Triton's within bounds from run 13 (0.021 / 0.012 /
@@ -164,12 +167,9 @@ def test_gpu_kernel_against_sdpa_and_in_a_compiled_dit():
     # and a whole model trains through the 8-bit forward when asked to
     model.zero_grad()
     sdpa_loss = float(loss.detach())
-    previous = set_quant8_training("cudnn")
-    try:
+    with quant8_training("cudnn"):
         loss8 = model(x, t, y, mask).float().square().mean()
         loss8.backward()
-    finally:
-        set_quant8_training(previous)
     assert abs(float(loss8) - sdpa_loss) < 0.02 * abs(sdpa_loss)
     # the gradients themselves, as the DiT lays out q, k, v (bf16 SDPA is ~0.5% from fp32 here)
     for n, p in model.named_parameters():
@@ -185,7 +185,7 @@ def test_gpu_dit_gradients_match_an_fp32_model():
     notebook would: SDPA eager and compiled, and the 8-bit forward with either backward. Run 16
     found cuDNN's backward at 86% error on attn.qkv here, where SDPA was at 0.5%."""
     pytest.importorskip("triton")
-    from longcat_nb.models.attention import set_quant8_training
+    from longcat_nb.models.attention import quant8_training
     from longcat_nb.models.quant_attention import available
     from longcat_nb.speed import apply_compile, disable_compile
 
@@ -215,11 +215,10 @@ def test_gpu_dit_gradients_match_an_fp32_model():
         model.set_attention_backend(backend)
         if scope:
             apply_compile(model, scope=scope)
-        previous = set_quant8_training(mode)
         try:
-            got = grads(model, torch.bfloat16)
+            with quant8_training(mode):
+                got = grads(model, torch.bfloat16)
         finally:
-            set_quant8_training(previous)
             disable_compile(model)
         errors[(backend, mode, scope)] = max(float((got[n] - w).norm() / w.norm()) for n, w in want.items())
     assert all(e < 0.05 for e in errors.values()), errors

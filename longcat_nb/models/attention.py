@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -93,6 +94,16 @@ def set_quant8_training(name: str) -> str:
         raise ValueError(f"quant8 training {name!r}: choose one of {QUANT8_TRAINING}")
     previous, _quant8_training = _quant8_training, name
     return previous
+
+
+@contextlib.contextmanager
+def quant8_training(name: str):
+    """``with quant8_training("cudnn"):`` set_quant8_training for the block, restored after it."""
+    previous = set_quant8_training(name)
+    try:
+        yield
+    finally:
+        set_quant8_training(previous)
 
 
 def _sdpa(q, k, v, attn_mask=None):
