@@ -74,7 +74,7 @@ def set_sdpa_preference(name: str) -> None:
 
 # Training steps with the quant8 backend: "off" = SDPA (forward and backward in bf16); "cudnn" or
 # "triton" = the 8-bit forward and that backward (quant_attention.DEFAULT_CONFIG says what each is);
-# "auto" = off (SDPA) for now: see set_quant8_training.
+# "auto" = off (SDPA): see set_quant8_training.
 QUANT8_TRAINING = ("auto", "off", "cudnn", "triton")
 _quant8_training = os.environ.get("LONGCAT_NB_QUANT8_TRAINING", "auto")
 if _quant8_training not in QUANT8_TRAINING:
@@ -86,9 +86,11 @@ def set_quant8_training(name: str) -> str:
     ``auto`` (the default) and ``off``: SDPA. ``cudnn``: the 8-bit forward with cuDNN's bf16 backward
     fed its statistics. ``triton``: with our Triton backward (slower than SDPA).
 
-    ``auto`` meant ``cudnn`` on Hopper until run 16 found that path's gradients wrong in the DiT
-    (docs/benchmarks.md); ``cudnn`` now hands cuDNN layouts of its own, and ``auto`` stays on SDPA
-    until the GPU test (tests/test_quant_attention.py) has checked it. Returns the previous setting."""
+    ``cudnn`` hands cuDNN operand layouts of its own (run 16 found its gradients wrong before that);
+    on an H200 its DiT gradients are within 5% of an fp32 model's (tests/test_quant_attention.py).
+    ``auto`` stays on SDPA: in run 17 ``cudnn`` was 1.7% faster a LoRA step at 480x832x93 with
+    2 GiB more peak memory, and 1-3% slower at 17-45 frames (docs/benchmarks.md). Returns the
+    previous setting."""
     global _quant8_training
     if name not in QUANT8_TRAINING:
         raise ValueError(f"quant8 training {name!r}: choose one of {QUANT8_TRAINING}")
