@@ -10,7 +10,7 @@ attention (quant8) against SDPA; attention8: the 8-bit attention kernel's launch
 attention8_train: its backward's (training) configs and gradient errors against cuDNN;
 attention_fp8bwd: cuDNN's FP8 attention backward against its bf16 one (needs nvidia-cudnn-frontend). In training
 cases _q8 keeps SDPA (set_quant8_training("off")), _q8cudnn / _q8triton run the 8-bit forward with
-that backward (training defaults to SDPA; run 16); _tf32 runs float32 matmuls (the
+that backward (training defaults to SDPA; runs 16-17); _tf32 runs float32 matmuls (the
 LoRA's) on TF32 tensor cores, as train.py does; _prof adds a GPU-time breakdown of one
 more step by kernel category (kernel_breakdown).
 

@@ -98,6 +98,11 @@ def set_quant8_training(name: str) -> str:
     return previous
 
 
+def _quant8_training_backward() -> str | None:
+    """The backward a quant8 training step runs after the 8-bit forward, or None for SDPA."""
+    return None if _quant8_training in ("auto", "off") else _quant8_training
+
+
 @contextlib.contextmanager
 def quant8_training(name: str):
     """``with quant8_training("cudnn"):`` set_quant8_training for the block, restored after it."""
@@ -154,8 +159,8 @@ def self_attention(q, k, v, grid_q, grid_k, backend: str, bsa_params: dict | Non
         if available(q.device):
             if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
                 return quant8_attention(q, k, v)
-            mode = _quant8_training
-            if mode not in ("auto", "off"):  # the config as a string: json.dumps would break a compiled graph
+            mode = _quant8_training_backward()
+            if mode is not None:  # the config as a string: json.dumps would break a compiled graph
                 return quant8_attention(q, k, v, f'{{"backward": "{mode}"}}')
     return dense_attention(q, k, v, "xformers" if backend == "xformers" else "sdpa")
 
@@ -185,7 +190,7 @@ def check_backend_available(backend: str) -> str:
             logger.warning("8-bit attention needs a CUDA GPU of compute capability 8.9+ and Triton; "
                            "using dense SDPA instead")
         else:
-            steps = ("SDPA" if _quant8_training in ("auto", "off")
-                     else f"the 8-bit forward with the {_quant8_training} backward")
+            mode = _quant8_training_backward()
+            steps = "SDPA" if mode is None else f"the 8-bit forward with the {mode} backward"
             logger.info("8-bit attention for sampling and validation; training steps: %s", steps)
     return backend
