@@ -193,14 +193,18 @@ def _fp8_base(model, backward=True):
                 setattr(block.get_submodule(parent_name), child, Float8RowwiseLinear.from_linear(mod, backward))
 
 
-def _train_setup(model, checkpointing, fp8=False):
+def _train_setup(model, checkpointing, fp8=False, tf32=False):
     """As longcat_nb.train runs with compile=True: cuDNN-first SDPA, the kit's checkpointing mode,
-    whole compiled blocks (optionally the fp8_rowwise base)."""
+    whole compiled blocks (optionally the fp8_rowwise base). ``tf32``: the LoRA's float32 matmuls on
+    TF32 tensor cores, as train.py's step runs them (here for the whole step, forward and backward;
+    reset_global_state turns it back off)."""
     from longcat_nb.memory import apply_gradient_checkpointing
     from longcat_nb.speed import apply_compile, default_sdpa_preference, set_sdpa_preference
 
     if fp8:
         _fp8_base(model)
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     set_sdpa_preference(default_sdpa_preference())
     apply_gradient_checkpointing(model, checkpointing)
     apply_compile(model, scope="blocks")
@@ -218,6 +222,8 @@ OUR_VARIANTS = {
     "blocks_selective": lambda model: _train_setup(model, "selective"),
     "fp8_blocks_selective": lambda model: _train_setup(model, "selective", fp8=True),
     "fp8_blocks_full": lambda model: _train_setup(model, "full", fp8=True),
+    "blocks_selective_tf32": lambda model: _train_setup(model, "selective", tf32=True),
+    "fp8_blocks_selective_tf32": lambda model: _train_setup(model, "selective", fp8=True, tf32=True),
     "fp8_blocks": lambda model: (_fp8_base(model, backward=False), _blocks_cudnn(model))[1],
     # 8-bit self-attention (int8 Q·Kᵀ, fp8 P·V) for sampling, with the bf16 or the fp8_rowwise base
     "q8_blocks": lambda model: (model.set_attention_backend("quant8"), _blocks_cudnn(model))[1],
@@ -260,6 +266,7 @@ class Ctx:
     text_dim = 4096
     dit_cfg: dict = {}
     initial_sdpa = "auto"
+    initial_tf32 = False
     results: dict = {}  # the whole report, for save()
     out = ""
 
@@ -353,6 +360,7 @@ def reset_global_state():
 
     disable_compile()
     attn_mod.set_sdpa_preference(Ctx.initial_sdpa)
+    torch.backends.cuda.matmul.allow_tf32 = Ctx.initial_tf32
     torch._dynamo.reset()
     gc.collect()
     if cuda():
@@ -1023,6 +1031,7 @@ def main(argv=None):
     from longcat_nb.models import attention as attn_mod
 
     Ctx.initial_sdpa = attn_mod._sdpa_pref
+    Ctx.initial_tf32 = torch.backends.cuda.matmul.allow_tf32
     import diffusers
     import peft
 
