@@ -1,11 +1,28 @@
-"""Shared set-up for stage tests: a run folder with the sample dataset scanned (tiny settings)."""
+"""Shared set-up for stage tests: a run folder with the sample dataset scanned (tiny settings); Triton
+kernel checks in the CPU interpreter."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from longcat_nb.checkpoint import load_tokenizer
 from longcat_nb.config import update_section
 from longcat_nb.data import scan_dataset, write_dataset_jsonl
 
-SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "data_samples"
+
+
+def run_in_triton_interpreter(code: str, *args: str, timeout: int = 300) -> None:
+    """Run ``code`` in a fresh Python with TRITON_INTERPRET=1 (Triton kernels on CPU tensors; the
+    setting must come before triton is imported); it must exit 0 and print "ok"."""
+    import pytest
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                       timeout=timeout, cwd=REPO)
+    assert p.returncode == 0 and "ok" in p.stdout, (p.stdout + p.stderr)[-4000:]
 
 
 def make_run(run_dir, checkpoint, **dataset):

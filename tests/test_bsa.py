@@ -2,11 +2,7 @@
 constructed inputs, grids that the blocks do not divide, unequal query/key lengths, and our Triton
 kernels (forward and backward) run by Triton's CPU interpreter in a subprocess."""
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +10,7 @@ import torch.nn.functional as F
 
 from longcat_nb.models.bsa import reference_bsa_attention, select_blocks
 from longcat_nb.models.bsa.reference import num_selected, pooled_blocks
-
-REPO = Path(__file__).resolve().parent.parent
+from helpers import run_in_triton_interpreter
 
 
 def _qkv(grid_q, grid_k, B=1, H=2, D=16, seed=0, scale=1.0):
@@ -185,11 +180,7 @@ _KERNEL_CHECK = textwrap.dedent("""
 
 @pytest.mark.parametrize("layout", ["blocked", "raster"])
 def test_triton_kernels_match_reference_in_interpreter(layout):
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", _KERNEL_CHECK, layout], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=REPO)
-    assert p.returncode == 0 and "ok" in p.stdout, (p.stdout + p.stderr)[-4000:]
+    run_in_triton_interpreter(_KERNEL_CHECK, layout)
 
 
 def test_blocked_layout_is_a_permutation_with_real_tokens_first():
@@ -228,11 +219,7 @@ _COMPILE_CHECK = textwrap.dedent("""
 
 
 def test_blocked_kernels_compile_in_one_graph():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True,
-                       timeout=400, cwd=REPO)
-    assert p.returncode == 0 and "ok" in p.stdout, (p.stdout + p.stderr)[-4000:]
+    run_in_triton_interpreter(_COMPILE_CHECK, timeout=400)
 
 
 @pytest.mark.gpu

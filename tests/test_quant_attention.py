@@ -1,17 +1,12 @@
 """8-bit attention (models/quant_attention.py): the kernels against an fp32 reference through Triton's
 CPU interpreter (in a subprocess), where the model uses it and where it falls back to SDPA, and on a
 GPU the real kernel against cuDNN/flash SDPA inside a compiled DiT, forward and backward."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from longcat_nb.models import LongCatVideoTransformer3DModel
 from longcat_nb.models.attention import self_attention
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_in_triton_interpreter
 
 _INTERPRETED = r"""
 import torch, torch.nn.functional as F
@@ -62,11 +57,7 @@ print("ok")
 
 
 def test_kernels_match_fp32_reference_in_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=REPO)
-    assert p.returncode == 0 and "ok" in p.stdout, (p.stdout + p.stderr)[-4000:]
+    run_in_triton_interpreter(_INTERPRETED, timeout=600)
 
 
 def test_falls_back_to_sdpa_without_a_gpu():
