@@ -3,7 +3,7 @@
 
     python benchmarks/bench_dit.py --cases sample,train_bf16,train_int8 [--frames 45] [--out $OUT/dit.json]
 
-Case names: <train|sample>_<precision>[_bsa|_q8|_q8cudnn|_q8triton][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac][_tf32][_prof],
+Case names: <train|sample>_<precision>[_bsa|_q8|_q8cudnn|_q8triton][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac][_tf32][_unfused][_prof],
 e.g. train_bf16_compile_selective, sample_fp8rw_compile (precision: bf16 int8 int4 fp8, fp8rw = fp8_rowwise);
 fp8diff[_bsa]: relative output difference of the fp8_rowwise base against bf16; q8diff: of the 8-bit
 attention (quant8) against SDPA; attention8: the 8-bit attention kernel's launch configs against cuDNN;
@@ -12,7 +12,8 @@ attention_fp8bwd: cuDNN's FP8 attention backward against its bf16 one (needs nvi
 cases _q8 keeps SDPA (set_quant8_training("off")), _q8cudnn / _q8triton run the 8-bit forward with
 that backward (training defaults to SDPA; runs 16-17); _tf32 runs float32 matmuls (the
 LoRA's) on TF32 tensor cores, as train.py does; _prof adds a GPU-time breakdown of one
-more step by kernel category (kernel_breakdown).
+more step (train or sample) by kernel category (kernel_breakdown); _unfused turns off the fused q/k
+norm + RoPE kernel of no-grad steps (models/qk_rope.py) for an A/B.
 
 Every case runs in try/except so one failure (or OOM) still reports the others. Timings are the
 median of ``--repeat`` runs after one warm-up, synchronized, on the same random inputs.
@@ -35,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from longcat_nb.memory import apply_base_precision, apply_block_swap  # noqa: E402
-from longcat_nb.models import LongCatVideoTransformer3DModel  # noqa: E402
+from longcat_nb.models import LongCatVideoTransformer3DModel, qk_rope  # noqa: E402
 
 try:
     from longcat_nb.lora import add_lora
@@ -114,8 +115,9 @@ def output_diff(model, change, key):
     return {key: float((out - ref).norm() / ref.norm()), "backend": model.attention_backend}
 
 
-def case_sample(model, repeat):
-    """One CFG step: batch 2 (negative, positive) through the DiT."""
+def case_sample(model, repeat, profile=False):
+    """One CFG step: batch 2 (negative, positive) through the DiT (``profile``: and the kernel
+    breakdown of one more step)."""
     gc.collect()
     torch.cuda.empty_cache()
     x, y, mask = inputs(2)
@@ -124,8 +126,12 @@ def case_sample(model, repeat):
     resident = torch.cuda.memory_allocated() / GIB
     with torch.no_grad():
         med, times = timed(lambda: model(x, t, y, mask), repeat)
-    return {"sec_per_step": med, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
-            "resident_gib": resident}
+    out = {"sec_per_step": med, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+           "resident_gib": resident}
+    if profile:
+        with torch.no_grad():
+            out["profile"] = kernel_breakdown(lambda: model(x, t, y, mask))
+    return out
 
 
 # kernel-name fragments -> category, first match wins (kernel_breakdown)
@@ -589,7 +595,7 @@ def main():
                 model = random_full_dit(depth=args.depth)
                 r = output_diff(model, lambda m: m.set_attention_backend("bsa"), "rel_diff_bsa_vs_dense")
             elif case.startswith("train_") or case.startswith("sample_") or case.startswith("fp8diff"):
-                # <train|sample>_<precision>[_bsa|_q8|_q8cudnn|_q8triton][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac][_tf32][_prof]
+                # <train|sample>_<precision>[_bsa|_q8|_q8cudnn|_q8triton][_compile|_compileglue][_swapN][_full|_selective|_offload|_noac][_tf32][_unfused][_prof]
                 parts = case.split("_")
                 kind = parts[0]
                 precision = {"fp8rw": "fp8_rowwise"}.get(parts[1], parts[1]) if kind != "fp8diff" else "bf16"
@@ -605,6 +611,7 @@ def main():
                 from longcat_nb.models.attention import set_quant8_training
                 set_quant8_training(next((p[2:] for p in parts if p in ("q8cudnn", "q8triton")), "off"))
                 torch.backends.cuda.matmul.allow_tf32 = "tf32" in parts
+                qk_rope.set_enabled("unfused" not in parts)
                 if kind == "fp8diff":  # output of fp8_rowwise vs bf16 on the same weights and input
                     r = output_diff(model, lambda m: apply_base_precision(m, "fp8_rowwise", "cuda", backward=False),
                                     "rel_diff_fp8_rowwise_vs_bf16")
@@ -620,7 +627,7 @@ def main():
                     if scope:
                         from longcat_nb.speed import apply_compile
                         apply_compile(model, scope=scope)
-                    r = case_sample(model, args.repeat)
+                    r = case_sample(model, args.repeat, profile="prof" in parts)
                     r.update(blocks_to_swap=swap, compile=scope)
                     from longcat_nb.speed import disable_compile
                     disable_compile(model)
@@ -633,6 +640,7 @@ def main():
         print(json.dumps({case_name: {k: v for k, v in r.items() if k != "trace"}}), flush=True)
         del model
         torch._dynamo.reset()  # compiled code of one case must not count against the next's recompile limit
+        qk_rope.set_enabled(True)
         gc.collect()
         torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

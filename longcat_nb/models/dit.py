@@ -19,6 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.func import functional_call
 
 from .attention import backend_from_config, check_backend_available, dense_attention, self_attention
+from . import qk_rope
 from .rope import RopeCache, apply_rope
 
 
@@ -165,11 +166,26 @@ class SelfAttention(nn.Module):
         self.bsa_params: Optional[dict] = None
 
     def _qkv(self, x: torch.Tensor):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self._split(self.qkv(x))
+
+    def _split(self, y: torch.Tensor):
+        """q, k (normed) and v [B, heads, N, D] from the qkv projection's output."""
+        B, N, _ = y.shape
+        q, k, v = y.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         # contiguous [B, heads, N, D]: cuDNN's fused attention rejects the strided view and torch
         # would silently fall back to a slower kernel
         return self.q_norm(q), self.k_norm(k), v.contiguous()
+
+    def _fused(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, strided_v: bool):
+        """q, k after the norms and RoPE, and v, the norms and RoPE in one Triton kernel
+        (models/qk_rope.py); for steps without gradients on CUDA. ``strided_v``: leave v a view of
+        ``y`` (for the BSA kernels, which take any strides with unit stride along D; cuDNN's dense
+        attention wants it contiguous, see _split)."""
+        B, N, _ = y.shape
+        y = y.view(B, N, 3, self.num_heads, self.head_dim)
+        q, k = qk_rope.qk_norm_rope(y, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
+        v = y[:, :, 2].transpose(1, 2)
+        return q, k, (v if strided_v else v.contiguous())
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
         B, _, N, _ = o.shape
@@ -177,11 +193,17 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, grid, num_cond_latents: int = 0, return_kv: bool = False):
         T, h, w = grid
-        q, k, v = self._qkv(x)
-        kv = (k, v) if return_kv else None  # cache is post-norm, pre-RoPE (spec §4)
         cos, sin = self.rope.get(grid, x.device)
-        rope = _glue("apply_rope")
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        y = self.qkv(x)
+        kv = None
+        if not return_kv and qk_rope.usable(y, self.q_norm, self.k_norm, self.head_dim):
+            # v stays strided only where every attention call of this step goes to the BSA kernels
+            q, k, v = self._fused(y, cos, sin, self.backend == "bsa" and T > 1 and not num_cond_latents)
+        else:
+            q, k, v = self._split(y)
+            kv = (k, v) if return_kv else None  # cache is post-norm, pre-RoPE (spec §4)
+            rope = _glue("apply_rope")
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
         attn = lambda q_, k_, v_, tq, tk: self_attention(  # noqa: E731
             q_, k_, v_, (tq, h, w), (tk, h, w), self.backend, self.bsa_params
         )
