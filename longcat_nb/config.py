@@ -30,8 +30,10 @@ class ModelSettings:
     dit_dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     text_encoder_dtype: str = "auto"
     vae_dtype: str = "auto"
-    # sdpa | xformers | bsa | quant8 (8-bit dense self-attention for sampling and validation; training steps use SDPA)
-    attention: str = "sdpa"
+    # auto (block-sparse where the official pipeline uses it: grids of 720p and more on CUDA; dense SDPA
+    # elsewhere) | sdpa | xformers | bsa | quant8 (8-bit dense self-attention for sampling and
+    # validation; training steps use SDPA)
+    attention: str = "auto"
 
 
 @dataclass
@@ -95,7 +97,9 @@ class TrainSettings:
     keep_attention: str = "auto"  # auto | on | off
     activation_offload: bool = False  # checkpointed block inputs in pinned CPU memory
     blocks_to_swap: int = 0
-    compile: bool = False  # torch.compile of each whole block (CUDA)
+    # torch.compile of each whole block: auto = on CUDA with a working Triton (the first step takes
+    # about 40 s longer, then each is faster), eager elsewhere | on | off
+    compile: str = "auto"
     seed: int = 42
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
@@ -139,9 +143,10 @@ class SampleSettings:
     offload: str = "none"  # none | model (DiT/VAE/text encoder on the GPU only while used)
     precision: str = "auto"  # DiT base weights: auto (model.dit_dtype) | bf16 | fp16 | fp32 | int8 | int4 | fp8 | fp8_rowwise | nf4
     blocks_to_swap: int = 0  # last N DiT blocks' weights in CPU memory, streamed in per block
-    # torch.compile of each DiT block (CUDA): the first clip (and each LoRA change) compiles for about
-    # 15 s, then every step is faster (6.9 vs 9.4 s per CFG step at 480x832x93 on an H200)
-    compile: bool = False
+    # torch.compile of each DiT block: auto = on CUDA with a working Triton | on | off. The first clip
+    # (and each LoRA change) compiles for about 15 s, then every step is faster (6.9 vs 9.4 s per CFG
+    # step at 480x832x93 on an H200)
+    compile: str = "auto"
     loras: list = field(default_factory=list)  # [{"path": ..., "scale": 1.0}]
 
 

@@ -25,6 +25,42 @@ def host_ram_gib() -> float:
         return float("nan")
 
 
+GPU_CAP_ENV = "LONGCAT_NB_GPU_MEMORY_GIB"
+
+
+def gpu_memory_cap() -> float | None:
+    """LONGCAT_NB_GPU_MEMORY_GIB as a number of GiB, or None when unset."""
+    text = os.environ.get(GPU_CAP_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        cap = float(text)
+    except ValueError:
+        cap = -1.0
+    if cap <= 0:
+        raise ValueError(f"{GPU_CAP_ENV}={text!r}: give the GiB this process may use on the GPU, e.g. 24, or unset it")
+    return cap
+
+
+def apply_gpu_memory_cap(device: int = 0) -> float | None:
+    """Hold this process's CUDA allocations under LONGCAT_NB_GPU_MEMORY_GIB (torch's
+    set_per_process_memory_fraction), so a large GPU runs what a smaller card runs; the kit's
+    planner decisions then use the cap as the card's size (gpu_memory_gib). Returns the cap."""
+    cap = gpu_memory_cap()
+    if cap is None or not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    return min(cap, total)
+
+
+def gpu_memory_gib(device=0) -> float:
+    """The GPU's memory in GiB, or the cap of LONGCAT_NB_GPU_MEMORY_GIB when smaller."""
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    cap = gpu_memory_cap()
+    return total if cap is None else min(total, cap)
+
+
 def environment_report() -> dict:
     rep = {
         "python": platform.python_version(),

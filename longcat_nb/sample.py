@@ -905,7 +905,7 @@ def base_precision(precision: str, dit_dtype: str = "auto") -> str:
 
 
 def load_sampling_components(model, offload: str = "none", precision: str = "auto", blocks_to_swap: int = 0,
-                             compile: bool = False):
+                             compile="auto"):
     """Components for sampling from the run's ``model`` settings (config.ModelSettings).
 
     offload='model': every part is loaded on the CPU in the dtype it will run in on the accelerator
@@ -914,8 +914,8 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
     and ``blocks_to_swap`` are applied to the DiT as training applies them (memory.py:
     apply_inference_memory): quantized block by block on the GPU, then the last N blocks' weights
     to pinned CPU memory. LoRAs (yours, cfg_step_lora, refinement_lora) are applied per call on
-    top of the quantized weights and stream in with their swapped block. ``compile`` compiles each
-    DiT block on CUDA (speed.apply_compile; ignored elsewhere): the first call compiles."""
+    top of the quantized weights and stream in with their swapped block. ``compile`` (auto | on |
+    off, speed.compile_wanted) compiles each DiT block on CUDA: the first call compiles."""
     from .checkpoint import PARTS, load_components, load_dit, pick_device, pick_dtype
     from .memory import QUANTIZED, apply_inference_memory, compute_dtype
 
@@ -948,20 +948,26 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
     return comps
 
 
-def _compile_dit(dit, compile: bool, device) -> bool:
-    """Compile each DiT block where it pays (CUDA); True when compiled."""
-    if not compile or torch.device(device).type != "cuda":
+def _compile_dit(dit, compile, device) -> bool:
+    """Compile each DiT block where it pays (CUDA); True when compiled. Attention on CUDA gets the
+    fastest fused kernel of the GPU (speed.default_sdpa_preference), as in training."""
+    from .speed import apply_compile, compile_wanted, default_sdpa_preference, set_sdpa_preference
+
+    if torch.device(device).type == "cuda":
+        set_sdpa_preference(default_sdpa_preference())
+    if not compile_wanted(compile, device, print):
         return False
-    from .speed import apply_compile
 
     apply_compile(dit, scope="blocks")
     return True
 
 
 def settings_record(request: SampleRequest, lora=None, scale: float = 1.0, offload: str = "none",
-                    precision: str = "auto", blocks_to_swap: int = 0, compile: bool = False) -> dict:
+                    precision: str = "auto", blocks_to_swap: int = 0, compile="auto") -> dict:
     """The run config's ``sample`` section (config.SampleSettings) for what was just sampled (as asked:
     height = width = 0 when the size came from the input, the negative prompt's name if it had one)."""
+    from .speed import compile_choice
+
     r = request.resolved()
     return dict(
         prompt=r.prompt, negative_prompt=request.negative_prompt or "", mode=r.mode,
@@ -970,7 +976,7 @@ def settings_record(request: SampleRequest, lora=None, scale: float = 1.0, offlo
         resolution=r.resolution, height=r.height or 0, width=r.width or 0, num_frames=r.num_frames, steps=r.steps,
         guidance=r.guidance, seed=r.seed, fps=int(round(r.fps)), distilled=r.distilled, use_kv_cache=r.use_kv_cache,
         enhance_hf=bool(r.enhance_hf), offload=offload, precision=precision, blocks_to_swap=int(blocks_to_swap),
-        compile=bool(compile), loras=[{"path": str(lora), "scale": float(scale)}] if lora else [],
+        compile=compile_choice(compile), loras=[{"path": str(lora), "scale": float(scale)}] if lora else [],
     )
 
 
@@ -1004,7 +1010,9 @@ def sampling_plan(values: dict, uploaded_image=None, gpu_gib="auto") -> dict:
     the UMT5-XXL encoder is on the GPU with the DiT's resident weights until the prompts are encoded,
     and in host memory after that.
     ``summary`` is the line 04 prints; ``fits``/``advice`` as in planner.report."""
+    from .envinfo import gpu_memory_gib
     from .planner import GIB, PlanSettings, plan, report, text_encoder_bytes
+    from .speed import compile_choice
 
     req = request_from_values(values, uploaded_image).resolved()
     h, w = sample_size(req, input_size(req))
@@ -1012,9 +1020,10 @@ def sampling_plan(values: dict, uploaded_image=None, gpu_gib="auto") -> dict:
     prec = "bf16" if prec == "auto" else prec
     swap = int(values.get("blocks_to_swap", 0) or 0)
     if gpu_gib == "auto":
-        gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
+        gpu_gib = gpu_memory_gib(0) if torch.cuda.is_available() else None
     s = PlanSettings(mode="sample", height=h, width=w, num_frames=req.num_frames, precision=prec,
-                     blocks_to_swap=swap, cfg=req.guidance > 1, compile=bool(values.get("compile")))
+                     blocks_to_swap=swap, cfg=req.guidance > 1,
+                     compile=compile_choice(values.get("compile", "auto")) != "off")  # a plan is for a CUDA GPU
     out = report(s, gpu_gib)
     parts = plan(s).parts
     offload = values.get("offload", "none")

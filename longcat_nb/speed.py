@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 
 import torch
 import torch.nn as nn
@@ -58,12 +59,66 @@ def disable_compile(model: nn.Module | None = None) -> None:
                 del block.forward  # the plain bound method again
 
 
+COMPILE_CHOICES = ("auto", "on", "off")
+_ON, _OFF = ("on", "true", "1", "yes"), ("off", "false", "0", "no", "")
+
+
+def compile_choice(value) -> str:
+    """A ``compile`` setting as one of COMPILE_CHOICES; true/false (config files written before
+    the setting had ``auto``) map to on/off."""
+    text = str(value).strip().lower()
+    if text in _ON:
+        return "on"
+    if text in _OFF:
+        return "off"
+    if text == "auto":
+        return "auto"
+    raise ValueError(f"compile={value!r}: choose auto (CUDA with a working Triton), on or off")
+
+
+def compile_unavailable(device) -> str | None:
+    """Why torch.compile of the blocks cannot run on ``device``, or None when it can: it pays only on
+    CUDA, and inductor's GPU kernels are Triton kernels."""
+    if torch.device(device).type != "cuda":
+        return "not a CUDA device"
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile does not support this Python ({torch.__version__})"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # an ImportError, or a broken install that fails on import
+        return f"Triton cannot be imported ({type(e).__name__}: {e}); pip install triton"
+    if torch.cuda.get_device_capability(torch.device(device))[0] < 7:
+        return "Triton needs a GPU of compute capability 7.0 or newer"
+    return None
+
+
+def compile_wanted(value, device, log=None) -> bool:
+    """Whether to compile the DiT's blocks for a ``compile`` setting (auto | on | off) on ``device``.
+
+    auto: on wherever it can run (CUDA with Triton), with one line saying why not elsewhere; a
+    failure inside the compiler then runs that block eagerly instead of stopping the run. on: the
+    same, but a failure is an error. A CPU run never compiles (it would only add compile time)."""
+    choice = compile_choice(value)
+    if choice == "off":
+        return False
+    why = compile_unavailable(device)
+    if why is not None:
+        if log is not None and (choice == "on" or torch.device(device).type == "cuda"):
+            log(f"compile={choice}: running eagerly ({why})")
+        return False
+    if choice == "auto":
+        torch._dynamo.config.suppress_errors = True  # a compiler failure falls back to eager, with a warning
+    return True
+
+
 def default_sdpa_preference() -> str:
-    """cuDNN fused attention on Hopper and newer (1.6-1.75x the flash kernel's speed there,
-    docs/benchmarks.md); torch's own choice elsewhere."""
+    """LONGCAT_NB_SDPA when set; else cuDNN fused attention on Hopper and newer (1.6-1.75x the flash
+    kernel's speed there, docs/benchmarks.md); torch's own choice elsewhere."""
+    if os.environ.get("LONGCAT_NB_SDPA"):
+        return os.environ["LONGCAT_NB_SDPA"]
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
         return "cudnn"
     return "auto"
 
 
-__all__ = ["apply_compile", "set_sdpa_preference", "default_sdpa_preference"]
+__all__ = ["apply_compile", "compile_choice", "compile_wanted", "set_sdpa_preference", "default_sdpa_preference"]

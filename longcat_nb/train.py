@@ -342,7 +342,9 @@ def checkpointing_mode(s: TrainSettings, device, dataset=None) -> str:
     """none | full | selective | offload for these settings: offload when asked (CUDA), selective
     (keep attention outputs) when asked or, with keep_attention=auto, when the planner says the GPU
     has room for it; full otherwise."""
+    from .envinfo import gpu_memory_gib
     from .planner import TARGET_SHAPES, PlanSettings, use_selective
+    from .speed import compile_wanted
 
     device = torch.device(device)
     if s.keep_attention not in ("auto", "on", "off"):
@@ -357,14 +359,14 @@ def checkpointing_mode(s: TrainSettings, device, dataset=None) -> str:
         return "selective"
     if device.type != "cuda":
         return "full"
-    gpu = torch.cuda.get_device_properties(device).total_memory / 2**30
+    gpu = gpu_memory_gib(device)
     prec = s.base_precision if s.base_precision not in ("auto", "fp32") else "bf16"
     size = {}
     if dataset is not None:  # the largest clip the dataset settings allow
         h, w = (int(v) for v in str(dataset.resolution).lower().split("x"))
         size = dict(height=h, width=w, num_frames=dataset.num_frames)
     plan = PlanSettings(precision=prec, rank=s.rank, batch_size=s.batch_size, optimizer=s.optimizer,
-                        compile=s.compile, targets=tuple(t for t in s.targets if t in TARGET_SHAPES), **size)
+                        compile=compile_wanted(s.compile, device), targets=tuple(t for t in s.targets if t in TARGET_SHAPES), **size)
     return "selective" if use_selective(plan, gpu) else "full"
 
 
@@ -382,7 +384,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     from .cache import CacheError, CachedDataset, load_negative, no_entries_cause, read_manifest
     from .checkpoint import load_dit, pick_device
     from .memory import QUANTIZED, apply_base_precision, apply_block_swap, apply_gradient_checkpointing, compute_dtype
-    from .speed import apply_compile, default_sdpa_preference, set_sdpa_preference
+    from .speed import apply_compile, compile_wanted, default_sdpa_preference, set_sdpa_preference
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
@@ -434,9 +436,10 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
             p.data = p.data.to(device)
         distributed.sync_lora(params, dist)
     swap = apply_block_swap(dit, s.blocks_to_swap, device) if device.type == "cuda" else None
-    if s.compile and device.type == "cuda":
+    compiled = compile_wanted(s.compile, device, log)
+    if compiled:
         apply_compile(dit, scope="blocks")
-    log(f"checkpointing: {checkpointing}; compiled blocks: {bool(s.compile and device.type == 'cuda')}")
+    log(f"checkpointing: {checkpointing}; compiled blocks: {compiled}")
     dit.train()
     opt = build_optimizer(params, s)
     base_lrs = [g["lr"] for g in opt.param_groups]

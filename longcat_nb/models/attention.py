@@ -1,5 +1,6 @@
 """Attention backends of the DiT, chosen in one place.
 
+* ``auto`` (the default): ``bsa`` on grids of 720p and more, ``sdpa`` below (resolve_auto).
 * ``sdpa``: torch ``scaled_dot_product_attention`` (CPU, CUDA, MPS). On CUDA in bf16 it runs
   FlashAttention-2 kernels, which is what the checkpoint's ``enable_flashattn2`` asks for.
 * ``xformers``: ``xformers.ops.memory_efficient_attention`` when installed.
@@ -21,7 +22,12 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("sdpa", "xformers", "bsa", "quant8")
+BACKENDS = ("auto", "sdpa", "xformers", "bsa", "quant8")
+
+# ``auto``: block-sparse self-attention where the official pipeline turns it on (its 720p refinement
+# stage), dense SDPA elsewhere. Latent tokens per frame (16x16 pixels each): every 480p bucket has at
+# most 1,600 (1280x320), every 720p bucket at least 3,520 (704x1280); the line sits between them.
+AUTO_BSA_MIN_TOKENS = 2500
 
 DEFAULT_BSA_PARAMS = {"sparsity": 0.9375, "chunk_3d_shape_q": [4, 4, 4], "chunk_3d_shape_k": [4, 4, 4]}
 
@@ -135,8 +141,16 @@ def dense_attention(q, k, v, backend: str = "sdpa", attn_mask=None):
     return _sdpa(q, k, v, attn_mask=attn_mask)
 
 
+def resolve_auto(backend: str, grid) -> str:
+    """The backend ``auto`` stands for on a (T, h, w) token grid; any other backend as it is."""
+    if backend != "auto":
+        return backend
+    return "bsa" if grid[1] * grid[2] >= AUTO_BSA_MIN_TOKENS else "sdpa"
+
+
 def self_attention(q, k, v, grid_q, grid_k, backend: str, bsa_params: dict | None):
     """Self-attention of video tokens; ``grid_*`` = (T, h, w) of the queries / keys."""
+    backend = resolve_auto(backend, grid_q)
     if backend == "bsa" and grid_q[0] > 1 and q.is_cuda:
         from .bsa import bsa_attention, bsa_available
 
@@ -170,6 +184,8 @@ def check_backend_available(backend: str) -> str:
     if backend == "xformers" and not _xformers_available():
         logger.warning("xformers is not installed; using torch SDPA attention instead")
         return "sdpa"
+    if backend == "auto":
+        logger.info("attention auto: block-sparse on grids of 720p and more (CUDA), dense SDPA below")
     if backend == "bsa":
         try:
             from .bsa import bsa_available

@@ -18,7 +18,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch.func import functional_call
 
-from .attention import backend_from_config, check_backend_available, dense_attention, self_attention
+from .attention import (backend_from_config, check_backend_available, dense_attention, resolve_auto,
+                        self_attention)
 from . import qk_rope
 from .rope import RopeCache, apply_rope
 
@@ -198,7 +199,8 @@ class SelfAttention(nn.Module):
         kv = None
         if not return_kv and qk_rope.usable(y, self.q_norm, self.k_norm, self.head_dim):
             # v stays strided only where every attention call of this step goes to the BSA kernels
-            q, k, v = self._fused(y, cos, sin, self.backend == "bsa" and T > 1 and not num_cond_latents)
+            bsa = resolve_auto(self.backend, grid) == "bsa"
+            q, k, v = self._fused(y, cos, sin, bsa and T > 1 and not num_cond_latents)
         else:
             q, k, v = self._split(y)
             kv = (k, v) if return_kv else None  # cache is post-norm, pre-RoPE (spec §4)
