@@ -34,10 +34,21 @@ def main(argv=None) -> int:
                         "(default: into this environment)")
     k.add_argument("--prefix", default=None, help="install under this prefix instead (PREFIX/share/jupyter/kernels)")
 
-    tr = sub.add_parser("train", help="the 03_train_lora loop from RUN_DIR/config.json; also under "
-                                      "`torchrun --nproc_per_node N -m longcat_nb train` (FSDP2)")
-    tr.add_argument("--run-dir", required=True)
-    tr.add_argument("--max-steps", type=int, default=None, help="stop early (the schedule follows train.steps)")
+    stage_help = {
+        "scan": "01_dataset: scan and validate the dataset folder, write dataset.jsonl",
+        "cache": "02_cache: VAE latents and text embeddings on disk (resumable)",
+        "train": "03_train_lora: LoRA training from RUN_DIR/config.json, resumed from the newest checkpoint; "
+                 "also under `torchrun --nproc_per_node N -m longcat_nb train` (FSDP2)",
+        "sample": "04_sample: one clip, base and LoRA side by side (-p lora_path=none: base only)",
+    }
+    for name, text in stage_help.items():
+        sp = sub.add_parser(name, help=text, description=text + ". Settings are written to RUN_DIR/config.json "
+                            "(validated first); -p section.key=value reaches another section.")
+        sp.add_argument("--run-dir", required=True)
+        sp.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting (JSON value or text); repeatable")
+        if name == "train":
+            sp.add_argument("--max-steps", type=int, default=None, help="stop early (the schedule follows train.steps)")
 
     rp = sub.add_parser("report", help="write one HTML page with the run's settings, data, loss, videos")
     rp.add_argument("--run-dir", required=True)
@@ -64,8 +75,16 @@ def main(argv=None) -> int:
         path = build_tiny_checkpoint(args.dir, seed=args.seed, overwrite=args.overwrite)
         print(path)
         return 0
+    if args.cmd in ("scan", "cache", "sample"):
+        from .runner import parse_parameters
+        from .stages import run_stage
+
+        summary = run_stage(args.cmd, args.run_dir, parse_parameters(args.param), log=lambda m: print(m, flush=True))
+        print(json.dumps({"event": "done", **summary}), flush=True)
+        return 0
     if args.cmd == "train":
-        from .train import train
+        from .runner import parse_parameters
+        from .stages import run_stage
 
         def emit(event: dict) -> None:
             # one write per line: with several workers on one pipe (and PYTHONUNBUFFERED), print()'s
@@ -83,14 +102,16 @@ def main(argv=None) -> int:
             emit({"event": "validation", "step": step,
                   "files": [str(p) for p, _ in videos.values() if p is not None]})
 
+        params = parse_parameters(args.param)
+        if args.max_steps is not None:
+            params["max_steps"] = args.max_steps
         try:
-            res = train(args.run_dir, on_step=on_step, on_validation=on_validation, max_steps=args.max_steps,
-                        log=log)
+            res = run_stage("train", args.run_dir, params, log=log, on_step=on_step, on_validation=on_validation)
         except Exception as e:  # one line a launcher can show, from whichever rank failed
             emit({"event": "error", "rank": int(os.environ.get("RANK", 0)), "error": f"{type(e).__name__}: {e}"})
             raise
-        if res.lora_path is not None:
-            emit({"event": "done", "steps": res.steps, "lora": str(res.lora_path), "checkpoint": str(res.checkpoint)})
+        if res["lora"] is not None:
+            emit({"event": "done", **res})
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():  # under torchrun

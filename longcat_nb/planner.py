@@ -123,26 +123,44 @@ def plan(s: PlanSettings) -> Plan:
 
 # Options in the order of their cost in step time (measured: swap/offload < 3%, quantization ~0-2%).
 def _candidates(s: PlanSettings):
-    yield "activation_offload=True", replace(s, activation_offload=True, gradient_checkpointing=True)
+    """(changes, settings) from the cheapest change to the dearest."""
+    if s.mode == "sample":
+        for n in (12, 24, 36, 44):
+            yield {"blocks_to_swap": n}
+        return
+    yield {"activation_offload": True, "gradient_checkpointing": True}
     for n in (12, 24, 36, 40, 44):
         if n > s.blocks_to_swap:
-            yield f"blocks_to_swap={n} with activation_offload=True", replace(s, blocks_to_swap=n, activation_offload=True)
+            yield {"blocks_to_swap": n, "activation_offload": True}
     for p in ("fp8", "int8", "int4"):
-        yield f"precision={p} with activation_offload=True", replace(s, precision=p, activation_offload=True)
+        yield {"precision": p, "activation_offload": True}
+
+
+def _label(changes: dict) -> str:
+    first, *rest = [f"{k}={v}" for k, v in changes.items() if k != "gradient_checkpointing"]
+    return first + (" with " + ", ".join(rest) if rest else "")
 
 
 def suggest(s: PlanSettings, budget_gib: float) -> Optional[tuple[str, Plan]]:
-    """The first (cheapest) change whose predicted peak fits ``budget_gib``; None if none does."""
-    if s.mode == "sample":
-        for n in (12, 24, 36, 44):
-            cand = replace(s, blocks_to_swap=n)
-            if plan(cand).peak_gib <= budget_gib:
-                return f"blocks_to_swap={n}", plan(cand)
-        return None
-    for label, cand in _candidates(s):
-        p = plan(cand)
+    """The first (cheapest) change whose predicted peak fits ``budget_gib``, as (label, plan); None if
+    none does."""
+    for changes in _candidates(s):
+        p = plan(replace(s, **changes))
         if p.peak_gib <= budget_gib:
-            return label, p
+            return _label(changes), p
+    return None
+
+
+def recommend(s: PlanSettings, gpu_gib: float) -> Optional[tuple[dict, Plan]]:
+    """The settings to change for a GPU of ``gpu_gib`` (``{}`` when ``s`` fits as it is) and their
+    plan, the cheapest in step time first; None when nothing fits."""
+    usable = gpu_gib - 1.0  # CUDA context and allocator slack, as report()
+    if plan(s).peak_gib <= usable:
+        return {}, plan(s)
+    for changes in _candidates(s):
+        p = plan(replace(s, **changes))
+        if p.peak_gib <= usable:
+            return changes, p
     return None
 
 
