@@ -210,8 +210,36 @@ def _train_setup(model, checkpointing, fp8=False, tf32=False):
     apply_compile(model, scope="blocks")
 
 
+def _defaults_train(model):
+    """What ``longcat_nb.train`` applies with the default TrainSettings on this GPU: the checkpointing
+    mode keep_attention=auto picks, compile=auto, the SDPA preference, TF32 for the LoRA's matmuls."""
+    from longcat_nb.config import DatasetSettings, TrainSettings
+    from longcat_nb.memory import apply_gradient_checkpointing
+    from longcat_nb.speed import apply_compile, compile_wanted, default_sdpa_preference, set_sdpa_preference
+    from longcat_nb.train import checkpointing_mode
+
+    s = TrainSettings()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    set_sdpa_preference(default_sdpa_preference())
+    apply_gradient_checkpointing(model, checkpointing_mode(s, Ctx.device, DatasetSettings()))
+    if compile_wanted(s.compile, Ctx.device):
+        apply_compile(model, scope="blocks")
+
+
+def _defaults_sample(model):
+    """What 04 (sample.load_sampling_components) applies with the default settings: the default
+    attention backend, compile=auto and the SDPA preference."""
+    from longcat_nb.config import ModelSettings, SampleSettings
+    from longcat_nb.sample import _compile_dit
+
+    model.set_attention_backend(ModelSettings().attention)
+    _compile_dit(model, SampleSettings().compile, Ctx.device)
+
+
 # name -> setup(model) -> None | callable   (see the module docstring)
 OUR_VARIANTS = {
+    "defaults": _defaults_train,
+    "sample_defaults": _defaults_sample,
     "eager": lambda model: None,
     "glue": _glue,
     "glue_cudnn": _glue_cudnn,
@@ -231,9 +259,11 @@ OUR_VARIANTS = {
                                     _blocks_cudnn(model))[2],
 }
 
-# the official model: as its demos run it (``dit = torch.compile(dit)``), or eager
+# the official model: as its demos run it (``dit = torch.compile(dit)``), each block compiled, or eager
 OFFICIAL_VARIANTS = {
     "compile": lambda model: torch.compile(model),
+    # each block compiled (nn.Module.compile), under the official checkpointing: its strongest form
+    "blocks": lambda model: ([b.compile() for b in model.blocks], None)[1],
     "eager": lambda model: None,
 }
 

@@ -1,0 +1,38 @@
+"""benchmarks/e2e_full_size.py --tiny: the full-size run's script, end to end on the CPU with the tiny
+model. Every stage through the stage CLI, in order, with the report a full-size run writes."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_e2e_script_runs_every_stage_on_the_tiny_model(tmp_path):
+    out = tmp_path / "e2e.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "e2e_full_size.py"), "--tiny",
+                           "--work", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    setup, run = rep["cards"]["setup"], rep["cards"]["cpu"]
+    # the checkpoint in the Hub layout, sharded, and a dataset with an image-to-video sample
+    ckpt = tmp_path / "work" / "checkpoint"
+    assert setup["checkpoint"]["dit_shards"] > 1 and (ckpt / "dit" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    assert {p.name for p in ckpt.iterdir()} >= {"dit", "vae", "text_encoder", "tokenizer", "scheduler"}
+    assert run["scan"]["samples"] == setup["dataset"]["clips"] and run["scan"]["problems"] == 0
+    assert run["cache"]["failed"] == 0 and run["cache"]["disk_written_bytes"] > 0
+    # training: every step timed, the validation clip written, the LoRA exported
+    assert len(run["train"]["step_seconds"]) == rep["train_steps"]
+    assert Path(run["train"]["lora"]).exists()
+    assert all(Path(f).exists() for v in run["train"]["validations"] for f in v["files"])
+    for mode in ("sample_t2v", "sample_i2v"):
+        assert set(run[mode]["samples"]) == {"base", "lora"}
+        assert all(Path(p).stat().st_size > 0 for p in run[mode]["samples"].values())
+    for stage in ("scan", "cache", "train", "sample_t2v", "sample_i2v"):
+        assert run[stage]["wall_s"] > 0 and run[stage]["host_rss_peak_gib"] > 0
+    ttl = run["time_to_lora"]
+    assert ttl["total_s"] == pytest.approx(ttl["cache_s"] + ttl["first_step_s"] + 999 * ttl["step_s"], rel=1e-3)
