@@ -8,7 +8,7 @@ import platform
 import torch
 
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "triton", "xformers",
-            "bitsandbytes", "optimum-quanto", "torchao", "av", "mediapy", "papermill", "ipywidgets", "jupyterlab")
+            "bitsandbytes", "optimum-quanto", "torchao", "av", "papermill", "ipywidgets", "jupyterlab")
 
 
 def _version(name: str) -> str:

@@ -737,26 +737,12 @@ def compare_base_and_lora(components, request: SampleRequest, lora=None, scale: 
 # files
 # ---------------------------------------------------------------------------------------------
 def write_video(path, frames: np.ndarray, fps: float) -> Path:
-    """H.264 mp4 through mediapy (imageio-ffmpeg's binary when there is no ffmpeg on PATH), written
-    to a temporary name and renamed (io.atomic_write: the file gets the umask's permissions, not
-    mkstemp's 0600). Falls back to PyAV when no ffmpeg can be found."""
+    """H.264 mp4 through PyAV (its own FFmpeg: no binary needed), written to a temporary name and
+    renamed (io.atomic_write: the file gets the umask's permissions, not mkstemp's 0600)."""
+    from .data.video import write_mp4
+
     frames = np.asarray(frames, dtype=np.uint8)
-    frames = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]  # yuv420p needs even sizes
-
-    def write(tmp: str) -> None:
-        try:
-            import mediapy
-
-            from .ui.video import ensure_ffmpeg
-
-            ensure_ffmpeg()
-            mediapy.write_video(tmp, frames, fps=fps, codec="h264", crf=20)
-        except (RuntimeError, OSError, ImportError):  # no ffmpeg binary at all: PyAV has its own
-            from .data.video import encode_mp4
-
-            encode_mp4(tmp, frames, fps)
-
-    return atomic_write(path, write, suffix=".mp4")
+    return write_mp4(path, frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2], fps)
 
 
 def _free_name(folder: Path, name: str) -> str:

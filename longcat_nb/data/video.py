@@ -1,8 +1,9 @@
 """Video I/O and the frame path: decode (PyAV, its own FFmpeg), resample to the target frame rate,
 cut windows of 4k+1 frames, crop and resize to the bucket, write mp4.
 
-mediapy's reader needs an ffmpeg binary whose options changed (FFmpeg 9 rejects its '-vsync'), so
-decoding goes through PyAV; mediapy is used only to show videos.
+Decoding and encoding go through PyAV, which brings its own FFmpeg (libx264 included): no ffmpeg
+binary is needed (mediapy's reader shells out to one, whose options changed: FFmpeg 9 rejects its
+'-vsync').
 """
 from __future__ import annotations
 

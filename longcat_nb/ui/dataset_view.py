@@ -65,18 +65,8 @@ def histograms(report):
 
 def preview_samples(records: list[dict], count: int = 3, fps: float = 15.0):
     """Show a few samples after resample, crop and resize; small and short when headless."""
-    import mediapy
+    from ..data.video import load_sample_frames
+    from .video import show_videos
 
-    from ..data.video import crop_resize, load_sample_frames
-    from .video import ensure_ffmpeg
-
-    ensure_ffmpeg()
-    videos = {}
-    for r in records[:count]:
-        frames = load_sample_frames(r)
-        if headless():  # keep executed notebooks light
-            scale = max(1, max(frames.shape[1:3]) // 128)
-            frames = crop_resize(frames[:24], frames.shape[1] // scale // 2 * 2, frames.shape[2] // scale // 2 * 2, "none")
-        videos[f"{r['bucket']} · {r['caption'][:40]}"] = frames
-    if videos:
-        mediapy.show_videos(videos, fps=fps, codec="gif" if headless() else "h264", columns=3)
+    videos = {f"{r['bucket']} · {r['caption'][:40]}": load_sample_frames(r) for r in records[:count]}
+    show_videos(videos, fps=fps, small=headless())  # headless: short, small GIFs keep executed notebooks light
