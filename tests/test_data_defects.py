@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,10 @@ def test_random_crops_differ_per_window_and_repeat_with_the_seed(tmp_path):
     _wide_clip(tmp_path / "wide.mp4")
     (tmp_path / "wide.txt").write_text("A grey ramp.")
     s = DatasetSettings(num_frames=5, resolution="64x64", bucket_grid=64, extraction="slide", stride=5, crop="random")
+    plain, center = scan_dataset(tmp_path, s), scan_dataset(tmp_path, replace(s, crop="center"))
+    assert len(plain.records) == len(center.records) == 6
+    assert any(not np.array_equal(load_sample_frames(r), load_sample_frames(c))  # random is not center
+               for r, c in zip(plain.records, center.records))
     first = scan_dataset(tmp_path, s, seed=7)
     again = scan_dataset(tmp_path, s, seed=7)
     other = scan_dataset(tmp_path, s, seed=8)
@@ -100,7 +105,6 @@ def test_random_crops_differ_per_window_and_repeat_with_the_seed(tmp_path):
     cs, ident = CacheSettings(), {"vae": "v"}
     same_frames = {**a, "frame_indices": b["frame_indices"], "window_start": b["window_start"]}
     assert latent_key(same_frames, ident, cs) != latent_key(b, ident, cs)
-    center = scan_dataset(tmp_path, DatasetSettings(num_frames=5, resolution="64x64"), seed=7)
     assert all("crop_offset" not in r for r in center.records)  # center crops keep their cache keys
 
 

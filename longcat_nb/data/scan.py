@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..io import atomic_write_text, sha256_file
+from ..io import atomic_write_text
 from ..paths import resolve_path
 from .buckets import (MAX_UPSCALE, BucketError, aspect_buckets, assign_bucket, check_frames, check_short_clips,
                       crop_loss, parse_resolution, train_frames, upscale_factor)
-from .sources import Entry, Problem, find_entries, read_caption, unreadable
+from .sources import Checked, Problem, check_entry, find_entries, keep_one_copy
 from .video import (VIDEO_EXTS, VideoError, crop_offset, load_image, probe, repeats_frames, resample_indices,
                     resampled_count, window_starts)
 
@@ -51,17 +51,6 @@ class ScanReport:
     def shortened(self) -> list[dict]:
         """The clips shorter than num_frames kept at a shorter 4k+1 length (short_clips=keep)."""
         return [f for f in self.files if f.get("shortened")]
-
-
-@dataclass
-class _Checked:
-    """A source file after its bytes and caption are read; ``problem`` None means usable."""
-    entry: Entry
-    digest: Optional[str] = None
-    size: int = 0
-    caption: Optional[str] = None
-    tokens: Optional[int] = None
-    problem: Optional[Problem] = None
 
 
 @dataclass
@@ -118,8 +107,8 @@ def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None, *, seed: 
     report = ScanReport(problems=problems, dataset_dir=str(dataset_dir), found=len(entries) + len(problems),
                         settings={"crop_seed": opts.seed, "crop_variants": opts.crop_variants,
                                   "allow_outside": opts.allow_outside, **asdict(settings)})
-    checked = [_check_entry(e, settings, tokenizer) for e in (progress(entries, desc="reading") if progress else entries)]
-    kept, duplicates = _keep_one_copy(checked)
+    checked = [check_entry(e, settings, tokenizer) for e in (progress(entries, desc="reading") if progress else entries)]
+    kept, duplicates = keep_one_copy(checked)
     report.problems += duplicates
     for c in progress(kept, desc="scanning") if progress else kept:
         if c.problem:
@@ -129,60 +118,6 @@ def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None, *, seed: 
         else:
             _add_video(report, c, settings, buckets, opts)
     return report
-
-
-def _check_entry(e: Entry, settings, tokenizer) -> _Checked:
-    rel = str(e.file)
-    try:
-        if not e.file.exists():
-            return _Checked(e, problem=Problem(rel, "missing file", "listed but not found", "fix the path in the listing"))
-        size = e.file.stat().st_size
-        if size == 0:
-            return _Checked(e, problem=Problem(rel, "empty file", "0 bytes", "re-copy or re-export the clip"))
-        digest = sha256_file(e.file)
-    except OSError as ex:
-        return _Checked(e, problem=unreadable(e.file, ex))
-    caption, tokens, problem = _caption(e, settings, tokenizer)
-    return _Checked(e, digest, size, caption, tokens, problem)
-
-
-def _caption(e: Entry, settings, tokenizer) -> tuple[Optional[str], Optional[int], Optional[Problem]]:
-    if e.caption is not None and not e.caption.strip():
-        return None, None, Problem(str(e.file), "empty caption", "0 characters", "write a caption in the listing")
-    caption, problem = (e.caption, None) if e.caption is not None else read_caption(e.caption_file)
-    if problem:
-        return None, None, problem
-    if settings.trigger:
-        caption = f"{settings.trigger.strip()} {caption}"
-    if tokenizer is None:
-        return caption, None, None
-    from ..text import count_tokens
-
-    n_tokens = count_tokens(tokenizer, caption)
-    if n_tokens > settings.max_caption_tokens:
-        return None, n_tokens, Problem(
-            str(e.caption_file or e.file), "caption too long", f"{n_tokens} tokens > {settings.max_caption_tokens}",
-            "shorten the caption; the text encoder cuts everything after 512 tokens")
-    return caption, n_tokens, None
-
-
-def _keep_one_copy(checked: list[_Checked]) -> tuple[list[_Checked], list[Problem]]:
-    """One file per content: the first by path with a usable caption, else the first by path; every
-    other copy is reported as a duplicate of it (a copy with a bad caption never costs the good one)."""
-    groups: dict[str, list[_Checked]] = {}
-    for c in checked:
-        if c.digest:
-            groups.setdefault(c.digest, []).append(c)
-    dropped, problems = set(), []
-    for group in groups.values():
-        ordered = sorted(group, key=lambda c: str(c.entry.file))
-        keeper = next((c for c in ordered if c.problem is None), ordered[0])
-        for c in ordered:
-            if c is not keeper:
-                dropped.add(id(c))
-                problems.append(Problem(str(c.entry.file), "duplicate", f"same content as {keeper.entry.file}",
-                                        f"{keeper.entry.file} is kept; remove this copy (it would be trained twice)"))
-    return [c for c in checked if id(c) not in dropped], problems
 
 
 def _too_small(rel: str, h: int, w: int, b, settings) -> Optional[Problem]:
@@ -202,7 +137,7 @@ def _low_fps(rel: str, fps: float, target: float) -> Problem:
                    f"minterpolate=fps={target:g} out.mp4) or set target_fps={fps:.3g}")
 
 
-def _add_image(report: ScanReport, c: _Checked, settings, buckets, opts: _Options) -> None:
+def _add_image(report: ScanReport, c: Checked, settings, buckets, opts: _Options) -> None:
     rel = str(c.entry.file)
     try:
         h, w = load_image(c.entry.file).shape[:2]
@@ -219,7 +154,7 @@ def _add_image(report: ScanReport, c: _Checked, settings, buckets, opts: _Option
     _add_samples(report, c, b, [0], lambda start: [0], None, settings, opts, (h, w))
 
 
-def _add_video(report: ScanReport, c: _Checked, settings, buckets, opts: _Options) -> None:
+def _add_video(report: ScanReport, c: Checked, settings, buckets, opts: _Options) -> None:
     rel, target = str(c.entry.file), settings.target_fps
     try:
         info = probe(c.entry.file)
@@ -256,7 +191,7 @@ def _add_video(report: ScanReport, c: _Checked, settings, buckets, opts: _Option
                  info, settings, opts, (info.height, info.width))
 
 
-def _add_samples(report: ScanReport, c: _Checked, b, starts, indices, info, settings, opts: _Options, hw) -> None:
+def _add_samples(report: ScanReport, c: Checked, b, starts, indices, info, settings, opts: _Options, hw) -> None:
     """One record per window start, times crop_variants for random crops (each its own seeded crop)."""
     random = settings.crop == "random"
     name = str(c.entry.file.relative_to(opts.base) if c.entry.file.is_relative_to(opts.base) else c.entry.file)
@@ -285,7 +220,7 @@ def _too_short(rel: str, available: int, duration: float, settings) -> Problem:
                                      f"({need / fps:.2f} s)", fix, frames=available)
 
 
-def _record(c: _Checked, b, idx, info, start, k, hw, settings) -> dict:
+def _record(c: Checked, b, idx, info, start, k, hw, settings) -> dict:
     e, (h, w) = c.entry, hw
     return {
         "file": str(e.file),

@@ -1,4 +1,5 @@
-"""Find a dataset's source files (a folder walk or a metadata listing) and read their captions.
+"""Find a dataset's source files (a folder walk or a metadata listing), read their bytes and captions,
+keep one file per content.
 
 Anything that cannot be read (a file, a caption, a folder that cannot be listed) and any listed path
 outside the dataset folder becomes a Problem naming the path and the fix; the scan goes on.
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..io import sha256_file
 from .video import IMAGE_EXTS, VIDEO_EXTS
 
 # Files that may sit in a dataset folder without being samples (listings, notes, scripts).
@@ -39,6 +41,17 @@ class Entry:
     caption_file: Optional[Path] = None
     condition_image: Optional[Path] = None
     kind: str = "video"  # video | image
+
+
+@dataclass
+class Checked:
+    """A source file after its bytes and caption are read; ``problem`` None means usable."""
+    entry: Entry
+    digest: Optional[str] = None
+    size: int = 0
+    caption: Optional[str] = None
+    tokens: Optional[int] = None
+    problem: Optional[Problem] = None
 
 
 def unreadable(path, err: OSError) -> Problem:
@@ -146,3 +159,57 @@ def _from_listing(path: Path, allow_outside: bool) -> tuple[list[Entry], list[Pr
         kind = "image" if file.suffix.lower() in IMAGE_EXTS else "video"
         entries.append(Entry(file, caption=row.get("caption"), condition_image=paths[1], kind=kind))
     return entries, problems
+
+
+def check_entry(e: Entry, settings, tokenizer) -> Checked:
+    rel = str(e.file)
+    try:
+        if not e.file.exists():
+            return Checked(e, problem=Problem(rel, "missing file", "listed but not found", "fix the path in the listing"))
+        size = e.file.stat().st_size
+        if size == 0:
+            return Checked(e, problem=Problem(rel, "empty file", "0 bytes", "re-copy or re-export the clip"))
+        digest = sha256_file(e.file)
+    except OSError as ex:
+        return Checked(e, problem=unreadable(e.file, ex))
+    caption, tokens, problem = _caption(e, settings, tokenizer)
+    return Checked(e, digest, size, caption, tokens, problem)
+
+
+def _caption(e: Entry, settings, tokenizer) -> tuple[Optional[str], Optional[int], Optional[Problem]]:
+    if e.caption is not None and not e.caption.strip():
+        return None, None, Problem(str(e.file), "empty caption", "0 characters", "write a caption in the listing")
+    caption, problem = (e.caption, None) if e.caption is not None else read_caption(e.caption_file)
+    if problem:
+        return None, None, problem
+    if settings.trigger:
+        caption = f"{settings.trigger.strip()} {caption}"
+    if tokenizer is None:
+        return caption, None, None
+    from ..text import count_tokens
+
+    n_tokens = count_tokens(tokenizer, caption)
+    if n_tokens > settings.max_caption_tokens:
+        return None, n_tokens, Problem(
+            str(e.caption_file or e.file), "caption too long", f"{n_tokens} tokens > {settings.max_caption_tokens}",
+            "shorten the caption; the text encoder cuts everything after 512 tokens")
+    return caption, n_tokens, None
+
+
+def keep_one_copy(checked: list[Checked]) -> tuple[list[Checked], list[Problem]]:
+    """One file per content: the first by path with a usable caption, else the first by path; every
+    other copy is reported as a duplicate of it (a copy with a bad caption never costs the good one)."""
+    groups: dict[str, list[Checked]] = {}
+    for c in checked:
+        if c.digest:
+            groups.setdefault(c.digest, []).append(c)
+    dropped, problems = set(), []
+    for group in groups.values():
+        ordered = sorted(group, key=lambda c: str(c.entry.file))
+        keeper = next((c for c in ordered if c.problem is None), ordered[0])
+        for c in ordered:
+            if c is not keeper:
+                dropped.add(id(c))
+                problems.append(Problem(str(c.entry.file), "duplicate", f"same content as {keeper.entry.file}",
+                                        f"{keeper.entry.file} is kept; remove this copy (it would be trained twice)"))
+    return [c for c in checked if id(c) not in dropped], problems
