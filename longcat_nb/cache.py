@@ -132,9 +132,16 @@ def latent_key(record: dict, identity: dict, settings, memo: Optional[dict] = No
         "v": CACHE_VERSION, "src": source_identity(record["file"], memo), "kind": record.get("kind", "video"),
         "cond": source_identity(cond, memo) if cond else None, "frames": record.get("frame_indices"),
         "bucket": record["bucket"], "size": [record["num_frames"], record["height"], record["width"]],
-        "crop": record.get("crop", "center"), "vae": identity["vae"], "dtype": settings.latent_dtype,
+        "crop": _crop_identity(record), "vae": identity["vae"], "dtype": settings.latent_dtype,
         "posterior": settings.posterior,
     })
+
+
+def _crop_identity(record: dict):
+    """The crop policy, plus where a random crop sits: its latents are valid for that crop only. Records
+    without an offset (center, none) keep the key they always had."""
+    crop = record.get("crop", "center")
+    return crop if record.get("crop_offset") is None else [crop, record["crop_offset"]]
 
 
 def text_key(caption: str, identity: dict, settings) -> str:

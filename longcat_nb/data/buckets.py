@@ -105,6 +105,19 @@ def crop_loss(h: int, w: int, th: int, tw: int) -> float:
     return max(0.0, 1.0 - kept / (h * w))
 
 
+# Beyond this a clip is mostly interpolation (a 1x1 clip at 64x64 is one colour): the scan refuses it.
+# The bundled 144x256 samples need 3.3x at the default 480x832.
+MAX_UPSCALE = 4.0
+
+
+def upscale_factor(h: int, w: int, th: int, tw: int, policy: str = "center") -> float:
+    """How much the resize to the bucket th x tw enlarges the source (> 1: upscaled); center and random
+    crops keep the bucket's aspect, so one factor holds for both sides."""
+    if policy == "none":
+        return max(th / h, tw / w)
+    return th / h if w / h > tw / th else tw / w
+
+
 def assign_bucket(h: int, w: int, frames: int, settings, buckets=None) -> Bucket:
     """The bucket of a clip of size h x w contributing ``frames`` frames per window."""
     strategy = settings.bucket_strategy

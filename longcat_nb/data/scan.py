@@ -2,53 +2,37 @@
 
 Formats: (a) a folder (nested allowed) of videos with same-stem ``.txt`` captions and an optional
 same-stem image (the I2V conditioning frame); (b) a ``metadata.jsonl`` or ``metadata.csv`` with
-``file``, ``caption`` and optional ``condition_image`` (paths relative to the listing). Still images
-are 1-frame samples. Nothing in the dataset folder is ever written, moved or deleted.
+``file``, ``caption`` and optional ``condition_image`` (paths relative to the listing, inside the
+dataset folder unless allowed). Still images are 1-frame samples. Nothing in the dataset folder is
+ever written, moved or deleted.
+
+crop="random" draws one crop per window from a seed (video.crop_offset) and records it, so the cache
+keys the latents of that crop: a random crop is fixed per scan (and cache), and ``crop_variants`` > 1
+cuts that many differently cropped samples of every window, each cached and trained in every epoch.
 """
 from __future__ import annotations
 
-import csv
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..io import atomic_write_text, sha256_file
+from ..io import atomic_write_text
 from ..paths import resolve_path
-from .buckets import (BucketError, aspect_buckets, assign_bucket, check_frames, check_short_clips, crop_loss,
-                      parse_resolution, train_frames)
-from .video import IMAGE_EXTS, VIDEO_EXTS, VideoError, load_image, probe, resample_indices, resampled_count, window_starts
+from .buckets import (MAX_UPSCALE, BucketError, aspect_buckets, assign_bucket, check_frames, check_short_clips,
+                      crop_loss, parse_resolution, train_frames, upscale_factor)
+from .sources import Checked, Problem, check_entry, find_entries, keep_one_copy
+from .video import (VIDEO_EXTS, VideoError, crop_offset, load_image, probe, repeats_frames, resample_indices,
+                    resampled_count, window_starts)
 
 MAX_TOKENS = 512
-# Files that may sit in a dataset folder without being samples (listings, notes, scripts).
-SIDECAR_EXTS = {".txt", ".json", ".jsonl", ".csv", ".md", ".py", ".yaml", ".yml"}
+CROPS = ("center", "random", "none")
 
 
 class EmptyDatasetError(ValueError):
     """The scan found no usable training sample; the message says why, grouped by problem kind."""
-
-
-@dataclass
-class Problem:
-    file: str
-    kind: str
-    value: str
-    fix: str
-    frames: Optional[int] = None  # "too short": the frames the clip has at target_fps
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.kind} ({self.value}) -> {self.fix}"
-
-
-@dataclass
-class Entry:
-    """One source file found in the dataset (before windows are cut)."""
-    file: Path
-    caption: Optional[str] = None
-    caption_file: Optional[Path] = None
-    condition_image: Optional[Path] = None
-    kind: str = "video"  # video | image
 
 
 @dataclass
@@ -69,78 +53,32 @@ class ScanReport:
         return [f for f in self.files if f.get("shortened")]
 
 
-def _read_caption(path: Path) -> tuple[Optional[str], Optional[Problem]]:
-    if not path.exists():
-        return None, Problem(str(path.with_suffix("")) + ".*", "missing caption", f"no {path.name}",
-                             f"write the caption into {path.name} next to the clip")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        return None, Problem(str(path), "caption is not UTF-8", f"byte {e.start}: {raw[e.start:e.start + 4]!r}",
-                             "re-save the caption file as UTF-8")
-    if not text.strip():
-        return None, Problem(str(path), "empty caption", "0 characters", "write a description of the clip")
-    return text.strip(), None
+@dataclass
+class _Options:
+    seed: int
+    crop_variants: int
+    allow_outside: bool
+    base: Path
 
 
-def find_entries(dataset_dir: Path) -> tuple[list[Entry], list[Problem]]:
-    dataset_dir = Path(dataset_dir)
-    if not dataset_dir.is_dir():
-        raise FileNotFoundError(f"dataset folder {dataset_dir} does not exist; set dataset_dir to your clips folder")
-    for listing in ("metadata.jsonl", "metadata.csv"):
-        if (dataset_dir / listing).exists():
-            return _from_listing(dataset_dir / listing)
-    entries, problems = [], []
-    files = sorted(p for p in dataset_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-    by_stem: dict = {}
-    for p in files:
-        by_stem.setdefault(p.with_suffix(""), []).append(p)
-    for stem, group in sorted(by_stem.items()):
-        videos = [p for p in group if p.suffix.lower() in VIDEO_EXTS]
-        images = [p for p in group if p.suffix.lower() in IMAGE_EXTS]
-        others = [p for p in group if p.suffix.lower() not in VIDEO_EXTS | IMAGE_EXTS | SIDECAR_EXTS]
-        cap_file = stem.with_suffix(".txt")
-        for p in others:
-            problems.append(Problem(str(p), "not a video", f"extension {p.suffix or '(none)'}",
-                                    f"convert it to mp4 or remove it from the folder (supported: {sorted(VIDEO_EXTS)})"))
-        if videos:
-            for v in videos:
-                entries.append(Entry(v, caption_file=cap_file, condition_image=images[0] if images else None))
-        elif images:
-            entries.append(Entry(images[0], caption_file=cap_file, kind="image"))
-    return entries, problems
+def _options(settings, dataset_dir: Path, seed, crop_variants, allow_outside) -> _Options:
+    """The scan's own switches: an argument, else a DatasetSettings field of that name, else the default."""
+    def pick(value, name, default):
+        return getattr(settings, name, default) if value is None else value
+
+    o = _Options(pick(seed, "crop_seed", 0), pick(crop_variants, "crop_variants", 1),
+                 bool(pick(allow_outside, "allow_outside", False)), dataset_dir)
+    if not isinstance(o.seed, int):
+        raise BucketError(f"crop seed={o.seed!r}: must be a whole number (e.g. train.seed)")
+    if not isinstance(o.crop_variants, int) or o.crop_variants < 1:
+        raise BucketError(f"crop_variants={o.crop_variants!r}: must be a whole number >= 1")
+    if o.crop_variants > 1 and settings.crop != "random":
+        raise BucketError(f"crop_variants={o.crop_variants} needs crop='random' (crop={settings.crop!r} would cut "
+                          f"{o.crop_variants} identical copies)")
+    return o
 
 
-def _from_listing(path: Path) -> tuple[list[Entry], list[Problem]]:
-    rows, problems = [], []
-    if path.suffix == ".jsonl":
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((i, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    problems.append(Problem(f"{path}:{i}", "bad JSON line", str(e), "fix the line or remove it"))
-    else:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(enumerate(csv.DictReader(f), 2))
-    entries = []
-    for i, row in rows:
-        name = row.get("file") or row.get("video") or row.get("path")
-        if not name:
-            problems.append(Problem(f"{path}:{i}", "no file column", json.dumps(row)[:80], "add a 'file' value"))
-            continue
-        file = (path.parent / name)
-        cond = row.get("condition_image") or row.get("image")
-        kind = "image" if file.suffix.lower() in IMAGE_EXTS else "video"
-        entries.append(Entry(file, caption=row.get("caption"), condition_image=(path.parent / cond) if cond else None, kind=kind))
-    return entries, problems
-
-
-def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None) -> ScanReport:
-    """Validate every file and cut training windows; ``settings`` is a DatasetSettings. A relative
-    ``dataset_dir`` is under the workspace root (paths.py), so records hold absolute paths."""
-    dataset_dir = resolve_path(dataset_dir)
+def _check_settings(settings) -> None:
     try:
         parse_resolution(settings.resolution)
         check_frames(settings.num_frames)
@@ -149,84 +87,122 @@ def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None) -> ScanRe
         raise BucketError(f"dataset settings: {e}") from None
     if settings.target_fps <= 0:
         raise BucketError(f"target_fps={settings.target_fps}: must be > 0 (15 for the base stage, 30 for refinement)")
-    buckets = aspect_buckets(settings.resolution, getattr(settings, "bucket_grid", 32))
-    entries, problems = find_entries(dataset_dir)
-    report = ScanReport(problems=problems, settings=asdict(settings), dataset_dir=str(dataset_dir),
-                        found=len(entries) + len(problems))
-    seen_hash: dict = {}
-    it = progress(entries, desc="scanning") if progress else entries
-    for e in it:
-        rel = str(e.file)
-        if not e.file.exists():
-            report.problems.append(Problem(rel, "missing file", "listed but not found", "fix the path in the listing"))
-            continue
-        size = e.file.stat().st_size
-        if size == 0:
-            report.problems.append(Problem(rel, "empty file", "0 bytes", "re-copy or re-export the clip"))
-            continue
-        digest = sha256_file(e.file)
-        if digest in seen_hash:
-            report.problems.append(Problem(rel, "duplicate", f"same content as {seen_hash[digest]}",
-                                           "remove one copy (it would be trained twice)"))
-            continue
-        seen_hash[digest] = rel
-        caption, cap_problem = (e.caption, None) if e.caption is not None else _read_caption(e.caption_file)
-        if e.caption is not None and not e.caption.strip():
-            caption, cap_problem = None, Problem(rel, "empty caption", "0 characters", "write a caption in the listing")
-        if cap_problem:
-            report.problems.append(cap_problem)
-            continue
-        if settings.trigger:
-            caption = f"{settings.trigger.strip()} {caption}"
-        n_tokens = None
-        if tokenizer is not None:
-            from ..text import count_tokens
+    if settings.crop not in CROPS:
+        raise BucketError(f"crop={settings.crop!r}: use center, random or none")
 
-            n_tokens = count_tokens(tokenizer, caption)
-            if n_tokens > settings.max_caption_tokens:
-                report.problems.append(Problem(
-                    str(e.caption_file or rel), "caption too long", f"{n_tokens} tokens > {settings.max_caption_tokens}",
-                    "shorten the caption; the text encoder cuts everything after 512 tokens"))
-                continue
-        if e.kind == "image":
-            try:
-                h, w = load_image(e.file).shape[:2]
-            except Exception as ex:
-                report.problems.append(Problem(rel, "not an image", str(ex)[:80], "re-export the image as PNG or JPEG"))
-                continue
-            b = assign_bucket(h, w, 1, settings, buckets)
-            report.files.append({"file": rel, "kind": "image", "width": w, "height": h, "fps": None,
-                                 "duration": 0.0, "frames": 1, "caption_tokens": n_tokens})
-            report.records.append(_record(e, caption, b, [0], None, None, 0, n_tokens, h, w, settings))
-            continue
-        try:
-            info = probe(e.file)
-        except VideoError as ex:
-            kind = "corrupt video" if size > 1024 and e.file.suffix.lower() in VIDEO_EXTS else "not a video"
-            report.problems.append(Problem(rel, kind, str(ex)[:120], "re-encode or re-download the clip (e.g. to H.264 mp4)"))
-            continue
-        fdict = {"file": rel, "kind": "video", **info.to_dict(), "caption_tokens": n_tokens, "bytes": size}
-        report.files.append(fdict)
-        if info.variable_fps:
-            report.problems.append(Problem(rel, "variable frame rate", f"average {info.fps:.2f} fps",
-                                           "re-encode at a constant rate, e.g. ffmpeg -i in.mp4 -r 30 out.mp4 (used with nearest-frame resampling meanwhile)"))
-        available = resampled_count(info.frame_count, info.fps, settings.target_fps)
-        frames = train_frames(available, settings)
-        if frames is None:
-            report.problems.append(_too_short(rel, available, info.duration, settings))
-            continue
-        # the bucket may round the count down further (resolution_frames with frame_interval > 4):
-        # windows are cut at the bucket's count so every latent in a bucket has one shape
-        b = assign_bucket(info.height, info.width, frames, settings, buckets)
-        shortened = frames < settings.num_frames  # the clip's own length, not the bucket's rounding
-        fdict.update(train_frames=b.frames, shortened=shortened)
-        # a shortened clip has under 4 frames to spare: one window, not near-copies of it
-        starts = [0] if shortened else window_starts(available, b.frames, settings.extraction, settings.windows,
-                                                     settings.stride)
-        for k, start in enumerate(starts):
-            idx = resample_indices(b.frames, info.fps, settings.target_fps, start)
-            report.records.append(_record(e, caption, b, idx, info, start, k, n_tokens, info.height, info.width, settings))
+
+def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None, *, seed: Optional[int] = None,
+                 crop_variants: Optional[int] = None, allow_outside: Optional[bool] = None) -> ScanReport:
+    """Validate every file and cut training windows; ``settings`` is a DatasetSettings. A relative
+    ``dataset_dir`` is under the workspace root (paths.py), so records hold absolute paths.
+
+    ``seed`` draws random crops, ``crop_variants`` random crops per window, ``allow_outside`` lets a
+    metadata listing name files outside the folder; each, when None, comes from a settings field of
+    the same name (``crop_seed`` for the seed) or defaults to 0, 1 and False."""
+    dataset_dir = resolve_path(dataset_dir)
+    _check_settings(settings)
+    opts = _options(settings, dataset_dir, seed, crop_variants, allow_outside)
+    buckets = aspect_buckets(settings.resolution, getattr(settings, "bucket_grid", 32))
+    entries, problems = find_entries(dataset_dir, opts.allow_outside)
+    report = ScanReport(problems=problems, dataset_dir=str(dataset_dir), found=len(entries) + len(problems),
+                        settings={"crop_seed": opts.seed, "crop_variants": opts.crop_variants,
+                                  "allow_outside": opts.allow_outside, **asdict(settings)})
+    checked = [check_entry(e, settings, tokenizer) for e in (progress(entries, desc="reading") if progress else entries)]
+    kept, duplicates = keep_one_copy(checked)
+    report.problems += duplicates
+    for c in progress(kept, desc="scanning") if progress else kept:
+        if c.problem:
+            report.problems.append(c.problem)
+        elif c.entry.kind == "image":
+            _add_image(report, c, settings, buckets, opts)
+        else:
+            _add_video(report, c, settings, buckets, opts)
     return report
+
+
+def _too_small(rel: str, h: int, w: int, b, settings) -> Optional[Problem]:
+    f = upscale_factor(h, w, b.height, b.width, settings.crop)
+    if f <= MAX_UPSCALE:
+        return None
+    need = f"{math.ceil(w * f / MAX_UPSCALE)}x{math.ceil(h * f / MAX_UPSCALE)}"
+    return Problem(rel, "too small", f"{w}x{h} px, upscaled {f:.1f}x to its {b.width}x{b.height} bucket "
+                                     f"(more than {MAX_UPSCALE:g}x)",
+                   f"use a larger source (at least {need} px) or a lower resolution than {settings.resolution}")
+
+
+def _low_fps(rel: str, fps: float, target: float) -> Problem:
+    return Problem(rel, "low frame rate", f"{fps:.3g} fps < target_fps={target:g}",
+                   f"trained at its real speed with frames repeated (each about {target / fps:.1f}x); for smooth "
+                   f"motion use a clip recorded at {target:g} fps or more, interpolate it (ffmpeg -i in.mp4 -vf "
+                   f"minterpolate=fps={target:g} out.mp4) or set target_fps={fps:.3g}")
+
+
+def _add_image(report: ScanReport, c: Checked, settings, buckets, opts: _Options) -> None:
+    rel = str(c.entry.file)
+    try:
+        h, w = load_image(c.entry.file).shape[:2]
+    except Exception as ex:
+        report.problems.append(Problem(rel, "not an image", str(ex)[:80], "re-export the image as PNG or JPEG"))
+        return
+    b = assign_bucket(h, w, 1, settings, buckets)
+    report.files.append({"file": rel, "kind": "image", "width": w, "height": h, "fps": None,
+                         "duration": 0.0, "frames": 1, "caption_tokens": c.tokens})
+    small = _too_small(rel, h, w, b, settings)
+    if small:
+        report.problems.append(small)
+        return
+    _add_samples(report, c, b, [0], lambda start: [0], None, settings, opts, (h, w))
+
+
+def _add_video(report: ScanReport, c: Checked, settings, buckets, opts: _Options) -> None:
+    rel, target = str(c.entry.file), settings.target_fps
+    try:
+        info = probe(c.entry.file)
+    except VideoError as ex:
+        kind = "corrupt video" if c.size > 1024 and c.entry.file.suffix.lower() in VIDEO_EXTS else "not a video"
+        report.problems.append(Problem(rel, kind, str(ex)[:120], "re-encode or re-download the clip (e.g. to H.264 mp4)"))
+        return
+    fdict = {"file": rel, "kind": "video", **info.to_dict(), "caption_tokens": c.tokens, "bytes": c.size}
+    report.files.append(fdict)
+    if info.variable_fps:
+        report.problems.append(Problem(rel, "variable frame rate", f"average {info.fps:.2f} fps",
+                                       "re-encode at a constant rate, e.g. ffmpeg -i in.mp4 -r 30 out.mp4 (used with nearest-frame resampling meanwhile)"))
+    if repeats_frames(info.fps, target):  # reported, and trained at its real speed rather than sped up
+        fdict["frames_repeated"] = True
+        report.problems.append(_low_fps(rel, info.fps, target))
+    available = resampled_count(info.frame_count, info.fps, target, repeat=True)
+    frames = train_frames(available, settings)
+    if frames is None:
+        report.problems.append(_too_short(rel, available, info.duration, settings))
+        return
+    # the bucket may round the count down further (resolution_frames with frame_interval > 4):
+    # windows are cut at the bucket's count so every latent in a bucket has one shape
+    b = assign_bucket(info.height, info.width, frames, settings, buckets)
+    small = _too_small(rel, info.height, info.width, b, settings)
+    if small:
+        report.problems.append(small)
+        return
+    shortened = frames < settings.num_frames  # the clip's own length, not the bucket's rounding
+    fdict.update(train_frames=b.frames, shortened=shortened)
+    # a shortened clip has under 4 frames to spare: one window, not near-copies of it
+    starts = [0] if shortened else window_starts(available, b.frames, settings.extraction, settings.windows,
+                                                 settings.stride)
+    _add_samples(report, c, b, starts, lambda start: resample_indices(b.frames, info.fps, target, start, repeat=True),
+                 info, settings, opts, (info.height, info.width))
+
+
+def _add_samples(report: ScanReport, c: Checked, b, starts, indices, info, settings, opts: _Options, hw) -> None:
+    """One record per window start, times crop_variants for random crops (each its own seeded crop)."""
+    random = settings.crop == "random"
+    name = str(c.entry.file.relative_to(opts.base) if c.entry.file.is_relative_to(opts.base) else c.entry.file)
+    k = 0
+    for start in starts:
+        for variant in range(opts.crop_variants if random else 1):
+            r = _record(c, b, indices(start), info, start, k, hw, settings)
+            if random:  # keyed by the cache through the record: a latent is valid for its crop only
+                r.update(crop_variant=variant, crop_offset=crop_offset(opts.seed, name, start, variant))
+            report.records.append(r)
+            k += 1
 
 
 def _too_short(rel: str, available: int, duration: float, settings) -> Problem:
@@ -244,11 +220,12 @@ def _too_short(rel: str, available: int, duration: float, settings) -> Problem:
                                      f"({need / fps:.2f} s)", fix, frames=available)
 
 
-def _record(e: Entry, caption, b, idx, info, start, k, n_tokens, h, w, settings) -> dict:
+def _record(c: Checked, b, idx, info, start, k, hw, settings) -> dict:
+    e, (h, w) = c.entry, hw
     return {
         "file": str(e.file),
         "kind": e.kind,
-        "caption": caption,
+        "caption": c.caption,
         "condition_image": str(e.condition_image) if e.condition_image else None,
         "source_fps": info.fps if info else None,
         "source_size": [w, h],
@@ -262,7 +239,7 @@ def _record(e: Entry, caption, b, idx, info, start, k, n_tokens, h, w, settings)
         "bucket": b.key,
         "crop": settings.crop,
         "crop_loss": round(crop_loss(h, w, b.height, b.width), 4) if settings.crop != "none" else 0.0,
-        "caption_tokens": n_tokens,
+        "caption_tokens": c.tokens,
         "duration_s": round(b.frames / settings.target_fps, 3),
         "problems": [],
     }

@@ -7,6 +7,7 @@ binary is needed (mediapy's reader shells out to one, whose options changed: FFm
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,16 +92,35 @@ def probe(path: str | Path, check_last: bool = True) -> VideoInfo:
     return VideoInfo(fmt, codec, w, h, rotation, rate, variable, n, duration)
 
 
-def resampled_count(info_frames: int, src_fps: float, target_fps: float) -> int:
-    """Frames available after resampling to ``target_fps`` (never more than the source has)."""
+# A source this close below target_fps is taken frame for frame (29.97 for 30: 0.1% fast), not repeated.
+FPS_TOLERANCE = 0.02
+
+
+def _step(src_fps: float, target_fps: float, repeat: bool) -> float:
+    """Source frames per output frame: > 1 drops frames, < 1 repeats them (``repeat`` only)."""
+    if target_fps < src_fps or (repeat and src_fps < target_fps * (1 - FPS_TOLERANCE)):
+        return src_fps / target_fps
+    return 1.0
+
+
+def repeats_frames(src_fps: float, target_fps: float) -> bool:
+    """Whether a clip at ``src_fps`` reaches target_fps only by repeating frames."""
+    return 0 < _step(src_fps, target_fps, True) < 1
+
+
+def resampled_count(info_frames: int, src_fps: float, target_fps: float, repeat: bool = False) -> int:
+    """Frames available after resampling to ``target_fps``: never more than the source has, unless
+    ``repeat`` (a slower source then repeats frames and keeps its real speed)."""
     if src_fps <= 0:
         return 0
-    return int(math.floor(info_frames * target_fps / src_fps + 1e-6)) if target_fps < src_fps else info_frames
+    if _step(src_fps, target_fps, repeat) == 1.0:
+        return info_frames
+    return int(math.floor(info_frames * target_fps / src_fps + 1e-6))
 
 
-def resample_indices(n_out: int, src_fps: float, target_fps: float, start: int = 0) -> list[int]:
+def resample_indices(n_out: int, src_fps: float, target_fps: float, start: int = 0, repeat: bool = False) -> list[int]:
     """Source frame index for each output frame start..start+n_out-1 (nearest earlier-or-equal)."""
-    ratio = src_fps / target_fps if target_fps < src_fps else 1.0
+    ratio = _step(src_fps, target_fps, repeat)
     return [int(math.floor((start + k) * ratio + 1e-6)) for k in range(n_out)]
 
 
@@ -148,8 +168,19 @@ def load_image(path: str | Path) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
-def crop_box(h: int, w: int, th: int, tw: int, policy: str = "center", rng: Optional[np.random.Generator] = None):
-    """(top, left, height, width) of the largest region with the bucket's aspect ratio."""
+def crop_offset(seed: int, name: str, start: int, variant: int = 0) -> list[float]:
+    """Where a random crop sits, as fractions (top, left) of the room the crop leaves: drawn from the
+    seed, the clip's name, the window start and the variant, so a re-scan draws the same crops and
+    every window (and variant) its own. Fractions, so one draw places the crop of the clip and of its
+    conditioning image alike, whatever their sizes."""
+    name_key = int(hashlib.sha256(name.encode()).hexdigest()[:16], 16)
+    rng = np.random.default_rng([int(seed) % (1 << 63), name_key, int(start), int(variant)])
+    return [round(float(v), 6) for v in rng.random(2)]
+
+
+def crop_box(h: int, w: int, th: int, tw: int, policy: str = "center", offset: Optional[list] = None):
+    """(top, left, height, width) of the largest region with the bucket's aspect ratio; a random crop
+    sits at ``offset`` (crop_offset), a center crop (or a random one without offset) in the middle."""
     if policy == "none":
         return 0, 0, h, w
     target = tw / th
@@ -157,17 +188,17 @@ def crop_box(h: int, w: int, th: int, tw: int, policy: str = "center", rng: Opti
         cw, ch = max(1, round(h * target)), h
     else:
         cw, ch = w, max(1, round(w / target))
-    if policy == "random" and rng is not None:
-        return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    if policy == "random" and offset is not None:
+        return round(offset[0] * (h - ch)), round(offset[1] * (w - cw)), ch, cw
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def crop_resize(frames: np.ndarray, th: int, tw: int, policy: str = "center") -> np.ndarray:
+def crop_resize(frames: np.ndarray, th: int, tw: int, policy: str = "center", offset: Optional[list] = None) -> np.ndarray:
     """[F, H, W, 3] uint8 -> [F, th, tw, 3] uint8: crop to the bucket's aspect, then area-aware resize."""
     import torch
     import torch.nn.functional as F
 
-    top, left, ch, cw = crop_box(frames.shape[1], frames.shape[2], th, tw, policy)
+    top, left, ch, cw = crop_box(frames.shape[1], frames.shape[2], th, tw, policy, offset)
     x = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + ch, left:left + cw])).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -207,7 +238,7 @@ def load_sample_frames(record: dict) -> np.ndarray:
         frames = load_image(record["file"])[None]
     else:
         frames = decode_frames(record["file"], record["frame_indices"])
-    return crop_resize(frames, h, w, record.get("crop", "center"))
+    return crop_resize(frames, h, w, record.get("crop", "center"), record.get("crop_offset"))
 
 
 def load_condition_image(record: dict) -> Optional[np.ndarray]:
@@ -215,4 +246,4 @@ def load_condition_image(record: dict) -> Optional[np.ndarray]:
     if not record.get("condition_image"):
         return None
     return crop_resize(load_image(record["condition_image"])[None], record["height"], record["width"],
-                       record.get("crop", "center"))
+                       record.get("crop", "center"), record.get("crop_offset"))

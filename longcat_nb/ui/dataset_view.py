@@ -19,12 +19,20 @@ def summary_rows(report) -> list[dict]:
         trained = f.get("train_frames", 1 if f.get("kind") == "image" else None)
         if f.get("shortened"):
             trained = f"{trained} (shorter than {num_frames})"
-        rows.append({"file": f["file"], "size": f"{f['width']}x{f['height']}", "fps": round(f["fps"] or 0, 2),
+        rows.append({"file": f["file"], "size": f"{f['width']}x{f['height']}", "fps": _fps(f, report.settings),
                      "frames": f["frames"] if "frames" in f else f.get("frame_count"), "seconds": round(f.get("duration", 0), 2),
                      "codec": f.get("codec", "image"), "rotation": f.get("rotation", 0),
                      "caption tokens": f.get("caption_tokens"), "trained frames": trained,
                      "samples": n_rec.get(f["file"], 0)})
     return rows
+
+
+def _fps(f: dict, settings: dict):
+    """The clip's frame rate; one below target_fps says that its frames are repeated to keep its speed."""
+    fps = round(f["fps"] or 0, 2)
+    if f.get("frames_repeated"):
+        return f"{fps:g} -> {settings.get('target_fps'):g} (frames repeated)"
+    return fps
 
 
 def summary_title(report) -> str:
