@@ -86,6 +86,10 @@ def main(argv=None) -> int:
         try:
             res = train(args.run_dir, on_step=on_step, on_validation=on_validation, max_steps=args.max_steps,
                         log=log)
+        except KeyboardInterrupt as e:  # Ctrl-C: the step reached is saved (TrainingInterrupted says where)
+            print(f"stopped: {e}" if str(e) else "stopped before training began; nothing was saved",
+                  file=sys.stderr, flush=True)
+            return 130
         except Exception as e:  # one line a launcher can show, from whichever rank failed
             emit({"event": "error", "rank": int(os.environ.get("RANK", 0)), "error": f"{type(e).__name__}: {e}"})
             raise
