@@ -103,7 +103,8 @@ def _alive(owner: dict, me: dict) -> bool:
         return False
     except PermissionError:  # exists, owned by another user
         pass
-    return owner.get("started") is None or owner["started"] == _process_start(pid)
+    now = _process_start(pid)  # None where /proc is hidden: the pid alone decides
+    return owner.get("started") is None or now is None or owner["started"] == now
 
 
 def _me() -> dict:

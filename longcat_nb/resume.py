@@ -8,10 +8,13 @@ whole, and what a killed run leaves behind is removed at the next start. Never p
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -138,6 +141,25 @@ def _unflatten_v1(tensors: dict, meta: dict) -> dict:
 def nonfinite(tensors: dict) -> list[str]:
     """Names of the floating-point tensors holding NaN or inf."""
     return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+@contextlib.contextmanager
+def interrupt_held():
+    """Hold back SIGINT (Ctrl-C, a kernel interrupt) until the block is done, so a saved step never holds
+    half an update; anywhere else an interrupt just drops the unfinished step."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # only the main thread may set handlers; None: a handler set outside Python, left alone
+        return
+    got = []
+    before = signal.signal(signal.SIGINT, lambda *a: got.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if got and callable(before):
+            before(*got[0])
+        elif got and before != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 def rng_state() -> dict:

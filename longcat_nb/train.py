@@ -13,8 +13,6 @@ import contextlib
 import json
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +24,8 @@ from . import lora as lora_lib
 from .config import TrainSettings, load_config
 from .paths import resolve_path
 from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
-                     latest_checkpoint, load_checkpoint, nonfinite, resume_latest, rng_state, run_lock,
-                     save_checkpoint)
+                     interrupt_held, latest_checkpoint, load_checkpoint, nonfinite, resume_latest, rng_state,
+                     run_lock, save_checkpoint)
 
 SHIFT = 12.0
 
@@ -279,7 +277,9 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
-    check_resume(run_dir, cfg.train)  # before anything is loaded: a mismatch or a busy run is one line
+    # before anything is loaded: a mismatch or a busy run is one line. Under torchrun every rank checks
+    # before init()'s rendezvous, so none can see the lock rank 0 takes after it
+    check_resume(run_dir, cfg.train)
     dist = distributed.init(cfg.model.device)
     if not dist.is_main:
         log = _quiet
@@ -402,7 +402,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
             grad_norm = _grad_norm(params, s.max_grad_norm)
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # same on every rank (averaged)
                 raise _diverged(f"the loss ({loss_sum}) or the gradient norm ({grad_norm})", step + 1, lr, ckpt_dir)
-            with _no_interrupt():  # the update and its bookkeeping happen together or not at all
+            with interrupt_held():  # the update and its bookkeeping happen together or not at all
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step, position, rng_at_step = step + 1, nxt, None
@@ -503,25 +503,6 @@ def _check_weights(model, step: int, lr: float, ckpt_dir: Path) -> None:
     bad = nonfinite(lora_lib.lora_state_dict(model))
     if bad:
         raise _diverged(f"the LoRA weights after the update ({', '.join(bad[:3])})", step, lr, ckpt_dir)
-
-
-@contextlib.contextmanager
-def _no_interrupt():
-    """Hold back SIGINT (Ctrl-C, a kernel interrupt) until the block is done, so a saved step never holds
-    half an update; anywhere else an interrupt just drops the unfinished step."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got = []
-    before = signal.signal(signal.SIGINT, lambda *a: got.append(a))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
-        if got and callable(before):
-            before(*got[0])
-        elif got and before != signal.SIG_IGN:
-            raise KeyboardInterrupt
 
 
 def _quiet(msg: str) -> None:
