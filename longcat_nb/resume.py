@@ -290,18 +290,22 @@ def load_checkpoint(path: Path, model, opt) -> dict:
     return _apply(read_checkpoint(path), model, opt)
 
 
-def resume_latest(ckpt_dir: Path, model, opt, settings: TrainSettings,
-                  log: Callable[[str], None] = print) -> Optional[tuple[Path, dict]]:
-    """Load the newest intact checkpoint; each damaged one newer than it is skipped with its reason.
-    None when there is none; CheckpointDamaged when every checkpoint is damaged (nothing is thrown away)."""
-    done = complete_checkpoints(ckpt_dir)
+def resume_latest(ckpt_dir: Path, model, opt, settings: TrainSettings, log: Callable[[str], None] = print,
+                  set_aside: bool = True) -> Optional[tuple[Path, dict]]:
+    """Load the newest intact checkpoint; each damaged one newer than it is skipped with its reason and
+    (``set_aside``) renamed damaged-step-N, so pruning never keeps it in place of a good one. None when
+    there is none; CheckpointDamaged when every checkpoint is damaged (nothing is thrown away)."""
+    done, skipped = complete_checkpoints(ckpt_dir), []
     for path in reversed(done):
         try:
             ck = read_checkpoint(path)
         except CheckpointDamaged as e:
-            log(f"skipped checkpoint {path.name}: {e}; trying the one before it")
+            log(f"skipped checkpoint {path.name}: {e}" + (f"; kept as damaged-{path.name}" if set_aside else ""))
+            skipped.append(path)
             continue
         _refuse_mismatch(path, ck["state"].get("settings", {}), settings)
+        for bad in skipped if set_aside else []:
+            os.replace(bad, bad.with_name(f"damaged-{bad.name}"))
         return path, _apply(ck, model, opt)
     if done:
         raise CheckpointDamaged(f"every checkpoint in {ckpt_dir} is damaged (see the lines above): restore one, or "

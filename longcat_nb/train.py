@@ -353,7 +353,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     stream = MicroBatches(group_by_shape(dataset), s.batch_size, s.seed)
     step, position, losses = 0, {"epoch": 0, "batch": 0}, []
     ckpt_dir = run_dir / "checkpoints"
-    resumed = resume_latest(ckpt_dir, dit, opt, s, log)  # the newest intact one, skipping damaged ones
+    resumed = resume_latest(ckpt_dir, dit, opt, s, log, set_aside=dist.is_main)  # the newest intact one
     if resumed is not None:
         last, st = resumed
         step, position, losses = st["step"], st["position"], st["losses"]

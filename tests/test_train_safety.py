@@ -92,6 +92,19 @@ def test_truncated_checkpoint_is_skipped_and_resume_matches_an_uninterrupted_run
     assert res.losses == full
 
 
+def test_a_damaged_newer_checkpoint_is_set_aside_so_pruning_keeps_the_good_ones(cached, tmp_path):
+    run = _run(cached, tmp_path / "aside", steps=3)
+    T.train(run, **QUIET)
+    for n in (2, 3):
+        lora = run / "checkpoints" / f"step-000000{n}" / "lora.safetensors"
+        os.truncate(lora, lora.stat().st_size - 100)
+    update_section(run, "train", keep_checkpoints=1)
+    res, lines = _logged(run, max_steps=2)
+    assert res.steps == 2 and sum("skipped" in l for l in lines) == 2
+    assert _steps(run) == ["damaged-step-0000002", "damaged-step-0000003", "step-0000002"]
+    assert _all_finite(run / "checkpoints" / "step-0000002")
+
+
 def test_a_live_trainer_lock_refuses_a_second_trainer_at_once(cached, tmp_path):
     run = _run(cached, tmp_path / "lock")
     lock = run / ".train.lock"
