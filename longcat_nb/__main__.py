@@ -107,6 +107,10 @@ def main(argv=None) -> int:
             params["max_steps"] = args.max_steps
         try:
             res = run_stage("train", args.run_dir, params, log=log, on_step=on_step, on_validation=on_validation)
+        except KeyboardInterrupt as e:  # Ctrl-C: the step reached is saved (TrainingInterrupted says where)
+            print(f"stopped: {e}" if str(e) else "stopped before training began; nothing was saved",
+                  file=sys.stderr, flush=True)
+            return 130
         except Exception as e:  # one line a launcher can show, from whichever rank failed
             emit({"event": "error", "rank": int(os.environ.get("RANK", 0)), "error": f"{type(e).__name__}: {e}"})
             raise

@@ -40,7 +40,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import load_config
-from .io import atomic_save_safetensors, atomic_write_text, sha256_file
+from .io import atomic_save_safetensors, atomic_write_text, process_lock, sha256_file
 
 CACHE_FORMAT = "longcat-nb-cache"
 CACHE_VERSION = 2
@@ -227,39 +226,10 @@ def _dataset_sha256(run_dir: Path) -> str:
 def _build_lock(cache_dir: Path):
     """One build per cache: a lock file holding host and pid; a dead owner's lock is taken over."""
     lock = cache_dir / ".lock"
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # os.open's default is 0o777
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                owner = {}
-            if owner.get("host") == me["host"] and owner.get("pid") and owner["pid"] != me["pid"]:
-                try:
-                    os.kill(int(owner["pid"]), 0)
-                    alive = True
-                except ProcessLookupError:
-                    alive = False
-                except PermissionError:
-                    alive = True
-            else:
-                alive = owner.get("host") not in (None, me["host"])
-            if alive:
-                raise CacheError(f"{lock}: another cache build (pid {owner.get('pid')} on {owner.get('host')}) is "
-                                 "writing this cache. Wait for it; if it is dead, delete the .lock file.") from None
-            lock.unlink(missing_ok=True)  # its owner is gone (killed): take over
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    else:
-        raise CacheError(f"{lock}: could not take the build lock; delete the file if no build is running")
-    try:
+    with process_lock(lock, lambda owner: CacheError(
+            f"{lock}: another cache build (pid {owner.get('pid')} on {owner.get('host')}) is writing this cache. "
+            "Wait for it; if it is dead, delete the .lock file.")):
         yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -1,12 +1,14 @@
 """Atomic file writes: a crash never leaves a half-written file that is later read as good."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 
 def _umask() -> int:
@@ -78,3 +80,77 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """A process's start time (Linux /proc), which tells its owner from a later process given the same pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name in ( ) may hold spaces
+
+
+def _alive(owner: dict, me: dict) -> bool:
+    if owner.get("host") != me["host"]:
+        return owner.get("host") is not None  # another machine's pid cannot be checked: assume it runs
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid == me["pid"]:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    now = _process_start(pid)  # None where /proc is hidden: the pid alone decides
+    return owner.get("started") is None or now is None or owner["started"] == now
+
+
+def _me() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+
+
+def lock_owner(path: str | os.PathLike) -> Optional[dict]:
+    """The live process (its JSON: host, pid) holding the lock file ``path``; None when there is no lock,
+    it is this process's, or its owner is gone. A lock from another host counts as live."""
+    try:
+        owner = json.loads(Path(path).read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return owner if isinstance(owner, dict) and _alive(owner, _me()) else None
+
+
+@contextlib.contextmanager
+def process_lock(path: str | os.PathLike, busy: Callable[[dict], Exception],
+                 on_stale: Optional[Callable[[dict], None]] = None) -> Iterator[None]:
+    """Hold the lock file ``path`` (host, pid and start time as JSON) while the block runs; removed after.
+
+    A live owner raises ``busy(owner)``; the lock of a dead owner (killed, crashed) is taken over and
+    ``on_stale(owner)`` told. The file is created with O_EXCL, so of two processes only one gets it."""
+    path, me = Path(path), _me()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # os.open's default is 0o777
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                owner = {}  # half-written by an owner killed at once
+            if not isinstance(owner, dict):
+                owner = {}
+            if _alive(owner, me):
+                raise busy(owner) from None
+            path.unlink(missing_ok=True)
+            if on_stale is not None and owner.get("pid") != me["pid"]:
+                on_stale(owner)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise busy({"host": "?", "pid": "?"})
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)

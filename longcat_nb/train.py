@@ -5,8 +5,7 @@ the target is x0 − ε (the official sampler negates the output before its Eule
 ε − x0 is the opposite sign). σ comes from the shifted schedule (shift 12) or a logit-normal draw;
 conditioning frames (I2V) stay clean with timestep 0 and are left out of the loss.
 
-Everything a resume needs is written atomically every ``checkpoint_every`` steps: LoRA weights,
-optimizer state and RNG states as safetensors, the rest as JSON. Never pickle.
+Everything a resume needs is written every ``checkpoint_every`` steps, and on an interrupt (resume.py).
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,9 +21,11 @@ from typing import Callable, Optional
 import torch
 
 from . import lora as lora_lib
-from .config import TrainSettings, load_config, section_from_dict
-from .io import atomic_save_safetensors, atomic_write_json
+from .config import TrainSettings, load_config
 from .paths import resolve_path
+from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
+                     interrupt_held, latest_checkpoint, load_checkpoint, nonfinite, resume_latest, rng_state,
+                     run_lock, save_checkpoint)
 
 SHIFT = 12.0
 
@@ -189,127 +189,6 @@ def set_lr(opt, step: int, s: TrainSettings, base_lrs: list[float]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints: safetensors for tensors, JSON for the rest
-# ---------------------------------------------------------------------------------------------
-def _flatten_optimizer(opt) -> tuple[dict, dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"state.{idx}.{k}"] = v
-            else:
-                scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
-    state: dict = {}
-    for key, v in tensors.items():
-        _, idx, k = key.split(".", 2)
-        state.setdefault(int(idx), {})[k] = v
-    for key, v in meta["scalars"].items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(ckpt_dir: Path, step: int, model, opt, position: dict, losses: list,
-                    settings: TrainSettings, keep: int, world: int = 1) -> Path:
-    """Write checkpoints/step-N atomically (a temp folder renamed at the end) and keep the last K."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = ckpt_dir / f"step-{step:07d}"
-    tmp = ckpt_dir / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    atomic_save_safetensors(tmp / "lora.safetensors", lora_lib.lora_state_dict(model))
-    opt_tensors, opt_meta = _flatten_optimizer(opt)
-    atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors)
-    # the data's noise is seeded per micro-batch (batch_generator); these only drive LoRA dropout
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, st in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"cuda_{i}"] = st
-    atomic_save_safetensors(tmp / "rng.safetensors", rng)
-    atomic_write_json(tmp / "state.json", {
-        "step": step, "position": position, "losses": losses, "optimizer": opt_meta,
-        "settings": asdict(settings), "time": time.time(), "world_size": world,
-    })
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").exists())
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "state.json").exists())
-    return done[-1] if done else None
-
-
-class ResumeMismatch(ValueError):
-    """The run's newest checkpoint was trained with settings this run cannot continue from."""
-
-
-# Settings a checkpoint cannot be resumed under: rank and targets change the LoRA tensors, the optimizer
-# its state (adamw8bit and prodigy keep other tensors than adamw), and alpha the scale alpha/rank that
-# multiplies everything learnt so far (it loads, but the model jumps). Everything else (lr, steps,
-# schedule, batch, seed, precision of the frozen base, dropout, ...) may change between runs.
-RESUME_KEYS = ("rank", "targets", "alpha", "optimizer")
-
-
-def check_resume(run_dir: str | os.PathLike, settings=None) -> Optional[Path]:
-    """Refuse, in one line, settings the newest checkpoint in run_dir/checkpoints cannot resume under.
-
-    ``settings``: the train section about to be used (a TrainSettings or a dict of some of its keys,
-    the rest from config.json); None = config.json as it is. Returns the checkpoint that will be
-    resumed (None = a fresh start). 03_train_lora calls this before it writes config.json, and
-    train() again before it builds anything."""
-    run_dir = Path(run_dir)
-    last = latest_checkpoint(run_dir / "checkpoints")
-    if last is None:
-        return None
-    if settings is None or isinstance(settings, dict):
-        current = asdict(load_config(run_dir).train)
-        current.update(settings or {})
-        settings = section_from_dict("train", current, str(run_dir / "config.json"))
-    try:
-        was = json.loads((last / "state.json").read_text(encoding="utf-8")).get("settings", {})
-    except (OSError, json.JSONDecodeError) as e:
-        raise ResumeMismatch(f"{last / 'state.json'} cannot be read ({e}): delete {last} to resume from the "
-                             "checkpoint before it, or delete checkpoints/ to start over") from None
-    wanted = asdict(settings)
-    same = {"targets": lambda a, b: sorted(lora_lib.expand_targets(a)) == sorted(lora_lib.expand_targets(b)),
-            "alpha": lambda a, b: float(a) == float(b)}
-    diff = [k for k in RESUME_KEYS if k in was and not same.get(k, lambda a, b: a == b)(was[k], wanted[k])]
-    if not diff:
-        return last
-    had = ", ".join(f"{k}={was[k]!r}" for k in diff)
-    asked = ", ".join(f"{k}={wanted[k]!r}" for k in diff)
-    back = " and ".join(f"{k}={was[k]!r}" for k in diff)
-    raise ResumeMismatch(
-        f"{last} was trained with {had}, this run asks {asked}: a checkpoint cannot resume under another "
-        f"{'/'.join(diff)}. Use a new run_dir for the new settings, set {back} to continue this run, or delete "
-        f"{last.parent} to start this run over.")
-
-
-def load_checkpoint(path: Path, model, opt) -> dict:
-    from safetensors.torch import load_file
-
-    state = json.loads((path / "state.json").read_text())
-    lora_lib.load_lora_state_dict(model, load_file(path / "lora.safetensors"))
-    opt.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))
-    rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        sts = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda_"))]
-        if len(sts) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(sts)
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
 @dataclass
@@ -324,6 +203,18 @@ class TrainResult:
 
 class OutOfMemory(RuntimeError):
     """Training ran out of GPU memory; the last checkpoint is kept."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradients or the weights became NaN/inf; nothing from that step on was saved."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or a kernel interrupt stopped training; the current step was saved first. A
+    KeyboardInterrupt, so code that catches Exception does not swallow the stop; shown as one line."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython/Jupyter show this instead of a traceback
+        return [f"TrainingInterrupted: {self}"]
 
 
 def _suggest_for_oom(s: TrainSettings, checkpointing: str) -> str:
@@ -366,7 +257,8 @@ def checkpointing_mode(s: TrainSettings, device, dataset=None) -> str:
         h, w = (int(v) for v in str(dataset.resolution).lower().split("x"))
         size = dict(height=h, width=w, num_frames=dataset.num_frames)
     plan = PlanSettings(precision=prec, rank=s.rank, batch_size=s.batch_size, optimizer=s.optimizer,
-                        compile=compile_wanted(s.compile, device), targets=tuple(t for t in s.targets if t in TARGET_SHAPES), **size)
+                        compile=compile_wanted(s.compile, device),
+                        targets=tuple(t for t in s.targets if t in TARGET_SHAPES), **size)
     return "selective" if use_selective(plan, gpu) else "full"
 
 
@@ -379,18 +271,38 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     Under ``torchrun --nproc_per_node N`` (see ``python -m longcat_nb train``) the frozen base is
     sharded over the N processes with FSDP2 and each takes its own micro-batches (distributed.py);
     only rank 0 writes logs, checkpoints and files. ``dataset``/``negative`` replace the cache (for
-    benchmarks: any object with the CachedDataset interface, and the (embeds, mask) of "")."""
+    benchmarks: any object with the CachedDataset interface, and the (embeds, mask) of "").
+
+    One trainer per run folder (RunLocked); a NaN/inf loss or gradient stops with TrainingDiverged
+    before anything of it is saved; Ctrl-C or a kernel interrupt saves the step reached, then raises
+    TrainingInterrupted."""
+    from . import distributed
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    # before anything is loaded: a mismatch or a busy run is one line. Under torchrun every rank checks
+    # before init()'s rendezvous, so none can see the lock rank 0 takes after it
+    check_resume(run_dir, cfg.train)
+    dist = distributed.init(cfg.model.device)
+    if not dist.is_main:
+        log = _quiet
+    with run_lock(run_dir, log) if dist.is_main else contextlib.nullcontext():
+        cleaned = clean_incomplete(run_dir / "checkpoints") if dist.is_main else []
+        if cleaned:
+            log(f"checkpoints left half-written or half-deleted by a killed run: {', '.join(cleaned)}")
+        dist.barrier()  # the other ranks read checkpoints/ only once it is clean
+        return _train(run_dir, cfg, dist, components, on_step, on_validation, max_steps, log, dataset, negative)
+
+
+def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_steps, log, dataset,
+           negative) -> TrainResult:
     from . import distributed
     from .cache import CacheError, CachedDataset, load_negative, no_entries_cause, read_manifest
     from .checkpoint import load_dit, pick_device
     from .memory import QUANTIZED, apply_base_precision, apply_block_swap, apply_gradient_checkpointing, compute_dtype
     from .speed import apply_compile, compile_wanted, default_sdpa_preference, set_sdpa_preference
 
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir)
     s = cfg.train
-    check_resume(run_dir, s)  # before anything is loaded: a mismatch is one line, not a shape error
-    dist = distributed.init(cfg.model.device)
     device = dist.device if dist.enabled else pick_device(cfg.model.device)
     quantized = s.base_precision in QUANTIZED
     if dist.enabled:
@@ -400,8 +312,6 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
         if s.activation_offload:
             raise ValueError("activation_offload is single-GPU: with several GPUs set activation_offload=False "
                              "(gradient checkpointing stays on)")
-    if not dist.is_main:
-        log = _quiet
     dtype = compute_dtype(s.base_precision, device)
     if dataset is None:
         m = read_manifest(run_dir)
@@ -447,9 +357,9 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     stream = MicroBatches(group_by_shape(dataset), s.batch_size, s.seed)
     step, position, losses = 0, {"epoch": 0, "batch": 0}, []
     ckpt_dir = run_dir / "checkpoints"
-    last = latest_checkpoint(ckpt_dir)
-    if last is not None:
-        st = load_checkpoint(last, dit, opt)
+    resumed = resume_latest(ckpt_dir, dit, opt, s, log, set_aside=dist.is_main)  # the newest intact one
+    if resumed is not None:
+        last, st = resumed
         step, position, losses = st["step"], st["position"], st["losses"]
         was = st.get("world_size", 1)
         log(f"resumed from {last.name} (step {step})" +
@@ -467,15 +377,17 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
          if dist.enabled else ""))
 
     stop = min(s.steps, max_steps) if max_steps else s.steps
-    t_start, step_start = time.time(), step
+    t_start, step_start, saved_step = time.time(), step, step
+    rng_at_step = None  # the generators as the unfinished step began (None between steps)
     try:
         while step < stop:
             t0 = time.time()
+            rng_at_step = rng_state()
             lr = set_lr(opt, step, s, base_lrs)
-            loss_sum = 0.0
+            loss_sum, nxt = 0.0, position  # position moves on only with the update
             for _ in range(s.grad_accum):
-                here, idx = stream.at(position, dist.rank)
-                position = stream.normalize({"epoch": position["epoch"], "batch": position["batch"] + dist.world})
+                here, idx = stream.at(nxt, dist.rank)
+                nxt = stream.normalize({"epoch": nxt["epoch"], "batch": nxt["batch"] + dist.world})
                 items = [dataset[i] for i in idx]
                 gen = batch_generator(s.seed, here)
                 x0, text, mask, n_cond = collate(items, device, dtype)
@@ -491,14 +403,16 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
                 loss_sum += loss.item() / s.grad_accum
             distributed.average_gradients(params, dist)
             loss_sum = dist.mean(loss_sum)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm) if s.max_grad_norm > 0 else None
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(loss_sum)
+            grad_norm = _grad_norm(params, s.max_grad_norm)
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # same on every rank (averaged)
+                raise _diverged(f"the loss ({loss_sum}) or the gradient norm ({grad_norm})", step + 1, lr, ckpt_dir)
+            with interrupt_held():  # the update and its bookkeeping happen together or not at all
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step, position, rng_at_step = step + 1, nxt, None
+                losses.append(loss_sum)
             rec = {
-                "step": step, "loss": loss_sum, "lr": lr, "sec": time.time() - t0,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "step": step, "loss": loss_sum, "lr": lr, "sec": time.time() - t0, "grad_norm": grad_norm,
                 "it_s": (step - step_start) / max(1e-9, time.time() - t_start),
                 "eta_s": (stop - step) * (time.time() - t_start) / max(1, step - step_start),
             }
@@ -519,8 +433,10 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
                     on_step(rec)
             if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == stop):
                 if dist.is_main:
+                    _check_weights(dit, step, lr, ckpt_dir)
                     save_checkpoint(ckpt_dir, step, dit, opt, dict(position), losses, s, s.keep_checkpoints,
                                     world=dist.world)
+                    saved_step = step
                 dist.barrier()
             if validator is not None and step % s.validate_every == 0:
                 dit.eval()
@@ -528,6 +444,17 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
                 dit.train()
                 if on_validation is not None and dist.is_main:
                     on_validation(step, videos)
+    except KeyboardInterrupt:
+        if not dist.is_main:
+            raise TrainingInterrupted(f"interrupted at step {step}") from None
+        if step == saved_step:
+            last = latest_checkpoint(ckpt_dir)
+            raise TrainingInterrupted(f"interrupted at step {step}, no step since " + (
+                f"{last} (kept as it is); re-run to resume from it" if last else "the start: nothing to save")) from None
+        _check_weights(dit, step, s.lr, ckpt_dir)
+        path = save_checkpoint(ckpt_dir, step, dit, opt, dict(position), losses, s, s.keep_checkpoints,
+                               world=dist.world, rng=rng_at_step)
+        raise TrainingInterrupted(f"interrupted at step {step}: saved {path}; re-run to resume from it") from None
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory(
             f"out of GPU memory at step {step + 1}: {_suggest_for_oom(s, checkpointing)}. The last checkpoint "
@@ -540,6 +467,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
             swap.remove()
 
     dit.eval()
+    _check_weights(dit, step, s.lr, ckpt_dir)
     result = TrainResult(run_dir=run_dir, steps=step, losses=losses, checkpoint=latest_checkpoint(ckpt_dir))
     if dist.is_main:
         result.lora_path = export_lora(run_dir, dit, s, cfg.model.checkpoint, step)
@@ -558,6 +486,27 @@ def _tf32(enabled: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _grad_norm(params, max_norm: float) -> float:
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+
+
+def _diverged(what: str, step: int, lr: float, ckpt_dir: Path) -> TrainingDiverged:
+    last = latest_checkpoint(ckpt_dir)
+    kept = f"the last good checkpoint is {last} (a re-run resumes from it)" if last else "no checkpoint was written"
+    return TrainingDiverged(
+        f"training diverged at step {step} (lr {lr:.3g}): {what} is NaN/inf, so the run stopped without saving or "
+        f"exporting it; {kept}. Lower lr (e.g. {lr / 10:.3g}) or set max_grad_norm=1.0, then re-run.")
+
+
+def _check_weights(model, step: int, lr: float, ckpt_dir: Path) -> None:
+    """Before a checkpoint or an export: an update with finite gradients can still overflow the weights."""
+    bad = nonfinite(lora_lib.lora_state_dict(model))
+    if bad:
+        raise _diverged(f"the LoRA weights after the update ({', '.join(bad[:3])})", step, lr, ckpt_dir)
 
 
 def _quiet(msg: str) -> None:
