@@ -252,12 +252,6 @@ def _train_together(s: TrainSettings) -> list[str]:
     return []
 
 
-def _sample_together(s: SampleSettings) -> list[str]:
-    if (s.height == 0) != (s.width == 0):
-        return [f"sample.height={s.height}, sample.width={s.width}: give both (a size) or set both to 0 (auto)"]
-    return []
-
-
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "dataset": DatasetSettings,
@@ -362,7 +356,8 @@ def field_problem(section: str, f: dataclasses.Field, value: Any, prefix: str = 
     return f"{prefix}{name}={_show(value)}: {problem}" if problem else None
 
 
-_TOGETHER = {"train": _train_together, "sample": _sample_together}
+# (sample has none: 04 saves height/width as asked, one may stay 0 = auto while the other was typed in)
+_TOGETHER = {"train": _train_together}
 
 
 def section_problems(name: str, inst: Any, prefix: str = "") -> list[str]:

@@ -111,8 +111,6 @@ def test_cross_setting_rules(saved_run):
     run, before = saved_run
     with pytest.raises(ConfigError, match=r"validation_images.*2.*1 prompt"):
         update_section(run, "train", validation_prompts=["a"], validation_images=["", "x.png"])
-    with pytest.raises(ConfigError, match=r"height=0.*width=832.*both"):
-        update_section(run, "sample", height=0, width=832)
     assert (run / "config.json").read_bytes() == before
 
 
@@ -175,7 +173,7 @@ def test_allowed_values_and_the_new_choice_settings(tmp_path):
     assert (cfg.train.compile, cfg.sample.compile) == ("on", "off")
     cfg = update_section(tmp_path, "dataset", num_frames=9, min_frames=17, resolution="64x64", bucket_grid=64)
     assert cfg.dataset.min_frames == 17  # above num_frames is harmless: short clips are capped at num_frames
-    update_section(tmp_path, "sample", height=0, width=0, num_frames=0, steps=0, guidance=0.0,
+    update_section(tmp_path, "sample", height=0, width=96, num_frames=0, steps=0, guidance=0.0,
                    loras=[{"path": "a.safetensors", "scale": 0.5}])
 
 
