@@ -264,3 +264,23 @@ def test_00_setup_refuses_a_bad_choice_and_an_incomplete_checkpoint(tmp_path, ti
     with pytest.raises(PapermillExecutionError, match=r"dit/.*hf download"):
         run_notebooks(["00_setup"], run, {"checkpoint": str(broken_ckpt)}, log=lambda *a: None)
     assert (run / "config.json").read_bytes() == before
+
+
+def test_training_on_a_checkpoint_without_dit_names_what_is_missing(tmp_path, tiny_ckpt):
+    """03 on a cache made with a complete folder whose dit/ is gone since: the part and the download, not a
+    bare FileNotFoundError."""
+    from helpers import one_clip_run
+
+    from longcat_nb.checkpoint import CheckpointError
+    from longcat_nb.train import train
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    run = tmp_path / "run"
+    one_clip_run(run, ck)
+    update_section(run, "model", attention="sdpa")
+    update_section(run, "train", steps=2, rank=4, checkpoint_every=0)
+    shutil.rmtree(ck / "dit")
+    with pytest.raises(CheckpointError, match=r"missing dit/\..*hf download meituan-longcat/LongCat-Video"):
+        train(run, log=lambda *a: None)
+    assert not (run / "checkpoints").exists() and not (run / "lora").exists()
