@@ -105,7 +105,9 @@ def folder_identity(folder: Path) -> str:
 
 def model_identity(folder: Path, settings) -> dict:
     """What the cached tensors depend on in the model: VAE, text encoder, and the DiT's text width."""
-    folder = Path(folder)
+    from .checkpoint import check_checkpoint
+
+    folder = check_checkpoint(folder, ["dit", "vae"] + (["text_encoder"] if settings.text_encoder == "umt5" else []))
     dit_cfg = json.loads((folder / "dit" / "config.json").read_text())
     caption_channels = int(dit_cfg.get("caption_channels", 4096))
     if settings.text_encoder == "umt5":

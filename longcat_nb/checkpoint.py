@@ -33,9 +33,9 @@ HUB_REPO = "meituan-longcat/LongCat-Video"
 TINY_VERSION = "1"
 
 GET_REAL = (
-    f"download the official checkpoint with `huggingface-cli download {HUB_REPO} --local-dir DIR` "
-    "(or `hf download ...`) and point the kit at DIR, or leave the checkpoint empty to use the tiny "
-    "default model (`python -m longcat_nb tiny-checkpoint DIR` builds one)"
+    f"download the official checkpoint with `hf download {HUB_REPO} --local-dir DIR` (`pip install -U "
+    "huggingface_hub` gives the `hf` command) and point the kit at DIR, or leave the checkpoint empty to use "
+    "the tiny default model (`python -m longcat_nb tiny-checkpoint DIR` builds one)"
 )
 
 
@@ -99,14 +99,55 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None = "") -> Path:
     return path
 
 
-def _require(folder: Path, part: str, files: Iterable[str]) -> Path:
+# What a loader opens in each part besides its weights (those are checked against their index).
+_PART_FILES = {"tokenizer": (), "text_encoder": ("config.json",), "vae": ("config.json",),
+               "scheduler": ("scheduler_config.json",), "dit": ("config.json",)}
+
+
+# the weights file from_pretrained opens when there is no shard index (diffusers' name, transformers')
+_WEIGHTS = {"dit": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+            "text_encoder": "model.safetensors"}
+
+
+def _missing_weights(sub: Path, part: str) -> list[str]:
+    index = sub / (_WEIGHTS[part] + ".index.json")
+    if not index.is_file():
+        return [] if (sub / _WEIGHTS[part]).is_file() else [f"{part}/{_WEIGHTS[part]}"]
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return []  # a damaged index: the loader names it (_load_or_explain)
+    return [f"{part}/{name}" for name in shards if not (sub / name).is_file()]
+
+
+def missing_files(folder: Path, part: str) -> list[str]:
+    """The files of one part (``dit/``, ``dit/config.json``, a shard ...) that are not in ``folder``."""
     sub = folder / part
     if not sub.is_dir():
-        raise CheckpointError(f"{sub} is missing: the checkpoint needs a '{part}/' folder; {GET_REAL}")
-    for name in files:
-        if not (sub / name).exists():
-            raise CheckpointError(f"{sub / name} is missing (incomplete download?); {GET_REAL}")
-    return sub
+        return [f"{part}/"]
+    missing = [f"{part}/{name}" for name in _PART_FILES[part] if not (sub / name).is_file()]
+    if part == "tokenizer":
+        if not any((sub / name).is_file() for name in ("tokenizer.json", "spiece.model")):
+            missing.append("tokenizer/tokenizer.json (or spiece.model)")
+    elif part != "scheduler":
+        missing += _missing_weights(sub, part)
+    return missing
+
+
+def check_checkpoint(checkpoint: str | os.PathLike | None = "", parts: Iterable[str] = PARTS) -> Path:
+    """The checkpoint folder, once every file the loaders of ``parts`` open is there; else one error that
+    lists everything missing and the download that brings it."""
+    folder = resolve_checkpoint(checkpoint)
+    parts = list(parts)
+    missing = {part: files for part in parts if (files := missing_files(folder, part))}
+    if missing:
+        include = " ".join(f"--include '{part}/*'" for part in missing)
+        raise CheckpointError(
+            f"checkpoint folder {folder} is incomplete: missing {', '.join(f for m in missing.values() for f in m)}. "
+            f"Download the missing part(s) with `hf download {HUB_REPO} --local-dir {folder} {include}` (or the "
+            "whole repository without --include), or leave the checkpoint empty to use the tiny default model."
+        )
+    return folder
 
 
 def _load_or_explain(part: str, folder: Path, fn):
@@ -124,16 +165,14 @@ def _load_or_explain(part: str, folder: Path, fn):
 def load_tokenizer(checkpoint: str | os.PathLike | None = ""):
     from transformers import AutoTokenizer
 
-    folder = resolve_checkpoint(checkpoint)
-    _require(folder, "tokenizer", [])
+    folder = check_checkpoint(checkpoint, ["tokenizer"])
     return _load_or_explain("tokenizer", folder, lambda: AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"))
 
 
 def load_text_encoder(checkpoint="", device="cpu", dtype: Any = "auto"):
     from transformers import UMT5EncoderModel
 
-    folder = resolve_checkpoint(checkpoint)
-    _require(folder, "text_encoder", ["config.json"])
+    folder = check_checkpoint(checkpoint, ["text_encoder"])
     dtype = pick_dtype(dtype, device)
     model = _load_or_explain(
         "text_encoder", folder,
@@ -145,8 +184,7 @@ def load_text_encoder(checkpoint="", device="cpu", dtype: Any = "auto"):
 def load_vae(checkpoint="", device="cpu", dtype: Any = "auto"):
     from diffusers import AutoencoderKLWan
 
-    folder = resolve_checkpoint(checkpoint)
-    _require(folder, "vae", ["config.json"])
+    folder = check_checkpoint(checkpoint, ["vae"])
     dtype = pick_dtype(dtype, device)
     # The Wan VAE is small (0.25 GB) and its causal convs lose detail in bf16 on CPU; float32 there.
     vae = _load_or_explain(
@@ -158,8 +196,7 @@ def load_vae(checkpoint="", device="cpu", dtype: Any = "auto"):
 def load_scheduler(checkpoint=""):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    folder = resolve_checkpoint(checkpoint)
-    _require(folder, "scheduler", ["scheduler_config.json"])
+    folder = check_checkpoint(checkpoint, ["scheduler"])
     return _load_or_explain(
         "scheduler", folder,
         lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
@@ -169,8 +206,7 @@ def load_scheduler(checkpoint=""):
 def load_dit(checkpoint="", device="cpu", dtype: Any = "auto", attention: Optional[str] = None):
     """Load the DiT through diffusers: shards are read one at a time into an empty (meta) model,
     so host memory never holds two copies of the weights."""
-    folder = resolve_checkpoint(checkpoint)
-    _require(folder, "dit", ["config.json"])
+    folder = check_checkpoint(checkpoint, ["dit"])
     dtype = pick_dtype(dtype, device)
     model = _load_or_explain(
         "dit", folder,
@@ -215,11 +251,11 @@ def load_components(
     ``dtypes``/``devices`` map part name -> value (e.g. ``{"text_encoder": "cpu"}`` to keep the
     5.7B encoder off the GPU); unspecified parts use ``device`` and 'auto' precision.
     """
-    folder = resolve_checkpoint(checkpoint)
     parts = list(parts)
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown component(s) {sorted(unknown)}; choose from {PARTS}")
+    folder = check_checkpoint(checkpoint, parts)  # every missing file named at once, before any loads
     dtypes, devices = dtypes or {}, devices or {}
     base = pick_device(device)
     dev = lambda p: pick_device(devices.get(p, str(base)))  # noqa: E731
@@ -248,6 +284,7 @@ def describe_checkpoint(checkpoint: str | os.PathLike | None = "") -> dict:
             "present": sub.is_dir(),
             "files": len(files),
             "bytes": sum(p.stat().st_size for p in files),
+            "missing": ", ".join(missing_files(folder, part)),
         }
     cfg = folder / "dit" / "config.json"
     if cfg.exists():

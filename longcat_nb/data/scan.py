@@ -105,8 +105,8 @@ def scan_dataset(dataset_dir, settings, tokenizer=None, progress=None, *, seed: 
     buckets = aspect_buckets(settings.resolution, getattr(settings, "bucket_grid", 32))
     entries, problems = find_entries(dataset_dir, opts.allow_outside)
     report = ScanReport(problems=problems, dataset_dir=str(dataset_dir), found=len(entries) + len(problems),
-                        settings={"crop_seed": opts.seed, "crop_variants": opts.crop_variants,
-                                  "allow_outside": opts.allow_outside, **asdict(settings)})
+                        settings={**asdict(settings), "crop_seed": opts.seed, "crop_variants": opts.crop_variants,
+                                  "allow_outside": opts.allow_outside})
     checked = [check_entry(e, settings, tokenizer) for e in (progress(entries, desc="reading") if progress else entries)]
     kept, duplicates = keep_one_copy(checked)
     report.problems += duplicates
