@@ -234,15 +234,24 @@ def probe_load(ckpt: Path, env: dict) -> dict:
 def card_settings(card: int | None, tiny: bool) -> dict:
     """The planner's recommendation for a card of ``card`` GiB: train and sample settings, with the
     predictions to hold against the measurements."""
-    from longcat_nb.planner import PlanSettings, recommend
+    from dataclasses import replace
+
+    from longcat_nb.planner import PlanSettings, plan, recommend, use_selective
     from longcat_nb.sample import sampling_plan
 
-    if card is None or tiny:
+    if tiny:
         return {"train": {}, "sample": {}, "predicted": {}}
+    if card is None:  # the GPU as it is
+        from longcat_nb.envinfo import gpu_memory_gib
+
+        card = gpu_memory_gib(0)
     train_rec = recommend(PlanSettings(compile=True), card)
     if train_rec is None:
         raise RuntimeError(f"the planner finds no training setting for {card} GiB")
     train_changes, train_plan = train_rec
+    base = PlanSettings(compile=True)
+    if not train_changes and use_selective(base, card):  # keep_attention=auto, as train.checkpointing_mode
+        train_plan = plan(replace(base, selective=True))
     train = {"base_precision" if k == "precision" else k: v for k, v in train_changes.items()}
     sample = {"offload": "model"} if card < 40 else {}
     values = dict(prompt=PROMPT, mode="t2v", height=480, width=832, num_frames=93, steps=50, guidance=4.0,

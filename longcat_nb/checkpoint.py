@@ -205,13 +205,15 @@ def load_scheduler(checkpoint=""):
 
 def load_dit(checkpoint="", device="cpu", dtype: Any = "auto", attention: Optional[str] = None):
     """Load the DiT through diffusers: shards are read one at a time into an empty (meta) model,
-    so host memory never holds two copies of the weights."""
+    so host memory never holds two copies of the weights; on an accelerator each shard goes straight
+    to it (device_map), so host memory never holds the whole model either."""
     folder = check_checkpoint(checkpoint, ["dit"])
     dtype = pick_dtype(dtype, device)
+    place = {} if torch.device(device).type == "cpu" else {"device_map": {"": torch.device(device)}}
     model = _load_or_explain(
         "dit", folder,
         lambda: LongCatVideoTransformer3DModel.from_pretrained(
-            folder, subfolder="dit", torch_dtype=dtype, cp_split_hw=None, low_cpu_mem_usage=True
+            folder, subfolder="dit", torch_dtype=dtype, cp_split_hw=None, low_cpu_mem_usage=True, **place
         ),
     )
     if attention:

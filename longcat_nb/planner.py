@@ -116,7 +116,8 @@ def plan(s: PlanSettings) -> Plan:
     peak = sum(parts.values()) / GIB + CONTEXT_GIB
     host = swap * blk * (1.0 if s.precision in ("bf16", "fp16", "fp32") else 0.0)
     host += DEPTH * unit if s.activation_offload and s.mode == "train" else 0.0
-    host += DEPTH * block_bytes("bf16")  # the bf16 weights pass through host memory while loading
+    if swap or s.precision in QUANTIZED:  # the bf16 weights pass through host memory while loading
+        host += DEPTH * block_bytes("bf16")  # (a whole bf16 DiT loads straight onto the GPU, a shard at a time)
     return Plan(peak_gib=peak, host_ram_gib=host / GIB + 4.0,  # + Python, torch, the cache reader
                 parts={k: round(v / GIB, 2) for k, v in parts.items()})
 

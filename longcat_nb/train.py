@@ -324,8 +324,11 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     validator = Validator(run_dir, cfg, save=dist.is_main) if s.validate_every and s.validation_prompts else None
 
     # -- model: frozen base in the chosen precision, LoRA on top --------------------------------
+    # straight onto the GPU where it stays whole there (host RAM then holds one shard at a time);
+    # through host memory where it is quantized, swapped or sharded block by block
+    direct = device.type == "cuda" and not quantized and not s.blocks_to_swap and not dist.enabled
     dit = components.dit if components is not None and components.dit is not None else \
-        load_dit(cfg.model.checkpoint, "cpu", "float32" if dtype == torch.float32 else "bfloat16")
+        load_dit(cfg.model.checkpoint, device if direct else "cpu", "float32" if dtype == torch.float32 else "bfloat16")
     # sharded: a model loaded on the CPU is cast there and fully_shard moves each rank's shard to its
     # GPU; one already on this rank's device (built there) stays and is sharded in place
     on_device = next(dit.parameters()).device == torch.device(device)
