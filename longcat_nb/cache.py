@@ -212,6 +212,17 @@ def read_manifest(run_dir) -> Optional[dict]:
     return m
 
 
+def cache_text_encoder(run_dir) -> Optional[dict]:
+    """The text encoder the run's cache was built with, from its manifest: {"name", "source", "id",
+    "width"} (width = the DiT caption width the embeddings are padded to); None without a cache."""
+    m = read_manifest(run_dir)
+    if m is None:
+        return None
+    ident = m.get("identity") or {}
+    return {"name": m["encoder"], "source": ident.get("text_encoder_source", ""),
+            "id": ident.get("text_encoder_id", ""), "width": ident.get("caption_channels")}
+
+
 def _dataset_sha256(run_dir: Path) -> str:
     return sha256_file(run_dir / "dataset.jsonl")
 

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from . import lora as lora_lib
+from . import lora_export
 from .config import TrainSettings, load_config, section_from_dict
 from .io import atomic_save_safetensors, atomic_write_json
 from .paths import resolve_path
@@ -222,7 +223,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, position: dict, losse
     tmp = ckpt_dir / f".step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    atomic_save_safetensors(tmp / "lora.safetensors", lora_lib.lora_state_dict(model))
+    lora_export.save_trained(tmp / "lora.safetensors", model, lora_export.run_metadata(ckpt_dir.parent, step))
     opt_tensors, opt_meta = _flatten_optimizer(opt)
     atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors)
     # the data's noise is seeded per micro-batch (batch_generator); these only drive LoRA dropout
@@ -611,22 +612,22 @@ class Validator:
 
 
 def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: int,
-                formats: tuple = ("peft",)) -> Path:
-    """run_dir/lora/lora-stepN.safetensors in the PEFT/diffusers layout with metadata in the header;
-    'official' and 'comfy' layouts on request."""
+                formats: tuple = ("peft",), official_rank: Optional[int] = lora_export.OFFICIAL_RANK,
+                fold_alpha: bool = False) -> Path:
+    """run_dir/lora/lora-stepN.safetensors in the PEFT/diffusers layout, each module's alpha in the header
+    (``fold_alpha``: folded into lora_B, for readers that ignore headers); 'official' (padded to
+    ``official_rank``, None = the trained rank) and 'comfy' (``.alpha`` tensors) layouts on request."""
     out_dir = Path(run_dir) / "lora"
-    meta = {
-        "rank": s.rank, "alpha": s.alpha, "targets": s.targets,
-        "base_model": base_model or "tiny-default", "steps": step,
-        "settings": asdict(s), "format": "peft",
-    }
-    state = lora_lib.lora_state_dict(model)
-    path = lora_lib.save_lora(out_dir / f"lora-step{step:06d}.safetensors", state, meta)
-    for fmt in formats:
-        if fmt == "official":
-            lora_lib.save_official(out_dir / f"lora-step{step:06d}-official.safetensors", state, meta)
-        elif fmt == "comfy":
-            lora_lib.save_comfy(out_dir / f"lora-step{step:06d}-comfy.safetensors", state, meta)
+    meta = {"targets": s.targets, "base_model": base_model or "tiny-default", "settings": asdict(s),
+            **lora_export.run_metadata(run_dir, step)}
+    stem = f"lora-step{step:06d}"
+    path = lora_export.save_trained(out_dir / f"{stem}.safetensors", model, meta, fold=fold_alpha)
+    state, (_, alphas) = lora_lib.lora_state_dict(model), lora_lib.module_ranks_alphas(model)
+    if "official" in formats:
+        lora_lib.save_official(out_dir / f"{stem}-official.safetensors", state, alphas=alphas,
+                               network_rank=official_rank)
+    if "comfy" in formats:
+        lora_lib.save_comfy(out_dir / f"{stem}-comfy.safetensors", state, meta, alphas=alphas)
     return path
 
 
