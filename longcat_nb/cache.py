@@ -25,8 +25,10 @@ Encoding is deterministic: one item at a time (batch composition never changes t
 posterior noise drawn in float32 on the CPU from a seed derived from the latent key, cuDNN in its
 deterministic mode. So a build that is killed at any point and re-run ends with the same files, bit for
 bit, as an uninterrupted one. Files are written to a temporary name and renamed; the manifest (also
-atomic) is rewritten after every file. A file whose size, safetensors header or sha256 disagrees with
-the manifest is re-made by the build and refused by the reader, never silently read.
+atomic) is rewritten every ``MANIFEST_EVERY_FILES`` files or ``MANIFEST_EVERY_SECONDS`` and at the
+end: a kill loses at most that batch, whose files are re-made, identically, on resume. A file whose
+size, safetensors header or sha256 disagrees with the manifest is re-made by the build and refused by
+the reader, never silently read (``verify_cache`` checks them all at train start).
 
 Text embeddings store only the real tokens (mask == 1): the DiT zeroes the projected padding
 (``text_tokens_zero_pad``, spec §2.6) or masks it out, so padded values never reach the output, and
@@ -59,6 +61,8 @@ QWEN_DEFAULT = "Qwen/Qwen2.5-VL-7B-Instruct"
 MAX_TEXT_TOKENS = 512
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _MIB = 1 << 20
+MANIFEST_EVERY_FILES = 50  # manifest writes during a build: every N new files or S seconds, and at the end
+MANIFEST_EVERY_SECONDS = 30.0
 
 
 class CacheError(RuntimeError):
@@ -210,6 +214,30 @@ def read_manifest(run_dir) -> Optional[dict]:
         raise CacheError(f"{p} is a cache of another format/version ({m.get('format')!r} v{m.get('version')}, "
                          f"this kit reads {CACHE_FORMAT!r} v{CACHE_VERSION}); re-run 02_cache to rebuild it")
     return m
+
+
+class ManifestWriter:
+    """Writes the build's manifest every ``every`` new files or ``seconds``, and on ``flush()``: it holds
+    every record's frame indices (~1.2 MB at 1,000 clips), so rewriting it after each file costs more
+    than the file. A kill loses at most the files since the last write; the resumed build re-encodes
+    them (deterministic: the same bytes) and overwrites the untracked copies."""
+
+    def __init__(self, run_dir, m: dict, every: Optional[int] = None, seconds: Optional[float] = None):
+        self.path, self.m = _manifest_path(run_dir), m
+        self.every = MANIFEST_EVERY_FILES if every is None else every
+        self.seconds = MANIFEST_EVERY_SECONDS if seconds is None else seconds
+        self.pending, self.writes, self.last = 0, 0, time.monotonic()
+
+    def added(self) -> None:
+        self.pending += 1
+        if self.pending >= self.every or time.monotonic() - self.last >= self.seconds:
+            self.flush()
+
+    def flush(self, only_pending: bool = False) -> None:
+        if only_pending and not self.pending:
+            return
+        atomic_write_text(self.path, json.dumps(self.m, ensure_ascii=False, separators=(",", ":")) + "\n")
+        self.pending, self.writes, self.last = 0, self.writes + 1, time.monotonic()
 
 
 def cache_text_encoder(run_dir) -> Optional[dict]:
@@ -448,11 +476,9 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
                 if ek not in m["entries"] and lk in m["latents"] and tk in m["text"]:
                     m["entries"][ek] = _entry(i, r, lk, tk, m["latents"][lk])
 
-        def save():  # compact: rewritten after every file, and it holds every record's frame indices
-            atomic_write_text(_manifest_path(run_dir), json.dumps(m, ensure_ascii=False, separators=(",", ":")) + "\n")
-
+        manifest = ManifestWriter(run_dir, m)
         add_ready_entries()
-        save()
+        manifest.flush()
 
         # -- phase 1: text (encoder loaded, used, freed before the VAE comes in) -------------------
         if text_todo:
@@ -468,10 +494,11 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
                     m["text"][tk] = {**_file_info(cache_dir, rel), "caption": caption, "tokens": int(mask.sum())}
                     res.text_encoded += 1
                     add_ready_entries()
-                    save()
+                    manifest.added()
                     if bar is not None:
                         bar.update(1)
             finally:
+                manifest.flush(only_pending=True)  # an error or interrupt keeps every finished file
                 if bar is not None:
                     bar.close()
                 del encode
@@ -514,11 +541,12 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
                         }
                         res.encoded += 1
                         add_ready_entries()
-                        save()
+                        manifest.added()
                         if bar is not None:
                             bar.update(int(r["num_frames"]))
                             bar.set_postfix(clip=Path(r["file"]).name[:24], refresh=False)
             finally:
+                manifest.flush(only_pending=True)
                 if bar is not None:
                     bar.close()
                 del vae
@@ -537,7 +565,7 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
             res.orphans = []
         m["complete"] = True
         m["built"] = {"seconds": round(time.time() - t0, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        save()
+        manifest.flush()
     res.cached = len(m["entries"])
     res.bytes_on_disk = sum(m["latents"][k]["bytes"] for k in used[0] if k in m["latents"]) + \
         sum(m["text"][k]["bytes"] for k in used[1] if k in m["text"])
@@ -732,11 +760,12 @@ class CachedDataset:
 
     Opening checks the manifest against ``config.json`` (encoder, stored dtype, posterior, model
     identity), that dataset.jsonl has not changed since the build and that the build finished, and
-    every file's safetensors header and size; each item's sha256 is checked as it is read.
+    every file's safetensors header and size (``check_hashes``: its sha256 too); each item's sha256 is
+    checked as it is read.
     """
 
     def __init__(self, run_dir, dtype: Optional[torch.dtype] = torch.float32, verify: bool = True,
-                 check_settings: bool = True, allow_partial: bool = False):
+                 check_settings: bool = True, allow_partial: bool = False, check_hashes: bool = False):
         self.run_dir = Path(run_dir)
         self.cache_dir = self.run_dir / "cache"
         self.dtype, self.verify = dtype, verify
@@ -750,15 +779,7 @@ class CachedDataset:
                              "re-run 02_cache to resume it")
         self.manifest = m
         self.keys = sorted(m["entries"], key=lambda k: (m["entries"][k]["index"], k))
-        for k in self.keys:
-            e = m["entries"][k]
-            for info in (m["latents"].get(e["latents"]), m["text"].get(e["text"])):
-                if info is None:
-                    raise CacheError(f"{_manifest_path(self.run_dir)}: entry {k} points at a file the manifest does "
-                                     "not list; re-run 02_cache")
-                bad = file_problem(self.cache_dir, info, full=False)
-                if bad:
-                    raise CacheError(f"{self.cache_dir / info['file']} is damaged ({bad}): re-run 02_cache to re-make it")
+        verify_cache(self.run_dir, full=check_hashes, m=m)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -788,6 +809,34 @@ class CachedDataset:
                 "cond_latents": cast(lat["cond_latents"]) if "cond_latents" in lat else None,
                 "num_cond_latents": int(e["num_cond_latents"]), "text_embeds": emb, "text_mask": mask,
                 "bucket": e["bucket"], "key": key, "caption": e["caption"], "source": e["source"]}
+
+
+def verify_cache(run_dir, full: bool = False, m: Optional[dict] = None) -> int:
+    """Check every file the cache's entries and its negative prompt use against the manifest: size and
+    safetensors header (cheap), with ``full`` the sha256 of every byte too. Raises CacheError naming
+    each damaged file and the fix; returns the number of files checked."""
+    run_dir = Path(run_dir)
+    m = read_manifest(run_dir) if m is None else m
+    if m is None:
+        raise CacheError(f"{_manifest_path(run_dir)} does not exist: run 02_cache first")
+    used: dict = {}
+    for k, e in sorted(m["entries"].items()):
+        for table in ("latents", "text"):
+            info = m[table].get(e[table])
+            if info is None:
+                raise CacheError(f"{_manifest_path(run_dir)}: entry {k} points at a file the manifest does not "
+                                 "list; re-run 02_cache")
+            used[info["file"]] = info
+    if m.get("negative") in m["text"]:
+        used[m["text"][m["negative"]]["file"]] = m["text"][m["negative"]]
+    cache_dir = run_dir / "cache"
+    bad = [f"{cache_dir / f} is damaged ({why})" for f, info in sorted(used.items())
+           if (why := file_problem(cache_dir, info, full))]
+    if bad:
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CacheError(f"{'; '.join(bad[:5])}{more}: re-run 02_cache, which re-makes damaged files (the rest "
+                         "of the cache is kept)")
+    return len(used)
 
 
 def check_manifest(run_dir, m: dict) -> None:

@@ -371,14 +371,16 @@ def checkpointing_mode(s: TrainSettings, device, dataset=None) -> str:
 
 def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callable[[dict], None]] = None,
           on_validation: Optional[Callable[[int, dict], None]] = None, max_steps: Optional[int] = None,
-          log: Callable[[str], None] = print, dataset=None, negative: Optional[tuple] = None) -> TrainResult:
+          log: Callable[[str], None] = print, dataset=None, negative: Optional[tuple] = None,
+          verify_cache: bool = False) -> TrainResult:
     """Train the LoRA described by ``run_dir/config.json`` on ``run_dir/cache``; resumes from the
     newest checkpoint. ``max_steps`` stops early (the schedule still follows ``train.steps``).
 
     Under ``torchrun --nproc_per_node N`` (see ``python -m longcat_nb train``) the frozen base is
     sharded over the N processes with FSDP2 and each takes its own micro-batches (distributed.py);
     only rank 0 writes logs, checkpoints and files. ``dataset``/``negative`` replace the cache (for
-    benchmarks: any object with the CachedDataset interface, and the (embeds, mask) of "")."""
+    benchmarks: any object with the CachedDataset interface, and the (embeds, mask) of ""). Every cache
+    file is checked (size and header) before the model loads; ``verify_cache`` adds its sha256."""
     from . import distributed
     from .cache import CacheError, CachedDataset, load_negative, no_entries_cause, read_manifest
     from .checkpoint import load_dit, pick_device
@@ -406,7 +408,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
         m = read_manifest(run_dir)
         if m is None or not m.get("entries"):  # say why: often 01_dataset found no usable clip
             raise CacheError(f"nothing to train on: {no_entries_cause(run_dir)}")
-        dataset = CachedDataset(run_dir)
+        dataset = CachedDataset(run_dir, check_hashes=verify_cache)  # sizes + headers; sha256 when asked
     if len(dataset) == 0:
         raise CacheError(f"nothing to train on: {no_entries_cause(run_dir)}")
     neg_text, neg_mask = negative if negative is not None else load_negative(run_dir)
