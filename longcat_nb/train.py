@@ -566,11 +566,13 @@ def _quiet(msg: str) -> None:
 
 class Validator:
     """Samples the validation prompts with the model being trained, through the kit's sampler.
-    Prompts are encoded once up front and the text encoder freed; the VAE is loaded only to decode."""
+    Prompts are encoded once up front, with the text encoder the cache was built with (the checkpoint's
+    UMT5, or Qwen2.5-VL; refused with the reason when that cannot be loaded), and the encoder freed;
+    the VAE is loaded only to decode."""
 
     def __init__(self, run_dir: Path, cfg, save: bool = True):
-        from .checkpoint import load_scheduler, load_text_encoder, load_tokenizer, pick_device
-        from .text import encode_prompts
+        from .checkpoint import load_scheduler, load_text_encoder, load_tokenizer, pick_device, pick_dtype
+        from .text import encode_prompts, named_encoder, run_text_encoder
 
         self.run_dir, self.cfg, self.save, s = Path(run_dir), cfg, save, cfg.train
         # checked now, not at the first validation step hours later
@@ -582,9 +584,15 @@ class Validator:
                                         "image file (png/jpg) for an image-to-video validation prompt, or \"\" for "
                                         "text-to-video")
         dev = pick_device(cfg.model.device)
-        tok = load_tokenizer(cfg.model.checkpoint)
-        enc = load_text_encoder(cfg.model.checkpoint, dev)
-        self.texts = [encode_prompts(tok, enc, ["", p], device="cpu") for p in s.validation_prompts]
+        self.text_encoder = run_text_encoder(self.run_dir)
+        if self.text_encoder is None:
+            tok = load_tokenizer(cfg.model.checkpoint)
+            enc = load_text_encoder(cfg.model.checkpoint, dev)
+            self.texts = [encode_prompts(tok, enc, ["", p], device="cpu") for p in s.validation_prompts]
+        else:  # the LoRA learns on these embeddings: validation prompts must be encoded the same way
+            enc = named_encoder(self.text_encoder, dev, pick_dtype(cfg.model.text_encoder_dtype, dev),
+                                f"validation (validate_every=0 trains without it), run {self.run_dir}")
+            self.texts = [enc(["", p]) for p in s.validation_prompts]
         del enc
         self.scheduler = load_scheduler(cfg.model.checkpoint)
 
@@ -606,6 +614,7 @@ class Validator:
                                 guidance=s.validation_guidance, seed=s.seed + i)
             res = generate(comps, req, text=text, progress=False)
             res.settings.update(lora_step=step, lora_run=str(self.run_dir),
+                                text_encoder=(self.text_encoder or {"name": "umt5"})["name"],
                                 lora_checkpoint=str(saved) if (saved / "state.json").exists() else "")
             path = save_sample(res, self.run_dir, f"validation/step{step:06d}_{i}") if self.save else None
             out[f"{i}: {prompt}"] = (path, res.video)

@@ -1,6 +1,8 @@
 """The cache manifest is written in batches (a kill loses at most the batch; the resumed build is bit-identical),
 and a damaged cache file stops training before its first step, named with the fix."""
+import numpy as np
 import pytest
+import torch
 
 import longcat_nb.cache as C
 from longcat_nb.cache import CacheError, build_cache, read_manifest
@@ -70,3 +72,52 @@ def test_a_damaged_cache_file_stops_training_before_the_first_step(run):
     assert C.verify_cache(run) == 9  # 4 clips, 5 captions; the cheap check reads only sizes and headers
     r = build_cache(run, **QUIET)  # the fix the message names
     assert (r.encoded, r.text_encoded) == (1, 1) and C.verify_cache(run, full=True) == 9
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache's text encoder is the one validation and sampling use (a tiny random Qwen2.5-VL here)
+# ---------------------------------------------------------------------------------------------
+def test_a_qwen_cached_run_validates_and_samples_with_qwen_or_refuses(run, tmp_path, tiny_ckpt):
+    from longcat_nb import lora as L
+    from longcat_nb import lora_export
+    from longcat_nb.cache import load_negative
+    from longcat_nb.checkpoint import load_components, load_dit, load_tokenizer
+    from longcat_nb.config import load_config
+    from longcat_nb.sample import SampleRequest, compare_base_and_lora, encode_text, generate
+    from longcat_nb.text import TextEncoderError, named_encoder
+    from longcat_nb.train import Validator
+    from test_cache import _tiny_qwen
+
+    qwen = tmp_path / "qwen"
+    _tiny_qwen(qwen, load_tokenizer(tiny_ckpt))
+    update_section(run, "cache", text_encoder="qwen2.5-vl", qwen_path=str(qwen))
+    build_cache(run, **QUIET)
+    update_section(run, "train", validate_every=1, validation_prompts=["a red ball"], validation_height=64,
+                   validation_width=64, validation_frames=9, validation_steps=2)
+    # validation encodes its prompts as the captions were cached: the empty prompt is the cached negative
+    v = Validator(run, load_config(run), save=False)
+    neg, _ = load_negative(run)
+    assert v.text_encoder["name"] == "qwen2.5-vl" and torch.equal(v.texts[0][0][0].to(neg.dtype), neg)
+    # 04: a LoRA of this run says so in its header; compare_base_and_lora / generate encode with Qwen for it
+    dit = load_dit(tiny_ckpt, "cpu", "float32")
+    L.add_lora(dit, rank=2, alpha=2, init_seed=0)
+    with torch.no_grad():
+        for n, p in dit.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    lora = lora_export.save_trained(tmp_path / "q.safetensors", dit, lora_export.run_metadata(run, 1))
+    comps = load_components(tiny_ckpt, device="cpu")
+    req = SampleRequest("a red ball", height=64, width=64, num_frames=9, steps=2, seed=3)
+    qwen_text = named_encoder(v.text_encoder, "cpu", torch.float32)(["", "a red ball"])
+    want = generate(comps, req, [(lora, 1.0)], progress=False, text=qwen_text).video
+    umt5 = generate(comps, req, [(lora, 1.0)], progress=False,
+                    text=encode_text(comps, req.prompt, "", True, "cpu", torch.float32)).video
+    assert not np.array_equal(want, umt5)
+    assert np.array_equal(generate(comps, req, [(lora, 1.0)], progress=False).video, want)
+    assert np.array_equal(compare_base_and_lora(comps, req, lora, progress=False)["lora"].video, want)
+    # without the Qwen model both refuse, saying why (train start, not hours later; 04 before denoising)
+    qwen.rename(tmp_path / "gone")
+    with pytest.raises(TextEncoderError, match=r"validation .*qwen2.5-vl embeddings.*could not load Qwen2.5-VL"):
+        Validator(run, load_config(run), save=False)
+    with pytest.raises(TextEncoderError, match=r"sampling: the LoRA is trained on qwen2.5-vl.*not with UMT5"):
+        generate(comps, req, [(lora, 1.0)], progress=False)
