@@ -25,10 +25,10 @@ Encoding is deterministic: one item at a time (batch composition never changes t
 posterior noise drawn in float32 on the CPU from a seed derived from the latent key, cuDNN in its
 deterministic mode. So a build that is killed at any point and re-run ends with the same files, bit for
 bit, as an uninterrupted one. Files are written to a temporary name and renamed; the manifest (also
-atomic) is rewritten every ``MANIFEST_EVERY_FILES`` files or ``MANIFEST_EVERY_SECONDS`` and at the
-end: a kill loses at most that batch, whose files are re-made, identically, on resume. A file whose
-size, safetensors header or sha256 disagrees with the manifest is re-made by the build and refused by
-the reader, never silently read (``verify_cache`` checks them all at train start).
+atomic) is written in batches (cache_manifest.py): a kill loses at most the files since its last write,
+which the resumed build re-makes, identically. A file whose size, safetensors header or sha256
+disagrees with the manifest is re-made by the build and refused by the reader, never silently read
+(``verify_cache`` checks them all when training starts).
 
 Text embeddings store only the real tokens (mask == 1): the DiT zeroes the projected padding
 (``text_tokens_zero_pad``, spec §2.6) or masks it out, so padded values never reach the output, and
@@ -51,7 +51,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import load_config
-from .io import atomic_save_safetensors, atomic_write_text, sha256_file
+from .io import atomic_save_safetensors, sha256_file
 
 CACHE_FORMAT = "longcat-nb-cache"
 CACHE_VERSION = 2
@@ -61,8 +61,6 @@ QWEN_DEFAULT = "Qwen/Qwen2.5-VL-7B-Instruct"
 MAX_TEXT_TOKENS = 512
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _MIB = 1 << 20
-MANIFEST_EVERY_FILES = 50  # manifest writes during a build: every N new files or S seconds, and at the end
-MANIFEST_EVERY_SECONDS = 30.0
 
 
 class CacheError(RuntimeError):
@@ -214,41 +212,6 @@ def read_manifest(run_dir) -> Optional[dict]:
         raise CacheError(f"{p} is a cache of another format/version ({m.get('format')!r} v{m.get('version')}, "
                          f"this kit reads {CACHE_FORMAT!r} v{CACHE_VERSION}); re-run 02_cache to rebuild it")
     return m
-
-
-class ManifestWriter:
-    """Writes the build's manifest every ``every`` new files or ``seconds``, and on ``flush()``: it holds
-    every record's frame indices (~1.2 MB at 1,000 clips), so rewriting it after each file costs more
-    than the file. A kill loses at most the files since the last write; the resumed build re-encodes
-    them (deterministic: the same bytes) and overwrites the untracked copies."""
-
-    def __init__(self, run_dir, m: dict, every: Optional[int] = None, seconds: Optional[float] = None):
-        self.path, self.m = _manifest_path(run_dir), m
-        self.every = MANIFEST_EVERY_FILES if every is None else every
-        self.seconds = MANIFEST_EVERY_SECONDS if seconds is None else seconds
-        self.pending, self.writes, self.last = 0, 0, time.monotonic()
-
-    def added(self) -> None:
-        self.pending += 1
-        if self.pending >= self.every or time.monotonic() - self.last >= self.seconds:
-            self.flush()
-
-    def flush(self, only_pending: bool = False) -> None:
-        if only_pending and not self.pending:
-            return
-        atomic_write_text(self.path, json.dumps(self.m, ensure_ascii=False, separators=(",", ":")) + "\n")
-        self.pending, self.writes, self.last = 0, self.writes + 1, time.monotonic()
-
-
-def cache_text_encoder(run_dir) -> Optional[dict]:
-    """The text encoder the run's cache was built with, from its manifest: {"name", "source", "id",
-    "width"} (width = the DiT caption width the embeddings are padded to); None without a cache."""
-    m = read_manifest(run_dir)
-    if m is None:
-        return None
-    ident = m.get("identity") or {}
-    return {"name": m["encoder"], "source": ident.get("text_encoder_source", ""),
-            "id": ident.get("text_encoder_id", ""), "width": ident.get("caption_channels")}
 
 
 def _dataset_sha256(run_dir: Path) -> str:
@@ -409,6 +372,8 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
     for sub in ("latents", "text"):
         (cache_dir / sub).mkdir(parents=True, exist_ok=True)
     res = CacheResult(entries=len(records))
+
+    from .cache_manifest import ManifestWriter
 
     with _build_lock(cache_dir):
         res.temp_removed = _remove_temp_files(cache_dir)
@@ -778,6 +743,8 @@ class CachedDataset:
             raise CacheError(f"the cache build in {self.cache_dir} did not finish ({len(m['entries'])} entries so far): "
                              "re-run 02_cache to resume it")
         self.manifest = m
+        from .cache_manifest import verify_cache
+
         self.keys = sorted(m["entries"], key=lambda k: (m["entries"][k]["index"], k))
         verify_cache(self.run_dir, full=check_hashes, m=m)
 
@@ -809,34 +776,6 @@ class CachedDataset:
                 "cond_latents": cast(lat["cond_latents"]) if "cond_latents" in lat else None,
                 "num_cond_latents": int(e["num_cond_latents"]), "text_embeds": emb, "text_mask": mask,
                 "bucket": e["bucket"], "key": key, "caption": e["caption"], "source": e["source"]}
-
-
-def verify_cache(run_dir, full: bool = False, m: Optional[dict] = None) -> int:
-    """Check every file the cache's entries and its negative prompt use against the manifest: size and
-    safetensors header (cheap), with ``full`` the sha256 of every byte too. Raises CacheError naming
-    each damaged file and the fix; returns the number of files checked."""
-    run_dir = Path(run_dir)
-    m = read_manifest(run_dir) if m is None else m
-    if m is None:
-        raise CacheError(f"{_manifest_path(run_dir)} does not exist: run 02_cache first")
-    used: dict = {}
-    for k, e in sorted(m["entries"].items()):
-        for table in ("latents", "text"):
-            info = m[table].get(e[table])
-            if info is None:
-                raise CacheError(f"{_manifest_path(run_dir)}: entry {k} points at a file the manifest does not "
-                                 "list; re-run 02_cache")
-            used[info["file"]] = info
-    if m.get("negative") in m["text"]:
-        used[m["text"][m["negative"]]["file"]] = m["text"][m["negative"]]
-    cache_dir = run_dir / "cache"
-    bad = [f"{cache_dir / f} is damaged ({why})" for f, info in sorted(used.items())
-           if (why := file_problem(cache_dir, info, full))]
-    if bad:
-        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise CacheError(f"{'; '.join(bad[:5])}{more}: re-run 02_cache, which re-makes damaged files (the rest "
-                         "of the cache is kept)")
-    return len(used)
 
 
 def check_manifest(run_dir, m: dict) -> None:

@@ -102,7 +102,8 @@ def save_trained(path, model, metadata: Optional[dict] = None, fold: bool = Fals
 def run_metadata(run_dir, step: int) -> dict:
     """Header entries of a run's LoRA file: the step, and the text encoder its cache was built with (a
     LoRA trained on Qwen2.5-VL embeddings must be sampled with them: text.required_encoder reads it)."""
-    from .cache import CacheError, cache_text_encoder
+    from .cache import CacheError
+    from .cache_manifest import cache_text_encoder
 
     meta: dict = {"steps": int(step)}
     try:

@@ -103,7 +103,7 @@ class TextEncoderError(ValueError):
 
 def run_text_encoder(run_dir) -> Optional[dict]:
     """The text encoder of the run's cache (its manifest) when it is not UMT5; None for UMT5 or no cache."""
-    from .cache import cache_text_encoder
+    from .cache_manifest import cache_text_encoder
 
     enc = cache_text_encoder(run_dir)
     return None if enc is None or enc["name"] == UMT5 else enc

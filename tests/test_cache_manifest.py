@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import longcat_nb.cache as C
+import longcat_nb.cache_manifest as C
 from longcat_nb.cache import CacheError, build_cache, read_manifest
 from longcat_nb.config import update_section
 from test_cache import QUIET, run  # noqa: F401  (run is a fixture)
