@@ -356,6 +356,7 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
     Settings come from ``run_dir/config.json`` (``model`` and ``cache`` sections); ``remove_orphans``
     overrides ``cache.remove_orphans``. Text encoder first (loaded, used, freed), then the VAE.
     """
+    from .cache_manifest import ManifestWriter
     from .checkpoint import pick_device, resolve_checkpoint
     from .data.scan import require_samples
 
@@ -372,8 +373,6 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
     for sub in ("latents", "text"):
         (cache_dir / sub).mkdir(parents=True, exist_ok=True)
     res = CacheResult(entries=len(records))
-
-    from .cache_manifest import ManifestWriter
 
     with _build_lock(cache_dir):
         res.temp_removed = _remove_temp_files(cache_dir)
@@ -731,6 +730,8 @@ class CachedDataset:
 
     def __init__(self, run_dir, dtype: Optional[torch.dtype] = torch.float32, verify: bool = True,
                  check_settings: bool = True, allow_partial: bool = False, check_hashes: bool = False):
+        from .cache_manifest import verify_cache
+
         self.run_dir = Path(run_dir)
         self.cache_dir = self.run_dir / "cache"
         self.dtype, self.verify = dtype, verify
@@ -743,8 +744,6 @@ class CachedDataset:
             raise CacheError(f"the cache build in {self.cache_dir} did not finish ({len(m['entries'])} entries so far): "
                              "re-run 02_cache to resume it")
         self.manifest = m
-        from .cache_manifest import verify_cache
-
         self.keys = sorted(m["entries"], key=lambda k: (m["entries"][k]["index"], k))
         verify_cache(self.run_dir, full=check_hashes, m=m)
 
