@@ -25,8 +25,10 @@ Encoding is deterministic: one item at a time (batch composition never changes t
 posterior noise drawn in float32 on the CPU from a seed derived from the latent key, cuDNN in its
 deterministic mode. So a build that is killed at any point and re-run ends with the same files, bit for
 bit, as an uninterrupted one. Files are written to a temporary name and renamed; the manifest (also
-atomic) is rewritten after every file. A file whose size, safetensors header or sha256 disagrees with
-the manifest is re-made by the build and refused by the reader, never silently read.
+atomic) is written in batches (cache_manifest.py): a kill loses at most the files since its last write,
+which the resumed build re-makes, identically. A file whose size, safetensors header or sha256
+disagrees with the manifest is re-made by the build and refused by the reader, never silently read
+(``verify_cache`` checks them all when training starts).
 
 Text embeddings store only the real tokens (mask == 1): the DiT zeroes the projected padding
 (``text_tokens_zero_pad``, spec §2.6) or masks it out, so padded values never reach the output, and
@@ -48,7 +50,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import load_config
-from .io import atomic_save_safetensors, atomic_write_text, process_lock, sha256_file
+from .io import atomic_save_safetensors, process_lock, sha256_file
 
 CACHE_FORMAT = "longcat-nb-cache"
 CACHE_VERSION = 2
@@ -333,6 +335,7 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
     Settings come from ``run_dir/config.json`` (``model`` and ``cache`` sections); ``remove_orphans``
     overrides ``cache.remove_orphans``. Text encoder first (loaded, used, freed), then the VAE.
     """
+    from .cache_manifest import ManifestWriter
     from .checkpoint import pick_device, resolve_checkpoint
     from .data.scan import require_samples
 
@@ -416,11 +419,9 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
                 if ek not in m["entries"] and lk in m["latents"] and tk in m["text"]:
                     m["entries"][ek] = _entry(i, r, lk, tk, m["latents"][lk])
 
-        def save():  # compact: rewritten after every file, and it holds every record's frame indices
-            atomic_write_text(_manifest_path(run_dir), json.dumps(m, ensure_ascii=False, separators=(",", ":")) + "\n")
-
+        manifest = ManifestWriter(run_dir, m)
         add_ready_entries()
-        save()
+        manifest.flush()
 
         # -- phase 1: text (encoder loaded, used, freed before the VAE comes in) -------------------
         if text_todo:
@@ -436,10 +437,11 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
                     m["text"][tk] = {**_file_info(cache_dir, rel), "caption": caption, "tokens": int(mask.sum())}
                     res.text_encoded += 1
                     add_ready_entries()
-                    save()
+                    manifest.added()
                     if bar is not None:
                         bar.update(1)
             finally:
+                manifest.flush(only_pending=True)  # an error or interrupt keeps every finished file
                 if bar is not None:
                     bar.close()
                 del encode
@@ -482,11 +484,12 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
                         }
                         res.encoded += 1
                         add_ready_entries()
-                        save()
+                        manifest.added()
                         if bar is not None:
                             bar.update(int(r["num_frames"]))
                             bar.set_postfix(clip=Path(r["file"]).name[:24], refresh=False)
             finally:
+                manifest.flush(only_pending=True)
                 if bar is not None:
                     bar.close()
                 del vae
@@ -505,7 +508,7 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
             res.orphans = []
         m["complete"] = True
         m["built"] = {"seconds": round(time.time() - t0, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        save()
+        manifest.flush()
     res.cached = len(m["entries"])
     res.bytes_on_disk = sum(m["latents"][k]["bytes"] for k in used[0] if k in m["latents"]) + \
         sum(m["text"][k]["bytes"] for k in used[1] if k in m["text"])
@@ -700,11 +703,14 @@ class CachedDataset:
 
     Opening checks the manifest against ``config.json`` (encoder, stored dtype, posterior, model
     identity), that dataset.jsonl has not changed since the build and that the build finished, and
-    every file's safetensors header and size; each item's sha256 is checked as it is read.
+    every file's safetensors header and size (``check_hashes``: its sha256 too); each item's sha256 is
+    checked as it is read.
     """
 
     def __init__(self, run_dir, dtype: Optional[torch.dtype] = torch.float32, verify: bool = True,
-                 check_settings: bool = True, allow_partial: bool = False):
+                 check_settings: bool = True, allow_partial: bool = False, check_hashes: bool = False):
+        from .cache_manifest import verify_cache
+
         self.run_dir = Path(run_dir)
         self.cache_dir = self.run_dir / "cache"
         self.dtype, self.verify = dtype, verify
@@ -718,15 +724,7 @@ class CachedDataset:
                              "re-run 02_cache to resume it")
         self.manifest = m
         self.keys = sorted(m["entries"], key=lambda k: (m["entries"][k]["index"], k))
-        for k in self.keys:
-            e = m["entries"][k]
-            for info in (m["latents"].get(e["latents"]), m["text"].get(e["text"])):
-                if info is None:
-                    raise CacheError(f"{_manifest_path(self.run_dir)}: entry {k} points at a file the manifest does "
-                                     "not list; re-run 02_cache")
-                bad = file_problem(self.cache_dir, info, full=False)
-                if bad:
-                    raise CacheError(f"{self.cache_dir / info['file']} is damaged ({bad}): re-run 02_cache to re-make it")
+        verify_cache(self.run_dir, full=check_hashes, m=m)
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -195,6 +195,7 @@ class TrainSettings:
     # torch.compile of each whole block: auto = on CUDA with a working Triton (the first step takes
     # about 40 s longer, then each is faster), eager elsewhere | on | off
     compile: str = setting("auto", choices=AUTO_ON_OFF)
+    verify_cache: bool = False  # at train start, also check every cache file's sha256 (else sizes and headers)
     seed: int = setting(42, ge=0, le=2**63 - 1)
     checkpoint_every: int = setting(100, ge=0)  # 0 = no checkpoints (nothing to resume from)
     keep_checkpoints: int = setting(3, ge=0)

@@ -551,11 +551,17 @@ def peft_to_official(state: dict, alphas: dict, network_rank: Optional[int] = No
     return out
 
 
-def save_official(path, state: dict, metadata: Optional[dict] = None, alphas: Optional[dict] = None) -> Path:
+def save_official(path, state: dict, metadata: Optional[dict] = None, alphas: Optional[dict] = None,
+                  network_rank: Optional[int] = None) -> Path:
     """Official layout, loadable with ``dit.load_lora(path, key, lora_network_dim=<rank>)`` (the rank
-    is in the header; alpha_scale is in the file and overrides the loader's alpha)."""
+    is in the header; alpha_scale is in the file and overrides the loader's alpha). ``network_rank``
+    (e.g. lora_export.OFFICIAL_RANK, the demos' default 128): every module padded to that one rank."""
     ranks = _ranks(state)
     alphas = alphas or _alphas_from_meta(ranks, dict(metadata or {}))
+    if network_rank is not None:
+        from .lora_export import save_official_padded
+
+        return save_official_padded(path, state, alphas, network_rank)
     rank = min(ranks.values())
     try:
         tensors = peft_to_official(state, alphas, network_rank=rank if len(set(ranks.values())) > 1 else None)

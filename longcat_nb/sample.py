@@ -30,7 +30,7 @@ import torch
 
 from .io import atomic_write, atomic_write_json
 from .resolution import RESOLUTIONS, nearest_bucket, refine_bucket
-from .text import encode_prompts, resolve_negative_prompt
+from .text import encode_prompts, named_encoder, required_encoder, resolve_negative_prompt
 from .vae import check_num_frames, check_size, decode_latents, encode_video, set_tiling, to_uint8_frames
 
 SHIFT = 12.0
@@ -515,16 +515,23 @@ def _oom_error(e: Exception, device, height: int, width: int, num_frames: int, g
 # text
 # ---------------------------------------------------------------------------------------------
 def encode_text(components, prompt: str, negative_prompt: Optional[str], guided: bool, device, dtype,
-                offload: str = "none", text_encoder_to_cpu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                offload: str = "none", text_encoder_to_cpu: bool = True,
+                encoder: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(embeddings [B, 1, 512, C], mask [B, 512]) for [negative, positive] (guided) or [positive].
     The text encoder runs where it is (offload='model': on ``device`` for the call) and is moved to
-    the CPU afterwards when ``text_encoder_to_cpu`` (it is not needed while denoising)."""
+    the CPU afterwards when ``text_encoder_to_cpu`` (it is not needed while denoising). ``encoder``
+    (text.required_encoder of the LoRAs): the cache's other encoder, loaded for this call and freed."""
+    prompts = ([negative_prompt or ""] if guided else []) + [prompt]
+    device = torch.device(device)
+    if encoder is not None:  # a LoRA trained on Qwen2.5-VL embeddings: UMT5 ones would be out of distribution
+        from .checkpoint import pick_dtype
+
+        emb, mask = named_encoder(encoder, device, pick_dtype("auto", device))(prompts)
+        return emb.to(device=device, dtype=dtype), mask.to(device)
     tok, enc = components.tokenizer, components.text_encoder
     if tok is None or enc is None:
         raise SampleError("no text encoder loaded: load_components(...) with the 'tokenizer' and 'text_encoder' "
                           "parts, or pass text=(embeddings, mask) for [negative, positive]")
-    prompts = ([negative_prompt or ""] if guided else []) + [prompt]
-    device = torch.device(device)
     with placed(enc, device, offload == "model"):
         emb, mask = encode_prompts(tok, enc, prompts, device=device, dtype=dtype)
     if text_encoder_to_cpu and offload != "model" and _param_device(enc).type != "cpu":
@@ -678,7 +685,7 @@ def generate(components, request: SampleRequest, loras: Optional[Sequence[tuple]
         emb, mask = _text_batch(text, guided, dev, dtype)
     else:
         emb, mask = encode_text(components, req.prompt, req.negative_prompt, guided, dev, dtype, offload,
-                                text_encoder_to_cpu)
+                                text_encoder_to_cpu, required_encoder(p for p, _ in lora_list))
 
     # noise from a CPU generator, then the conditioning frames with the same generator (official order)
     g = torch.Generator().manual_seed(int(req.seed))
@@ -718,18 +725,24 @@ def generate(components, request: SampleRequest, loras: Optional[Sequence[tuple]
 
 def compare_base_and_lora(components, request: SampleRequest, lora=None, scale: float = 1.0,
                           progress=True, **kwargs) -> dict:
-    """{'base': result, 'lora': result} with the same seed and settings (text encoded once); only
-    'base' when ``lora`` is None. ``kwargs`` go to ``generate`` (offload, device, ...)."""
+    """{'base': result, 'lora': result} with the same seed and settings (text encoded once, and once
+    more with the LoRA's own text encoder when its cache was not UMT5); only 'base' when ``lora`` is
+    None. ``kwargs`` go to ``generate`` (offload, device, ...)."""
     req = request.resolved().validate()
-    text = kwargs.pop("text", None)
-    if text is None:
-        dev = _exec_device(components.dit, kwargs.get("offload", "none"), kwargs.get("device"))
-        text = encode_text(components, req.prompt, req.negative_prompt, req.guidance > 1, dev,
+    given = kwargs.pop("text", None)
+    dev = _exec_device(components.dit, kwargs.get("offload", "none"), kwargs.get("device"))
+
+    def encoded(encoder=None):
+        return encode_text(components, req.prompt, req.negative_prompt, req.guidance > 1, dev,
                            dit_dtype(components.dit), kwargs.get("offload", "none"),
-                           kwargs.get("text_encoder_to_cpu", True))
+                           kwargs.get("text_encoder_to_cpu", True), encoder)
+
+    text = given if given is not None else encoded()
     out = {"base": generate(components, req, None, progress, text=text, **kwargs)}
     if lora:
-        out["lora"] = generate(components, req, [(lora, scale)], progress, text=text, **kwargs)
+        encoder = required_encoder([lora])
+        lora_text = text if given is not None or encoder is None else encoded(encoder)
+        out["lora"] = generate(components, req, [(lora, scale)], progress, text=lora_text, **kwargs)
     return out
 
 

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from . import lora as lora_lib
+from . import lora_export
 from .config import TrainSettings, load_config
 from .paths import resolve_path
 from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
@@ -264,14 +265,17 @@ def checkpointing_mode(s: TrainSettings, device, dataset=None) -> str:
 
 def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callable[[dict], None]] = None,
           on_validation: Optional[Callable[[int, dict], None]] = None, max_steps: Optional[int] = None,
-          log: Callable[[str], None] = print, dataset=None, negative: Optional[tuple] = None) -> TrainResult:
+          log: Callable[[str], None] = print, dataset=None, negative: Optional[tuple] = None,
+          verify_cache: bool = False) -> TrainResult:
     """Train the LoRA described by ``run_dir/config.json`` on ``run_dir/cache``; resumes from the
     newest checkpoint. ``max_steps`` stops early (the schedule still follows ``train.steps``).
 
     Under ``torchrun --nproc_per_node N`` (see ``python -m longcat_nb train``) the frozen base is
     sharded over the N processes with FSDP2 and each takes its own micro-batches (distributed.py);
     only rank 0 writes logs, checkpoints and files. ``dataset``/``negative`` replace the cache (for
-    benchmarks: any object with the CachedDataset interface, and the (embeds, mask) of "").
+    benchmarks: any object with the CachedDataset interface, and the (embeds, mask) of ""). Every cache
+    file is checked (size and header) before the model loads; ``verify_cache`` (or the setting
+    train.verify_cache) adds its sha256.
 
     One trainer per run folder (RunLocked); a NaN/inf loss or gradient stops with TrainingDiverged
     before anything of it is saved; Ctrl-C or a kernel interrupt saves the step reached, then raises
@@ -291,11 +295,12 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
         if cleaned:
             log(f"checkpoints left half-written or half-deleted by a killed run: {', '.join(cleaned)}")
         dist.barrier()  # the other ranks read checkpoints/ only once it is clean
-        return _train(run_dir, cfg, dist, components, on_step, on_validation, max_steps, log, dataset, negative)
+        return _train(run_dir, cfg, dist, components, on_step, on_validation, max_steps, log, dataset, negative,
+                      verify_cache or cfg.train.verify_cache)
 
 
 def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_steps, log, dataset,
-           negative) -> TrainResult:
+           negative, verify_cache: bool) -> TrainResult:
     from . import distributed
     from .cache import CacheError, CachedDataset, load_negative, no_entries_cause, read_manifest
     from .checkpoint import load_dit, pick_device
@@ -317,7 +322,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
         m = read_manifest(run_dir)
         if m is None or not m.get("entries"):  # say why: often 01_dataset found no usable clip
             raise CacheError(f"nothing to train on: {no_entries_cause(run_dir)}")
-        dataset = CachedDataset(run_dir)
+        dataset = CachedDataset(run_dir, check_hashes=verify_cache)  # sizes + headers; sha256 when asked
     if len(dataset) == 0:
         raise CacheError(f"nothing to train on: {no_entries_cause(run_dir)}")
     neg_text, neg_mask = negative if negative is not None else load_negative(run_dir)
@@ -518,11 +523,13 @@ def _quiet(msg: str) -> None:
 
 class Validator:
     """Samples the validation prompts with the model being trained, through the kit's sampler.
-    Prompts are encoded once up front and the text encoder freed; the VAE is loaded only to decode."""
+    Prompts are encoded once up front, with the text encoder the cache was built with (the checkpoint's
+    UMT5, or Qwen2.5-VL; refused with the reason when that cannot be loaded), and the encoder freed;
+    the VAE is loaded only to decode."""
 
     def __init__(self, run_dir: Path, cfg, save: bool = True):
-        from .checkpoint import load_scheduler, load_text_encoder, load_tokenizer, pick_device
-        from .text import encode_prompts
+        from .checkpoint import load_scheduler, load_text_encoder, load_tokenizer, pick_device, pick_dtype
+        from .text import encode_prompts, named_encoder, run_text_encoder
 
         self.run_dir, self.cfg, self.save, s = Path(run_dir), cfg, save, cfg.train
         # checked now, not at the first validation step hours later
@@ -534,9 +541,15 @@ class Validator:
                                         "image file (png/jpg) for an image-to-video validation prompt, or \"\" for "
                                         "text-to-video")
         dev = pick_device(cfg.model.device)
-        tok = load_tokenizer(cfg.model.checkpoint)
-        enc = load_text_encoder(cfg.model.checkpoint, dev)
-        self.texts = [encode_prompts(tok, enc, ["", p], device="cpu") for p in s.validation_prompts]
+        self.text_encoder = run_text_encoder(self.run_dir)
+        if self.text_encoder is None:
+            tok = load_tokenizer(cfg.model.checkpoint)
+            enc = load_text_encoder(cfg.model.checkpoint, dev)
+            self.texts = [encode_prompts(tok, enc, ["", p], device="cpu") for p in s.validation_prompts]
+        else:  # the LoRA learns on these embeddings: validation prompts must be encoded the same way
+            enc = named_encoder(self.text_encoder, dev, pick_dtype(cfg.model.text_encoder_dtype, dev),
+                                f"validation (validate_every=0 trains without it), run {self.run_dir}")
+            self.texts = [enc(["", p]) for p in s.validation_prompts]
         del enc
         self.scheduler = load_scheduler(cfg.model.checkpoint)
 
@@ -558,6 +571,7 @@ class Validator:
                                 guidance=s.validation_guidance, seed=s.seed + i)
             res = generate(comps, req, text=text, progress=False)
             res.settings.update(lora_step=step, lora_run=str(self.run_dir),
+                                text_encoder=(self.text_encoder or {"name": "umt5"})["name"],
                                 lora_checkpoint=str(saved) if (saved / "state.json").exists() else "")
             path = save_sample(res, self.run_dir, f"validation/step{step:06d}_{i}") if self.save else None
             out[f"{i}: {prompt}"] = (path, res.video)
@@ -566,22 +580,22 @@ class Validator:
 
 
 def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: int,
-                formats: tuple = ("peft",)) -> Path:
-    """run_dir/lora/lora-stepN.safetensors in the PEFT/diffusers layout with metadata in the header;
-    'official' and 'comfy' layouts on request."""
+                formats: tuple = ("peft",), official_rank: Optional[int] = lora_export.OFFICIAL_RANK,
+                fold_alpha: bool = False) -> Path:
+    """run_dir/lora/lora-stepN.safetensors in the PEFT/diffusers layout, each module's alpha in the header
+    (``fold_alpha``: folded into lora_B, for readers that ignore headers); 'official' (padded to
+    ``official_rank``, None = the trained rank) and 'comfy' (``.alpha`` tensors) layouts on request."""
     out_dir = Path(run_dir) / "lora"
-    meta = {
-        "rank": s.rank, "alpha": s.alpha, "targets": s.targets,
-        "base_model": base_model or "tiny-default", "steps": step,
-        "settings": asdict(s), "format": "peft",
-    }
-    state = lora_lib.lora_state_dict(model)
-    path = lora_lib.save_lora(out_dir / f"lora-step{step:06d}.safetensors", state, meta)
-    for fmt in formats:
-        if fmt == "official":
-            lora_lib.save_official(out_dir / f"lora-step{step:06d}-official.safetensors", state, meta)
-        elif fmt == "comfy":
-            lora_lib.save_comfy(out_dir / f"lora-step{step:06d}-comfy.safetensors", state, meta)
+    meta = {"targets": s.targets, "base_model": base_model or "tiny-default", "settings": asdict(s),
+            **lora_export.run_metadata(run_dir, step)}
+    stem = f"lora-step{step:06d}"
+    path = lora_export.save_trained(out_dir / f"{stem}.safetensors", model, meta, fold=fold_alpha)
+    state, (_, alphas) = lora_lib.lora_state_dict(model), lora_lib.module_ranks_alphas(model)
+    if "official" in formats:
+        lora_lib.save_official(out_dir / f"{stem}-official.safetensors", state, alphas=alphas,
+                               network_rank=official_rank)
+    if "comfy" in formats:
+        lora_lib.save_comfy(out_dir / f"{stem}-comfy.safetensors", state, meta, alphas=alphas)
     return path
 
 

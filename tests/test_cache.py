@@ -178,14 +178,14 @@ def test_interrupt_and_kill_then_resume_is_bit_identical(run, tmp_path, monkeypa
     # 2) resumed in another process that is SIGKILLed while writing latents
     proc = subprocess.run([sys.executable, "-c", KILL, str(run)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    m = read_manifest(run)
-    assert not m["complete"] and len(m["latents"]) == 1 and len(m["text"]) == 5
+    m = read_manifest(run)  # written in batches: the kill loses the latents since the text phase's last write
+    assert not m["complete"] and len(m["latents"]) == 0 and len(m["text"]) == 5
     assert len(list((run / "cache" / "latents").glob("*.safetensors"))) == 2  # one untracked
     assert list((run / "cache" / "latents").glob(".*.tmp"))  # a half-written temporary file
     assert json.loads((run / "cache" / ".lock").read_text())["pid"] != os.getpid()  # the dead build's lock
     # 3) resumed to the end: the same files, bit for bit, as the uninterrupted build
     r = build_cache(run, **QUIET)
-    assert r.encoded == 3 and r.temp_removed == 1 and not r.orphans and not r.failed
+    assert r.encoded == 4 and r.temp_removed == 1 and not r.orphans and not r.failed
     assert files(run) == files(ref) and tables(run) == tables(ref)
     assert not list((run / "cache").rglob("*.tmp")) and not (run / "cache" / ".lock").exists()
 
