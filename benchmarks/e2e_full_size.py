@@ -131,15 +131,17 @@ def _clip_frames(name: str, h: int, w: int, n: int, seed: int):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = rng.uniform(40, 200, 3)
+    y, x = np.ogrid[0:h, 0:w]
+    base = rng.uniform(40, 200, 3).astype(np.float32)
+    tint = np.array([1, 0.5, -0.5], np.float32)
+    grain = rng.standard_normal((8, h, w, 1), dtype=np.float32) * 3.0  # a few grain frames, cycled
     out = np.empty((n, h, w, 3), np.uint8)
     for k in range(n):
         t = k / max(1, n - 1)
-        img = base + 50 * np.sin((x / w + t) * 6.28)[..., None] * np.array([1, 0.5, -0.5])
+        row = base + 50 * np.sin((np.arange(w, dtype=np.float32) / w + t) * 6.28)[:, None] * tint  # [w, 3]
+        img = np.broadcast_to(row, (h, w, 3)) + grain[k % 8]
         cx, cy = (0.15 + 0.7 * t) * w, h * (0.5 + 0.3 * np.sin(6.28 * 2 * t))
-        img[(x - cx) ** 2 + (y - cy) ** 2 < (0.1 * min(h, w)) ** 2] = (230, 40, 30)
-        img += rng.normal(0, 3.0, img.shape)
+        img[((x - cx) ** 2 + (y - cy) ** 2) < (0.1 * min(h, w)) ** 2] = (230, 40, 30)
         out[k] = np.clip(img, 0, 255).astype(np.uint8)
     return out
 
@@ -207,15 +209,16 @@ def run_cli(stage: str, run_dir: Path, params: dict, env: dict, log_path: Path) 
 
 
 LOAD_PROBE = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from longcat_nb.checkpoint import load_dit, load_text_encoder
+from longcat_nb.stages import host_rss_peak_gib
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 out = {}
 t0 = time.time(); enc = load_text_encoder(sys.argv[1], dev); torch.cuda.synchronize() if dev == "cuda" else None
 out["text_encoder_s"] = round(time.time() - t0, 2); del enc
 t0 = time.time(); dit = load_dit(sys.argv[1], dev, "auto"); torch.cuda.synchronize() if dev == "cuda" else None
 out["dit_s"] = round(time.time() - t0, 2)
-out["host_rss_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+out["host_rss_peak_gib"] = host_rss_peak_gib()
 if dev == "cuda":
     out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 print(json.dumps(out))
@@ -231,7 +234,7 @@ def probe_load(ckpt: Path, env: dict) -> dict:
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": round(time.time() - t0, 2)}
 
 
-def card_settings(card: int | None, tiny: bool) -> dict:
+def card_settings(card: int | None, tiny: bool, gpu_gib: float | None = None) -> dict:
     """The planner's recommendation for a card of ``card`` GiB: train and sample settings, with the
     predictions to hold against the measurements."""
     from dataclasses import replace
@@ -242,9 +245,7 @@ def card_settings(card: int | None, tiny: bool) -> dict:
     if tiny:
         return {"train": {}, "sample": {}, "predicted": {}}
     if card is None:  # the GPU as it is
-        from longcat_nb.envinfo import gpu_memory_gib
-
-        card = gpu_memory_gib(0)
+        card = gpu_gib
     train_rec = recommend(PlanSettings(compile=True), card)
     if train_rec is None:
         raise RuntimeError(f"the planner finds no training setting for {card} GiB")
@@ -329,7 +330,7 @@ def run_card(args, report: Report, card: int | None, work: Path, ckpt: Path, dat
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     if card:
         env["LONGCAT_NB_GPU_MEMORY_GIB"] = str(card)
-    settings = card_settings(card, args.tiny)
+    settings = card_settings(card, args.tiny, args.gpu_gib)
     report.put(label, "settings", settings)
     run_dir = work / f"run-{label}"
     import shutil
@@ -369,24 +370,37 @@ def main(argv=None) -> int:
     ap.add_argument("--validation-steps", type=int, default=0, help="sampling steps of the validation clip "
                     "(default: the kit's, train.validation_steps)")
     ap.add_argument("--stages", default="checkpoint,dataset,load,scan,cache,train,sample_t2v,sample_i2v")
+    ap.add_argument("--write-checkpoint", default=None, help=argparse.SUPPRESS)  # the writer's own process
+    ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.write_checkpoint:
+        print(json.dumps(write_checkpoint(Path(args.write_checkpoint), args.tiny, args.device)))
+        return 0
     args.stages = set(args.stages.split(","))
     if args.tiny:
         args.train_steps, args.sample_steps = min(args.train_steps, 4), min(args.sample_steps, 2)
     work = Path(args.work or (REPO / "runs" / "e2e-tiny" if args.tiny else "/tmp/longcat-e2e")).resolve()
     out = Path(args.out or (Path(os.environ["OUT"]) / "e2e.json" if os.environ.get("OUT") else work / "e2e.json"))
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    meta = {"tiny": args.tiny, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-            "torch": torch.__version__, "train_steps": args.train_steps, "sample_steps": args.sample_steps,
+    probe = subprocess.run([sys.executable, "-c", "import torch, json; c = torch.cuda.is_available(); print(json.dumps("
+                            "[torch.__version__, c and torch.cuda.get_device_name(0), "
+                            "c and torch.cuda.get_device_properties(0).total_memory / 2**30]))"],
+                           capture_output=True, text=True, check=True)  # CUDA stays out of this process
+    torch_version, gpu_name, args.gpu_gib = json.loads(probe.stdout.strip().splitlines()[-1])
+    device = "cuda" if gpu_name and not args.tiny else "cpu"
+    meta = {"tiny": args.tiny, "device": gpu_name if device == "cuda" else "cpu", "torch": torch_version, "train_steps": args.train_steps, "sample_steps": args.sample_steps,
             "path": "stage CLI (python -m longcat_nb STAGE), one subprocess per stage"}
     report = Report(out, meta)
     ckpt, data = work / "checkpoint", work / "dataset"
     work.mkdir(parents=True, exist_ok=True)
     if "checkpoint" in args.stages or not (ckpt / "dit" / "config.json").exists():
+        # in a process of its own: this one then never holds GPU memory (the stages need the whole card)
+        # or the model in host RAM (a child's peak RSS would start from ours)
         t0 = time.time()
-        rec = write_checkpoint(ckpt, args.tiny, device)
+        proc = subprocess.run([sys.executable, __file__, "--write-checkpoint", str(ckpt), "--device", device]
+                              + (["--tiny"] if args.tiny else []), capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"writing the checkpoint failed:\n{proc.stderr[-3000:]}")
+        rec = json.loads(proc.stdout.strip().splitlines()[-1])
         report.put("setup", "checkpoint", {**rec, "wall_s": round(time.time() - t0, 1),
                                            "disk_gib": round(disk_bytes(ckpt) / 2**30, 2)})
     if "dataset" in args.stages or not data.exists():

@@ -63,10 +63,23 @@ def apply_settings(run_dir, sections: dict) -> Any:
     return cfg
 
 
+def host_rss_peak_gib() -> float:
+    """This process's peak resident memory (pinned memory included: it is mapped into the process).
+    /proc's VmHWM belongs to this program; getrusage's ru_maxrss can carry the parent's peak across
+    fork and exec, so it is only the fallback off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
 def resources() -> dict:
-    """This process's peaks so far: GPU memory allocated (torch's allocator) and host RSS (pinned
-    memory included: it is mapped into the process)."""
-    out = {"host_rss_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    """This process's peaks so far: GPU memory allocated (torch's allocator) and host RSS."""
+    out = {"host_rss_peak_gib": host_rss_peak_gib()}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
