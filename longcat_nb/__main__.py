@@ -54,6 +54,12 @@ def main(argv=None) -> int:
     rp.add_argument("--run-dir", required=True)
     rp.add_argument("--out", default=None, help="default: RUN_DIR/report.html")
 
+    nc = sub.add_parser("notebooks", help="keep the cells all notebooks share equal to longcat_nb/notebook_cells.py")
+    nc_mode = nc.add_mutually_exclusive_group(required=True)
+    nc_mode.add_argument("--sync", action="store_true", help="rewrite the shared cells from the source")
+    nc_mode.add_argument("--check", action="store_true", help="exit 1, listing each notebook and cell that drifted")
+    nc.add_argument("notebooks", nargs="*", help="notebook files or stems (default: every notebook in notebooks/)")
+
     args = ap.parse_args(argv)
     if getattr(args, "run_dir", None) is not None:
         from .paths import resolve_run_dir
@@ -136,6 +142,19 @@ def main(argv=None) -> int:
         print(f"start `jupyter lab` in {NOTEBOOK_DIR.parent}, open notebooks/00_setup.ipynb and pick that kernel "
               "(Kernel > Change Kernel)")
         return 0
+    if args.cmd == "notebooks":
+        from .notebook_cells import SYNC_COMMAND, check_notebooks, sync_notebooks
+
+        if args.sync:
+            for path in sync_notebooks(args.notebooks):
+                print(f"synced {path}")
+            return 0
+        drifts = check_notebooks(args.notebooks)
+        for drift in drifts:
+            print(drift)
+        if drifts:
+            print(f"run `{SYNC_COMMAND}` (or move the change into longcat_nb/notebook_cells.py first)")
+        return 1 if drifts else 0
     if args.cmd == "env":
         from .envinfo import environment_report
 
