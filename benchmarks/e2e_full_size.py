@@ -105,6 +105,7 @@ def write_checkpoint(folder: Path, tiny: bool, device: str) -> dict:
     tok = build_tiny_tokenizer(tmp / "tokenizer")
     text_cfg = UMT5Config(**(dict(TINY_TEXT, vocab_size=len(tok)) if tiny else UMT5_XXL))
     enc = _materialize(lambda: UMT5EncoderModel(text_cfg), device, dtype, 1)
+    enc.encoder.embed_tokens.weight = enc.shared.weight  # one token table, as in the published encoder
     enc.save_pretrained(tmp / "text_encoder", max_shard_size="5GB")
     del enc
     torch.manual_seed(2)
