@@ -201,6 +201,7 @@ def test_shared_defaults_are_defined_once():
     assert config.TrainSettings().targets == list(config.DEFAULT_TARGETS)
     assert memory.QUANTIZED is planner.QUANTIZED is config.QUANTIZED
     assert memory.PRECISIONS is config.PRECISIONS and set(config.QUANTIZED) < set(config.PRECISIONS)
+    assert set(planner.WEIGHT_BYTES) == set(config.PRECISIONS) - {"auto"}  # the planner prices every one
     assert (sample.MODES, sample.OFFLOAD, sample.BASE_FPS) == (config.MODES, config.OFFLOAD, config.BASE_FPS)
     assert sample.MODES is config.MODES and sample.OFFLOAD is config.OFFLOAD
     assert train.sample_sigmas is flow.sample_sigmas and sample.shift_sigmas is flow.shift_sigmas
