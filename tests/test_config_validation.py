@@ -208,6 +208,12 @@ def test_shared_defaults_are_defined_once():
     assert not hasattr(train, "SHIFT") and sample.SHIFT is flow.SHIFT
 
 
+def test_config_and_planner_import_without_torch(repo_root):
+    """Why the shared choices live in config.py: settings and plans are read where torch is absent."""
+    code = "import sys, longcat_nb.config, longcat_nb.planner; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=repo_root)
+
+
 # ---------------------------------------------------------------------------------------------
 # the checkpoint folder (item 15)
 # ---------------------------------------------------------------------------------------------
