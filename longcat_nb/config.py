@@ -39,7 +39,15 @@ def setting(default: Any, **rules: Any) -> Any:
 
 AUTO_ON_OFF = ("auto", "on", "off")
 DTYPES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")  # checkpoint.pick_dtype's names
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int4", "fp8", "fp8_rowwise", "nf4")  # memory.PRECISIONS
+# The kit's shared choices, defined here once because this module imports no torch: memory, planner,
+# lora, sample and flow import them.
+QUANTIZED = ("int8", "int4", "fp8", "fp8_rowwise", "nf4")  # base precisions that replace the big Linears
+PRECISIONS = ("auto", "fp32", "bf16", "fp16") + QUANTIZED  # base-weight precisions (memory.apply_base_precision)
+DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj")  # LoRA
+TIMESTEP_SAMPLING = ("shift", "logit_normal")  # training's σ draws (flow.sample_sigmas)
+MODES = ("t2v", "i2v", "continuation")  # sampling modes
+OFFLOAD = ("none", "model")  # sampling offload
+BASE_FPS = 15  # the model's frame rate: every official stage-1 clip; refinement doubles it
 
 
 def _four_k_plus_one(n: int) -> Optional[str]:
@@ -124,7 +132,7 @@ class ModelSettings:
 class DatasetSettings:
     dataset_dir: str = ""  # "" = the bundled data_samples/
     trigger: str = ""  # prepended to every caption when set
-    target_fps: float = setting(15.0, gt=0)
+    target_fps: float = setting(float(BASE_FPS), gt=0)
     num_frames: int = setting(93, check=_four_k_plus_one)
     # A clip shorter than num_frames (after resampling to target_fps): keep = train it at the longest
     # 4k+1 frame count it has (its bucket WxH@F carries the count, so batches never mix lengths; one
@@ -171,8 +179,7 @@ class TrainSettings:
     rank: int = setting(32, ge=1)
     alpha: float = setting(32.0, gt=0)
     dropout: float = setting(0.0, ge=0, lt=1)
-    targets: list = setting(["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear",
-                             "cross_attn.proj"], check=_module_names)
+    targets: list = setting(list(DEFAULT_TARGETS), check=_module_names)
     lr: float = setting(1e-4, gt=0)
     optimizer: str = setting("adamw", choices=("adamw", "adamw8bit", "prodigy"))
     lr_schedule: str = setting("constant", choices=("constant", "cosine"))
@@ -180,7 +187,7 @@ class TrainSettings:
     batch_size: int = setting(1, ge=1)
     grad_accum: int = setting(1, ge=1)
     max_grad_norm: float = setting(1.0, ge=0)  # 0 = no clipping
-    timestep_sampling: str = setting("shift", choices=("shift", "logit_normal"))
+    timestep_sampling: str = setting("shift", choices=TIMESTEP_SAMPLING)
     # share of steps trained on the empty prompt (what CFG contrasts with)
     caption_dropout: float = setting(0.05, ge=0, le=1)
     # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | int8 | int4 | fp8 (weight-only, saves memory) |
@@ -220,7 +227,7 @@ class SampleSettings:
     # "" with guidance > 1 = the empty negative, as the official pipeline; "official" = the official
     # demos' negative prompt (text.OFFICIAL_NEGATIVE_PROMPT); any other text as given
     negative_prompt: str = ""
-    mode: str = setting("t2v", choices=("t2v", "i2v", "continuation"))
+    mode: str = setting("t2v", choices=MODES)
     image: str = ""  # i2v conditioning image
     video: str = ""  # continuation input (resampled to fps)
     # continuation: last k frames (4k+1) -> 1 + (k-1)/4 latents
@@ -235,12 +242,12 @@ class SampleSettings:
     steps: int = setting(0, ge=0)
     guidance: float = setting(0.0, check=_guidance_or_auto)
     seed: int = setting(0, ge=0, le=2**63 - 1)
-    fps: int = setting(15, ge=1)
+    fps: int = setting(BASE_FPS, ge=1)
     distilled: bool = False  # the checkpoint's cfg_step_lora: 16 steps, guidance 1
     use_kv_cache: bool = True  # continuation: cache the conditioning tokens' k/v
     enhance_hf: bool = True  # continuation (not distilled): 10 uniform steps below t=500
     # none | model (DiT/VAE/text encoder on the GPU only while used)
-    offload: str = setting("none", choices=("none", "model"))
+    offload: str = setting("none", choices=OFFLOAD)
     # DiT base weights: auto (model.dit_dtype) | bf16 | fp16 | fp32 | int8 | int4 | fp8 | fp8_rowwise | nf4
     precision: str = setting("auto", choices=PRECISIONS)
     # last N DiT blocks' weights in CPU memory, streamed in per block

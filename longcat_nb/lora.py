@@ -55,11 +55,11 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
+from .config import DEFAULT_TARGETS
 from .io import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj"]
 PRESETS = {
     "attention": DEFAULT_TARGETS,
     "attn": DEFAULT_TARGETS,

@@ -14,10 +14,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from .config import PRECISIONS, QUANTIZED
+
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int4", "fp8", "fp8_rowwise", "nf4")
-QUANTIZED = ("int8", "int4", "fp8", "fp8_rowwise", "nf4")
 BIG_LINEARS = re.compile(r"^(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj)|ffn\.w[123])$")
 
 _BACKEND_HINT = {

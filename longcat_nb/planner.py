@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
+from .config import DEFAULT_TARGETS, QUANTIZED
+
 GIB = 2**30
 
 # Full-size architecture (spec §2.3/2.4)
@@ -29,7 +31,6 @@ TARGET_SHAPES = {  # (in, out) of each LoRA target
 TEXT_ENCODER_PARAMS = 5_680_910_336
 WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5, "nf4": 0.5,
                 "fp8_rowwise": 1.0}
-QUANTIZED = ("int8", "fp8", "fp8_rowwise", "int4", "nf4")
 
 # Calibration (H100, torch 2.11, cuDNN attention), in units of one [N, 4096] bf16 tensor:
 K_TRAIN_BLOCK = 50.0  # one block's recompute + backward working set (measured 14.4 GiB at N=37,440)
@@ -47,7 +48,7 @@ class PlanSettings:
     num_frames: int = 93
     batch_size: int = 1
     rank: int = 32
-    targets: tuple = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj")
+    targets: tuple = DEFAULT_TARGETS
     precision: str = "bf16"
     gradient_checkpointing: bool = True
     activation_offload: bool = False

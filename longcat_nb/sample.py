@@ -28,20 +28,16 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .config import BASE_FPS, MODES, OFFLOAD
+from .flow import NUM_TRAIN_TIMESTEPS, SHIFT, base_sigmas, shift_sigmas
 from .io import atomic_write, atomic_write_json
 from .resolution import RESOLUTIONS, nearest_bucket, refine_bucket
 from .text import encode_prompts, named_encoder, required_encoder, resolve_negative_prompt
 from .vae import check_num_frames, check_size, decode_latents, encode_video, set_tiling, to_uint8_frames
 
-SHIFT = 12.0
-NUM_TRAIN_TIMESTEPS = 1000
-DISTILL_GRID = 50  # the distilled list picks from 50 σ values 1.00, 0.98, ..., 0.02
-MODES = ("t2v", "i2v", "continuation")
 SCHEDULES = ("normal", "distilled", "enhance_hf", "refine")
-OFFLOAD = ("none", "model")
 DISTILL_LORA = "cfg_step_lora"
 REFINE_LORA = "refinement_lora"
-BASE_FPS = 15  # every official stage-1 clip; refinement doubles it
 DEFAULT_STEPS, DISTILLED_STEPS = 50, 16
 DEFAULT_GUIDANCE = 4.0
 T2V_SIZE = (480, 832)  # the official text-to-video size
@@ -52,27 +48,8 @@ class SampleError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# schedules: pure functions (numbers checked against spec §7.3 in the tests)
+# schedules: the sampler's named lists, from flow.py's σ lists (numbers checked against spec §7.3)
 # ---------------------------------------------------------------------------------------------
-def shift_sigmas(sigmas, shift: float = SHIFT) -> torch.Tensor:
-    """The scheduler's static shift σ' = s·σ / (1 + (s − 1)·σ), in float32 as diffusers does it."""
-    s = torch.as_tensor(sigmas, dtype=torch.float32)
-    return shift * s / (1 + (shift - 1) * s)
-
-
-def base_sigmas(steps: int, distilled: bool = False) -> torch.Tensor:
-    """The σ list handed to ``set_timesteps`` (the scheduler then shifts it).
-
-    normal: linspace(1, 0.001, steps). distilled: from the grid 1.00, 0.98, ..., 0.02 take the
-    indices ⌊linspace(0, 50, steps, endpoint=False)⌋ (16 steps: 0, 3, 6, ..., 46)."""
-    if distilled:
-        grid = (torch.arange(1, DISTILL_GRID + 1, dtype=torch.float32) * (NUM_TRAIN_TIMESTEPS // DISTILL_GRID))
-        grid = grid.round().long().flip(0)
-        idx = np.floor(np.linspace(0, DISTILL_GRID, steps, endpoint=False)).astype(np.int64)
-        return grid[torch.from_numpy(idx)].float() / NUM_TRAIN_TIMESTEPS
-    return torch.linspace(1.0, 0.001, steps, dtype=torch.float32)
-
-
 def _derived_timesteps(normal: torch.Tensor, schedule: str, t_thresh: float) -> torch.Tensor:
     """enhance_hf / refine lists from the normal schedule's timesteps (as the pipeline derives them)."""
     if schedule == "enhance_hf":
@@ -115,7 +92,7 @@ def set_scheduler(scheduler, steps: int, schedule: str = "normal", device=None, 
         raise SampleError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
     if getattr(scheduler.config, "use_dynamic_shifting", False):
         raise SampleError("the checkpoint's scheduler uses dynamic shifting; LongCat-Video samples with a static "
-                          "shift of 12 (scheduler_config.json: use_dynamic_shifting=false, shift=12.0)")
+                          f"shift of {SHIFT:g} (scheduler_config.json: use_dynamic_shifting=false, shift={SHIFT})")
     distilled = schedule == "distilled"
     scheduler.set_timesteps(steps, sigmas=base_sigmas(steps, distilled).tolist(), device=device)
     if schedule in ("enhance_hf", "refine"):

@@ -1,9 +1,8 @@
 """LoRA training on cached latents: the loop, read top to bottom.
 
-Objective (spec §8): x_σ = (1 − σ)·x0 + σ·ε, the DiT predicts the velocity from noise to data, so
-the target is x0 − ε (the official sampler negates the output before its Euler step; SimpleTuner's
-ε − x0 is the opposite sign). σ comes from the shifted schedule (shift 12) or a logit-normal draw;
-conditioning frames (I2V) stay clean with timestep 0 and are left out of the loss.
+Objective (spec §8, the schedule in flow.py): the DiT sees x_σ = (1 − σ)·x0 + σ·ε and learns the
+velocity x0 − ε, σ drawn from the shifted schedule (shift 12) or a logit-normal draw; conditioning
+frames (I2V) stay clean with timestep 0 and are left out of the loss.
 
 Everything a resume needs is written every ``checkpoint_every`` steps, and on an interrupt (resume.py).
 """
@@ -23,33 +22,16 @@ import torch
 from . import lora as lora_lib
 from . import lora_export
 from .config import TrainSettings, load_config
+from .flow import NUM_TRAIN_TIMESTEPS, noisy_latents, sample_sigmas, velocity_target
 from .paths import resolve_path
 from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
                      interrupt_held, latest_checkpoint, load_checkpoint, nonfinite, resume_latest, rng_state,
                      run_lock, save_checkpoint)
 
-SHIFT = 12.0
-
 
 # ---------------------------------------------------------------------------------------------
-# the objective
+# the objective (the schedule's math is flow.py; the DiT call is here)
 # ---------------------------------------------------------------------------------------------
-def shift_sigmas(sigma: torch.Tensor, shift: float = SHIFT) -> torch.Tensor:
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
-
-def sample_sigmas(n: int, generator: torch.Generator, mode: str = "shift", shift: float = SHIFT) -> torch.Tensor:
-    """σ in (0, 1) per sample. 'shift': uniform then shifted, the distribution the sampler visits
-    (46 of its 50 steps are above t = 500); 'logit_normal': sigmoid(N(0, 1)) then shifted."""
-    if mode == "shift":
-        u = torch.rand(n, generator=generator)
-    elif mode == "logit_normal":
-        u = torch.sigmoid(torch.randn(n, generator=generator))
-    else:
-        raise ValueError(f"timestep_sampling={mode!r}: use 'shift' or 'logit_normal'")
-    return shift_sigmas(u.clamp(1e-3, 1 - 1e-3), shift)
-
-
 def flow_matching_loss(dit, x0: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor,
                        noise: torch.Tensor, num_cond: int = 0) -> torch.Tensor:
     """MSE between the DiT output and x0 − ε on the noisy frames, in float32.
@@ -57,14 +39,13 @@ def flow_matching_loss(dit, x0: torch.Tensor, text: torch.Tensor, mask: torch.Te
     x0, noise: [B, 16, T, h, w] float32; sigma: [B]; the first ``num_cond`` latent frames are clean
     conditioning (timestep 0, no loss, no gradient into them)."""
     B, _, T = x0.shape[:3]
-    s = sigma.view(B, 1, 1, 1, 1).to(x0)
-    x_t = (1 - s) * x0 + s * noise
-    t = (sigma.to(x0) * 1000.0)[:, None].expand(B, T).clone()
+    x_t = noisy_latents(x0, noise, sigma)
+    t = (sigma.to(x0) * NUM_TRAIN_TIMESTEPS)[:, None].expand(B, T).clone()
     if num_cond:
         x_t[:, :, :num_cond] = x0[:, :, :num_cond]
         t[:, :num_cond] = 0.0
     pred = dit(x_t.detach(), t, text, mask, num_cond_latents=num_cond)
-    target = (x0 - noise)[:, :, num_cond:]
+    target = velocity_target(x0, noise)[:, :, num_cond:]
     return (pred[:, :, num_cond:].float() - target.float()).square().mean()
 
 

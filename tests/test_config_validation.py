@@ -192,6 +192,28 @@ def test_one_table_of_choices_matches_the_code_that_uses_them():
     assert field_choices("train")["compile"] == field_choices("sample")["compile"] == ("auto", "on", "off")
 
 
+def test_shared_defaults_are_defined_once():
+    """The LoRA targets, the precisions and the sampling choices live in config.py (torch-free); the
+    modules that use them hold that very object, not a copy that could drift."""
+    from longcat_nb import config, flow, lora, memory, planner, sample, train
+
+    assert lora.DEFAULT_TARGETS is planner.PlanSettings().targets is config.DEFAULT_TARGETS
+    assert config.TrainSettings().targets == list(config.DEFAULT_TARGETS)
+    assert memory.QUANTIZED is planner.QUANTIZED is config.QUANTIZED
+    assert memory.PRECISIONS is config.PRECISIONS and set(config.QUANTIZED) < set(config.PRECISIONS)
+    assert set(planner.WEIGHT_BYTES) == set(config.PRECISIONS) - {"auto"}  # the planner prices every one
+    assert (sample.MODES, sample.OFFLOAD, sample.BASE_FPS) == (config.MODES, config.OFFLOAD, config.BASE_FPS)
+    assert sample.MODES is config.MODES and sample.OFFLOAD is config.OFFLOAD
+    assert train.sample_sigmas is flow.sample_sigmas and sample.shift_sigmas is flow.shift_sigmas
+    assert not hasattr(train, "SHIFT") and sample.SHIFT is flow.SHIFT
+
+
+def test_config_and_planner_import_without_torch(repo_root):
+    """Why the shared choices live in config.py: settings and plans are read where torch is absent."""
+    code = "import sys, longcat_nb.config, longcat_nb.planner; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=repo_root)
+
+
 # ---------------------------------------------------------------------------------------------
 # the checkpoint folder (item 15)
 # ---------------------------------------------------------------------------------------------

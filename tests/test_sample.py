@@ -10,8 +10,9 @@ from safetensors.torch import save_file
 
 from helpers import SAMPLES
 from longcat_nb.checkpoint import load_components
+from longcat_nb.flow import base_sigmas
 from longcat_nb.resolution import i2v_bucket, nearest_bucket, refine_bucket
-from longcat_nb.sample import (SampleError, SampleRequest, base_sigmas, cfg_zero_star, checkpoint_offers,
+from longcat_nb.sample import (SampleError, SampleRequest, cfg_zero_star, checkpoint_offers,
                                compare_base_and_lora, generate, refine, refinement_padding, save_sample,
                                set_scheduler, timesteps_for)
 

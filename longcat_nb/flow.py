@@ -1,0 +1,67 @@
+"""The flow-matching schedule, shared by training and sampling (spec §7-§8).
+
+A clip at noise level σ ∈ [0, 1] is x_σ = (1 − σ)·x0 + σ·ε and the DiT sees the timestep 1000·σ.
+It predicts the velocity from noise to data, x0 − ε (the official sampler negates it before its
+Euler step; SimpleTuner's ε − x0 is the opposite sign). Both stages move σ toward 1 with the
+checkpoint scheduler's static shift of 12: the sampler shifts its σ list, training draws σ from the
+same shifted distribution.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import TIMESTEP_SAMPLING
+
+SHIFT = 12.0  # scheduler_config.json: shift=12.0, use_dynamic_shifting=false
+NUM_TRAIN_TIMESTEPS = 1000  # model timestep = 1000·σ
+DISTILL_GRID = 50  # the distilled list picks from 50 σ values 1.00, 0.98, ..., 0.02
+
+
+def shift_sigmas(sigmas, shift: float = SHIFT) -> torch.Tensor:
+    """The static shift σ' = s·σ / (1 + (s − 1)·σ). A tensor keeps its dtype; a list or number
+    becomes float32, the dtype diffusers' scheduler shifts in."""
+    s = sigmas if torch.is_tensor(sigmas) else torch.as_tensor(sigmas, dtype=torch.float32)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+# ---------------------------------------------------------------------------------------------
+# training: the σ draw, the noisy input and the loss target
+# ---------------------------------------------------------------------------------------------
+def sample_sigmas(n: int, generator: torch.Generator, mode: str = "shift", shift: float = SHIFT) -> torch.Tensor:
+    """σ in (0, 1) per sample. 'shift': uniform then shifted, the distribution the sampler visits
+    (46 of its 50 steps are above t = 500); 'logit_normal': sigmoid(N(0, 1)) then shifted."""
+    if mode == "shift":
+        u = torch.rand(n, generator=generator)
+    elif mode == "logit_normal":
+        u = torch.sigmoid(torch.randn(n, generator=generator))
+    else:
+        raise ValueError(f"timestep_sampling={mode!r}: use one of {TIMESTEP_SAMPLING}")
+    return shift_sigmas(u.clamp(1e-3, 1 - 1e-3), shift)
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_σ = (1 − σ)·x0 + σ·ε for latents [B, C, T, h, w] and σ [B], in x0's dtype."""
+    s = sigma.view(-1, *([1] * (x0.dim() - 1))).to(x0)
+    return (1 - s) * x0 + s * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What the DiT is trained to output at any σ: x0 − ε."""
+    return x0 - noise
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling: the σ lists handed to the scheduler (numbers checked against spec §7.3 in the tests)
+# ---------------------------------------------------------------------------------------------
+def base_sigmas(steps: int, distilled: bool = False) -> torch.Tensor:
+    """The σ list handed to ``set_timesteps`` (the scheduler then shifts it).
+
+    normal: linspace(1, 0.001, steps). distilled: from the grid 1.00, 0.98, ..., 0.02 take the
+    indices ⌊linspace(0, 50, steps, endpoint=False)⌋ (16 steps: 0, 3, 6, ..., 46)."""
+    if distilled:
+        grid = (torch.arange(1, DISTILL_GRID + 1, dtype=torch.float32) * (NUM_TRAIN_TIMESTEPS // DISTILL_GRID))
+        grid = grid.round().long().flip(0)
+        idx = np.floor(np.linspace(0, DISTILL_GRID, steps, endpoint=False)).astype(np.int64)
+        return grid[torch.from_numpy(idx)].float() / NUM_TRAIN_TIMESTEPS
+    return torch.linspace(1.0, 0.001, steps, dtype=torch.float32)
