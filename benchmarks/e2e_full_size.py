@@ -178,12 +178,12 @@ def run_cli(stage: str, run_dir: Path, params: dict, env: dict, log_path: Path) 
     for k, v in params.items():
         cmd += ["-p", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
     t0 = time.time()
-    with open(log_path, "w") as f:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-        f.write(proc.stdout)
+    with open(log_path, "w") as f:  # streamed: a run stopped by a time limit leaves its log so far
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     wall = time.time() - t0
+    output = log_path.read_text(errors="replace")
     done, steps, validations = None, [], []
-    for line in proc.stdout.splitlines():
+    for line in output.splitlines():
         if line.startswith("{"):
             try:
                 ev = json.loads(line)
@@ -196,7 +196,7 @@ def run_cli(stage: str, run_dir: Path, params: dict, env: dict, log_path: Path) 
             elif ev.get("event") == "validation":
                 validations.append(ev)
     if proc.returncode != 0 or done is None:
-        tail = "\n".join(proc.stdout.splitlines()[-15:])
+        tail = "\n".join(output.splitlines()[-15:])
         raise RuntimeError(f"{stage} failed (exit {proc.returncode}); last lines:\n{tail}")
     for key in ("event", "stage"):
         done.pop(key, None)
