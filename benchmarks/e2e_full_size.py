@@ -291,12 +291,13 @@ class Report:
 def stage_params(args, work: Path, ckpt: Path, data: Path, settings: dict) -> dict:
     """Each stage's -p settings: the defaults, the sizes of a real run (tiny: small), the card's memory
     settings."""
-    val = {"validation_prompts": [PROMPT], "validate_every": args.train_steps}
-    if args.validation_steps:
+    val = {} if args.skip_validation else {"validation_prompts": [PROMPT], "validate_every": args.train_steps}
+    if args.validation_steps and val:
         val["validation_steps"] = args.validation_steps
     if args.tiny:
         size = dict(num_frames=9, resolution="64x64")
-        val.update(validation_height=64, validation_width=64, validation_frames=9, validation_steps=2)
+        if val:
+            val.update(validation_height=64, validation_width=64, validation_frames=9, validation_steps=2)
         sample_size = dict(height=64, width=64, num_frames=9)
     else:
         size = {}
@@ -368,6 +369,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cards", default="", help="GiB caps to run, e.g. 80,24,16 (default: the GPU as it is)")
     ap.add_argument("--train-steps", type=int, default=20)
     ap.add_argument("--sample-steps", type=int, default=50)
+    ap.add_argument("--skip-validation", action="store_true", help="no validation clip in training")
     ap.add_argument("--validation-steps", type=int, default=0, help="sampling steps of the validation clip "
                     "(default: the kit's, train.validation_steps)")
     ap.add_argument("--stages", default="checkpoint,dataset,load,scan,cache,train,sample_t2v,sample_i2v")
