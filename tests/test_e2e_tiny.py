@@ -35,4 +35,6 @@ def test_e2e_script_runs_every_stage_on_the_tiny_model(tmp_path):
     for stage in ("scan", "cache", "train", "sample_t2v", "sample_i2v"):
         assert run[stage]["wall_s"] > 0 and run[stage]["host_rss_peak_gib"] > 0
     ttl = run["time_to_lora"]
-    assert ttl["total_s"] == pytest.approx(ttl["cache_s"] + ttl["first_step_s"] + 999 * ttl["step_s"], rel=1e-3)
+    # caching + the first step + 999 more at the median step time (step_s and total_s are rounded)
+    want = ttl["cache_s"] + ttl["first_step_s"] + 999 * ttl["step_s"]
+    assert ttl["total_s"] == pytest.approx(want, abs=0.6)
