@@ -123,6 +123,43 @@ def plan(s: PlanSettings) -> Plan:
                 parts={k: round(v / GIB, 2) for k, v in parts.items()})
 
 
+def plan_precision(precision: str) -> str:
+    """A base precision setting as the planner counts it: auto loads bf16 on a GPU."""
+    return "bf16" if precision == "auto" else precision
+
+
+def plan_targets(targets) -> tuple:
+    """A run's LoRA targets (presets such as "ffn" expanded) that the planner counts: the block linears
+    of TARGET_SHAPES; top-level targets (final_layer...) are too small to matter."""
+    from .lora import expand_targets  # the one preset table (lora.py loads torch, as every caller has)
+
+    return tuple(t for t in expand_targets(targets) if t in TARGET_SHAPES)
+
+
+def training_plan_settings(train, dataset=None, *, compile: bool, selective: bool = False) -> PlanSettings:
+    """The settings of a run's training on the full-size DiT: ``train`` a config.TrainSettings,
+    ``dataset`` its config.DatasetSettings (the largest clip they allow; None: the default size).
+    ``compile``: whether the blocks will be compiled (speed.compile_wanted on the run's device);
+    ``selective``: checkpointing keeps the attention outputs (train.checkpointing_mode)."""
+    size = {}
+    if dataset is not None:
+        h, w = (int(v) for v in str(dataset.resolution).lower().split("x"))
+        size = dict(height=h, width=w, num_frames=dataset.num_frames)
+    return PlanSettings(precision=plan_precision(train.base_precision), rank=train.rank,
+                        batch_size=train.batch_size, optimizer=train.optimizer, targets=plan_targets(train.targets),
+                        gradient_checkpointing=train.gradient_checkpointing,
+                        activation_offload=train.activation_offload, blocks_to_swap=train.blocks_to_swap,
+                        compile=compile, selective=selective, **size)
+
+
+def sampling_plan_settings(height: int, width: int, num_frames: int, *, guided: bool, precision: str = "auto",
+                           blocks_to_swap: int = 0, compile: bool = False) -> PlanSettings:
+    """The settings of sampling one clip with the full-size DiT (``guided``: CFG, batch 2)."""
+    return PlanSettings(mode="sample", height=height, width=width, num_frames=num_frames, cfg=guided,
+                        precision=plan_precision(precision), blocks_to_swap=int(blocks_to_swap or 0),
+                        compile=compile)
+
+
 # Options in the order of their cost in step time (measured: swap/offload < 3%, quantization ~0-2%).
 def _candidates(s: PlanSettings):
     """(changes, settings) from the cheapest change to the dearest."""

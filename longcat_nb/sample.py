@@ -474,14 +474,13 @@ def _progress(progress, total: int, desc: str):
 
 def _oom_error(e: Exception, device, height: int, width: int, num_frames: int, guided: bool,
                memory: Optional[dict] = None) -> SampleError:
-    from .planner import PlanSettings, suggest
+    from .planner import sampling_plan_settings, suggest
 
     memory = memory or {}
-    prec = memory.get("precision", "bf16")
-    prec = "bf16" if prec in ("auto", "fp32", "fp16") else prec
     budget = torch.cuda.get_device_properties(device).total_memory / 2**30 - 1
-    sug = suggest(PlanSettings(mode="sample", height=height, width=width, num_frames=num_frames, cfg=guided,
-                               precision=prec, blocks_to_swap=int(memory.get("blocks_to_swap", 0))), budget)
+    sug = suggest(sampling_plan_settings(height, width, num_frames, guided=guided,
+                                         precision=memory.get("precision", "bf16"),
+                                         blocks_to_swap=memory.get("blocks_to_swap", 0)), budget)
     fix = (f"load the DiT with {sug[0]} (04_sample: blocks_to_swap; load_sampling_components), and/or "
            "precision='int8', and sample with offload='model'" if sug
            else "use offload='model', precision='int8', or lower the resolution or the frame count")
@@ -987,19 +986,18 @@ def sampling_plan(values: dict, uploaded_image=None, gpu_gib="auto") -> dict:
     and in host memory after that.
     ``summary`` is the line 04 prints; ``fits``/``advice`` as in planner.report."""
     from .envinfo import gpu_memory_gib
-    from .planner import GIB, PlanSettings, plan, report, text_encoder_bytes
+    from .planner import GIB, plan, report, sampling_plan_settings, text_encoder_bytes
     from .speed import compile_choice
 
     req = request_from_values(values, uploaded_image).resolved()
     h, w = sample_size(req, input_size(req))
-    prec = base_precision(values.get("precision", "auto"))
-    prec = "bf16" if prec == "auto" else prec
-    swap = int(values.get("blocks_to_swap", 0) or 0)
     if gpu_gib == "auto":
         gpu_gib = gpu_memory_gib(0) if torch.cuda.is_available() else None
-    s = PlanSettings(mode="sample", height=h, width=w, num_frames=req.num_frames, precision=prec,
-                     blocks_to_swap=swap, cfg=req.guidance > 1,
-                     compile=compile_choice(values.get("compile", "auto")) != "off")  # a plan is for a CUDA GPU
+    s = sampling_plan_settings(h, w, req.num_frames, guided=req.guidance > 1,
+                               precision=base_precision(values.get("precision", "auto")),
+                               blocks_to_swap=values.get("blocks_to_swap", 0),
+                               compile=compile_choice(values.get("compile", "auto")) != "off")  # a plan is for a CUDA GPU
+    prec, swap = s.precision, s.blocks_to_swap
     out = report(s, gpu_gib)
     parts = plan(s).parts
     offload = values.get("offload", "none")

@@ -216,7 +216,7 @@ def checkpointing_mode(s: TrainSettings, device, dataset=None) -> str:
     (keep attention outputs) when asked or, with keep_attention=auto, when the planner says the GPU
     has room for it; full otherwise."""
     from .envinfo import gpu_memory_gib
-    from .planner import TARGET_SHAPES, PlanSettings, use_selective
+    from .planner import training_plan_settings, use_selective
     from .speed import compile_wanted
 
     device = torch.device(device)
@@ -232,16 +232,8 @@ def checkpointing_mode(s: TrainSettings, device, dataset=None) -> str:
         return "selective"
     if device.type != "cuda":
         return "full"
-    gpu = gpu_memory_gib(device)
-    prec = s.base_precision if s.base_precision not in ("auto", "fp32") else "bf16"
-    size = {}
-    if dataset is not None:  # the largest clip the dataset settings allow
-        h, w = (int(v) for v in str(dataset.resolution).lower().split("x"))
-        size = dict(height=h, width=w, num_frames=dataset.num_frames)
-    plan = PlanSettings(precision=prec, rank=s.rank, batch_size=s.batch_size, optimizer=s.optimizer,
-                        compile=compile_wanted(s.compile, device),
-                        targets=tuple(t for t in s.targets if t in TARGET_SHAPES), **size)
-    return "selective" if use_selective(plan, gpu) else "full"
+    plan = training_plan_settings(s, dataset, compile=compile_wanted(s.compile, device))
+    return "selective" if use_selective(plan, gpu_memory_gib(device)) else "full"
 
 
 def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callable[[dict], None]] = None,
