@@ -12,7 +12,7 @@ from longcat_nb.planner import PlanSettings, plan, training_plan_settings
 from longcat_nb.stages import train as stage
 from helpers import fresh_copy, one_clip_run
 
-ATTN_FFN = tuple(PRESETS["attn"] + PRESETS["ffn"])
+ATTN_FFN = (*PRESETS["attn"], *PRESETS["ffn"])
 
 
 def test_plan_is_the_planners_for_the_runs_settings_including_targets(tmp_path):
