@@ -306,11 +306,15 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     # through host memory where it is quantized, swapped or sharded block by block
     direct = device.type == "cuda" and not quantized and not s.blocks_to_swap and not dist.enabled
     dit = components.dit if components is not None and components.dit is not None else \
-        load_dit(cfg.model.checkpoint, device if direct else "cpu", "float32" if dtype == torch.float32 else "bfloat16")
+        load_dit(cfg.model.checkpoint, device if direct else "cpu",
+                 "float32" if dtype == torch.float32 else "bfloat16")
     # sharded: a model loaded on the CPU is cast there and fully_shard moves each rank's shard to its
-    # GPU; one already on this rank's device (built there) stays and is sharded in place
+    # GPU; one already on this rank's device (built there) stays and is sharded in place. Swapped: cast
+    # on the CPU too, and only the resident part goes to the GPU (as memory.apply_inference_memory):
+    # the whole bf16 model (25 GiB) never passes through a 16 or 24 GiB card
     on_device = next(dit.parameters()).device == torch.device(device)
-    base_device = "cpu" if dist.enabled and not quantized and not on_device else device
+    swapping = bool(s.blocks_to_swap) and device.type == "cuda"
+    base_device = "cpu" if (dist.enabled or swapping) and not quantized and not on_device else device
     dit = apply_base_precision(dit, s.base_precision, base_device, log=log)
     checkpointing = checkpointing_mode(s, device, cfg.dataset)
     apply_gradient_checkpointing(dit, checkpointing)
@@ -326,7 +330,9 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
         for p in params:
             p.data = p.data.to(device)
         distributed.sync_lora(params, dist)
-    swap = apply_block_swap(dit, s.blocks_to_swap, device) if device.type == "cuda" else None
+    swap = apply_block_swap(dit, s.blocks_to_swap, device) if swapping else None
+    if swap is not None and base_device == "cpu":
+        swap.move_resident(device)  # the swapped blocks' base weights stay in pinned host memory
     compiled = compile_wanted(s.compile, device, log)
     if compiled:
         apply_compile(dit, scope="blocks")
