@@ -36,15 +36,20 @@ class LoraInfo:
             return self.metadata[key]
 
 
+def _group_keys(state: dict, pattern: re.Pattern, where: str, layout: str, expected: str, part=None) -> dict:
+    """module -> {part: tensor} from the keys ``pattern`` splits into (module, part); other keys are errors."""
+    groups: dict = {}
+    for k, v in state.items():
+        m = pattern.match(k)
+        if not m:
+            raise LoraError(f"{where}unexpected key {k!r} in a {layout}-layout LoRA (expected {expected})")
+        groups.setdefault(m.group(1), {})[part(m.group(2)) if part else m.group(2)] = v
+    return groups
+
+
 def _peft_modules(state: dict, where: str = "") -> dict:
     """module path -> {"A": [r, in], "B": [out, r]}; checks that the pairs fit together."""
-    mods: dict = {}
-    for k, v in state.items():
-        m = _PEFT_KEY.match(k)
-        if not m:
-            raise LoraError(f"{where}unexpected key {k!r} in a PEFT-layout LoRA (expected "
-                            f"transformer.<module>.lora_A.weight / .lora_B.weight)")
-        mods.setdefault(m.group(1), {})[m.group(2)] = v
+    mods = _group_keys(state, _PEFT_KEY, where, "PEFT", "transformer.<module>.lora_A.weight / .lora_B.weight")
     for mod, t in mods.items():
         if set(t) != {"A", "B"}:
             raise LoraError(f"{where}module {mod!r} has only lora_{''.join(t)}; a LoRA needs both lora_A and lora_B")

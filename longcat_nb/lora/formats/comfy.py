@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ...io import atomic_save_safetensors
-from ..state import LoraError, _alphas_from_meta, _json_header, _peft_modules, _peft_state, _ranks
+from ..state import LoraError, _alphas_from_meta, _group_keys, _json_header, _peft_modules, _peft_state, _ranks
 
 COMFY_PREFIX = "diffusion_model."
 FILE_SUFFIX = "-comfy"
@@ -139,15 +139,10 @@ def comfy_to_peft(state: dict, where: str = "") -> tuple[dict, dict]:
     """ComfyUI layout -> (PEFT state, alphas). Per-projection q/k/v (k/v) LoRAs are fused back into
     attn.qkv (cross_attn.kv_linear): A = the shared lora_down when all parts share it and their scale,
     else the stacked lora_downs with a block-structured B. Missing parts get zero rows. Exact."""
-    groups: dict = {}
-    for k, v in state.items():
-        m = _COMFY_KEY.match(k)
-        if not m:
-            raise LoraError(f"{where}unexpected key {k!r} in a ComfyUI-layout LoRA (expected "
-                            f"diffusion_model.<module>.lora_down.weight / .lora_up.weight / .alpha)")
-        kind = {"lora_down.weight": "A", "lora_A.weight": "A", "lora_up.weight": "B", "lora_B.weight": "B"}.get(
-            m.group(2), "alpha")
-        groups.setdefault(m.group(1), {})[kind] = v
+    kinds = {"lora_down.weight": "A", "lora_A.weight": "A", "lora_up.weight": "B", "lora_B.weight": "B"}
+    groups = _group_keys(state, _COMFY_KEY, where, "ComfyUI",
+                         "diffusion_model.<module>.lora_down.weight / .lora_up.weight / .alpha",
+                         part=lambda p: kinds.get(p, "alpha"))
     fused: dict = {}
     for name, t in groups.items():
         if "A" not in t or "B" not in t:
