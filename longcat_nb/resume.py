@@ -23,7 +23,6 @@ from typing import Callable, Optional
 import torch
 
 from . import lora as lora_lib
-from . import lora_export
 from .config import TrainSettings, load_config, section_from_dict
 from .io import atomic_save_safetensors, atomic_write_json, lock_owner, process_lock, sha256_file
 
@@ -210,7 +209,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, position: dict, losse
     files = {}
     for name, tensors in zip(TENSOR_FILES, (lora, opt_tensors, rng if rng is not None else rng_state())):
         if name == "lora.safetensors":  # with each module's alpha in the header: it loads at the trained scale
-            path = lora_export.save_trained(tmp / name, model, lora_export.run_metadata(ckpt_dir.parent, step))
+            path = lora_lib.save_trained(tmp / name, model, lora_lib.run_metadata(ckpt_dir.parent, step))
         else:
             path = atomic_save_safetensors(tmp / name, tensors)
         files[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}

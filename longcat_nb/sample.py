@@ -448,8 +448,9 @@ def _active_adapters(model) -> list:
 
 
 def _activate(model, names: list) -> None:
-    for m in _tuner_layers(model):
-        m.set_adapter(names)
+    from .lora import activate_adapters
+
+    activate_adapters(model, names)  # each adapter keeps its scale
 
 
 def _memory(components) -> dict:

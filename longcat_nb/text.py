@@ -69,7 +69,7 @@ UMT5 = "umt5"  # the checkpoint's own encoder, what components.text_encoder hold
 
 def lora_text_encoder(path) -> Optional[dict]:
     """The text encoder a LoRA file was trained with ({"name", "source", "width", ...}, from its run's
-    cache manifest, written by lora_export.run_metadata); None when the header does not say (UMT5)."""
+    cache manifest, written by lora.export.run_metadata); None when the header does not say (UMT5)."""
     import json
 
     from safetensors import safe_open

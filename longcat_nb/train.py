@@ -20,7 +20,6 @@ from typing import Callable, Optional
 import torch
 
 from . import lora as lora_lib
-from . import lora_export
 from .config import TrainSettings, load_config
 from .flow import NUM_TRAIN_TIMESTEPS, noisy_latents, sample_sigmas, velocity_target
 from .paths import resolve_path
@@ -559,16 +558,16 @@ class Validator:
 
 
 def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: int,
-                formats: tuple = ("peft",), official_rank: Optional[int] = lora_export.OFFICIAL_RANK,
+                formats: tuple = ("peft",), official_rank: Optional[int] = lora_lib.OFFICIAL_RANK,
                 fold_alpha: bool = False) -> Path:
     """run_dir/lora/lora-stepN.safetensors in the PEFT/diffusers layout, each module's alpha in the header
     (``fold_alpha``: folded into lora_B, for readers that ignore headers); 'official' (padded to
     ``official_rank``, None = the trained rank) and 'comfy' (``.alpha`` tensors) layouts on request."""
     out_dir = Path(run_dir) / "lora"
     meta = {"targets": s.targets, "base_model": base_model or "tiny-default", "settings": asdict(s),
-            **lora_export.run_metadata(run_dir, step)}
+            **lora_lib.run_metadata(run_dir, step)}
     stem = f"lora-step{step:06d}"
-    path = lora_export.save_trained(out_dir / f"{stem}.safetensors", model, meta, fold=fold_alpha)
+    path = lora_lib.save_trained(out_dir / f"{stem}.safetensors", model, meta, fold=fold_alpha)
     state, (_, alphas) = lora_lib.lora_state_dict(model), lora_lib.module_ranks_alphas(model)
     if "official" in formats:
         lora_lib.save_official(out_dir / f"{stem}-official.safetensors", state, alphas=alphas,

@@ -79,7 +79,7 @@ def test_a_damaged_cache_file_stops_training_before_the_first_step(run):
 # ---------------------------------------------------------------------------------------------
 def test_a_qwen_cached_run_validates_and_samples_with_qwen_or_refuses(run, tmp_path, tiny_ckpt):
     from longcat_nb import lora as L
-    from longcat_nb import lora_export
+    from longcat_nb.lora import export as lora_export
     from longcat_nb.cache import load_negative
     from longcat_nb.checkpoint import load_components, load_dit, load_tokenizer
     from longcat_nb.config import load_config

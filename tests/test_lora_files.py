@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from longcat_nb import lora as L
-from longcat_nb import lora_export as X
+from longcat_nb import lora as X
 from longcat_nb import train as T
 from longcat_nb.config import TrainSettings
 from test_lora import COMFY_MODULES, assert_deltas_equal, official_delta, peft_delta, random_peft, run, tiny

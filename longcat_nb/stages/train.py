@@ -96,7 +96,7 @@ def export(run_dir, result, formats=("peft",)) -> dict:
     on several processes exports the same; returns {what: path} of everything written."""
     from ..config import load_config
     from ..lora import load_any_lora, save_comfy, save_official
-    from ..lora_export import OFFICIAL_RANK, usage_of
+    from ..lora import OFFICIAL_RANK, usage_of
 
     formats = _formats(formats)
     lora = Path(result.lora_path)
