@@ -15,6 +15,7 @@ import os
 import torch
 import torch.nn as nn
 
+from .config import AUTO_ON_OFF
 from .models.attention import set_sdpa_preference  # noqa: F401
 
 
@@ -59,7 +60,7 @@ def disable_compile(model: nn.Module | None = None) -> None:
                 del block.forward  # the plain bound method again
 
 
-COMPILE_CHOICES = ("auto", "on", "off")
+COMPILE_CHOICES = AUTO_ON_OFF  # config.py's choices of the setting
 _ON, _OFF = ("on", "true", "1", "yes"), ("off", "false", "0", "no", "")
 
 
