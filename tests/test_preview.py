@@ -1,0 +1,35 @@
+"""The latent preview: the clean estimate it shows is the one the flow defines, and the projection maps
+the 16 latent channels to RGB frames of the expected size."""
+import numpy as np
+import torch
+
+from longcat_nb.flow import noisy_latents, velocity_target
+from longcat_nb.preview import WAN21_LATENT_RGB_BIAS, clean_estimate, latent_rgb, preview_every
+
+
+def test_clean_estimate_recovers_x0_from_a_perfect_velocity():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(1, 16, 3, 4, 6, generator=g), torch.randn(1, 16, 3, 4, 6, generator=g)
+    for sigma in (0.9, 0.5, 0.1):
+        x_t = noisy_latents(x0, eps, torch.tensor([sigma]))
+        assert torch.allclose(clean_estimate(x_t, velocity_target(x0, eps), sigma), x0, atol=1e-5)
+
+
+def test_projection_shape_bias_and_channel_weights():
+    z = torch.zeros(16, 2, 3, 5)
+    frames = latent_rgb(z, upscale=4)
+    assert frames.shape == (2, 12, 20, 3) and frames.dtype == np.uint8
+    expected = np.round((np.array(WAN21_LATENT_RGB_BIAS) + 1) * 127.5)
+    assert np.array_equal(frames[0, 0, 0], expected.astype(np.uint8))
+    z[6] = 1.0  # channel 6 darkens every colour (negative weights in R, G and B)
+    assert (latent_rgb(z).astype(int) < frames.astype(int)).all()
+
+
+def test_preview_every_n_steps_only():
+    shown = []
+    cb = preview_every(2, lambda step, frames: shown.append((step, frames.shape)))
+    lat = torch.zeros(1, 16, 2, 3, 4)
+    for i in range(5):
+        cb(i, 0.5, lat, lat)
+    assert [s for s, _ in shown] == [1, 3] and shown[0][1] == (2, 12, 16, 3)
+    assert preview_every(0, print) is None
