@@ -41,6 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+HOST_BUDGET_GIB = 32.0  # issue 25: the 24 and 16 GiB runs keep host RAM under this
 # UMT5-XXL's encoder (spec §1.5)
 UMT5_XXL = dict(d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240, feed_forward_proj="gated-gelu",
                 dense_act_fn="gelu_new", vocab_size=256384, relative_attention_num_buckets=32,
@@ -244,17 +245,22 @@ def card_settings(card: int | None, tiny: bool, gpu_gib: float | None = None) ->
     from longcat_nb.sample import sampling_plan
 
     if tiny:
-        return {"train": {}, "sample": {}, "predicted": {}}
+        return {"train": {}, "sample": {}, "dataset": {}, "predicted": {}}
     if card is None:  # the GPU as it is
         card = gpu_gib
-    train_rec = recommend(PlanSettings(compile=True), card)
+    host = HOST_BUDGET_GIB if card < 80 else None  # the small cards' machines: host RAM under 32 GiB
+    train_rec = recommend(PlanSettings(compile=True), card, host_gib=host)
     if train_rec is None:
         raise RuntimeError(f"the planner finds no training setting for {card} GiB")
     train_changes, train_plan = train_rec
     base = PlanSettings(compile=True)
     if not train_changes and use_selective(base, card):  # keep_attention=auto, as train.checkpointing_mode
         train_plan = plan(replace(base, selective=True))
+    frames = train_changes.pop("num_frames", None)  # a clip length is the dataset's (and validation's)
     train = {"base_precision" if k == "precision" else k: v for k, v in train_changes.items()}
+    dataset = {}
+    if frames:
+        dataset, train["validation_frames"] = {"num_frames": frames}, frames
     sample = {"offload": "model"} if card < 40 else {}
     values = dict(prompt=PROMPT, mode="t2v", height=480, width=832, num_frames=93, steps=50, guidance=4.0,
                   precision="auto", blocks_to_swap=0, compile="auto", **sample)
@@ -265,7 +271,7 @@ def card_settings(card: int | None, tiny: bool, gpu_gib: float | None = None) ->
             raise RuntimeError(f"the planner finds no sampling setting for {card} GiB")
         sample.update({"precision" if k == "precision" else k: v for k, v in sample_rec[0].items()})
         sp = sampling_plan({**values, **sample}, gpu_gib=card)
-    return {"train": train, "sample": sample,
+    return {"train": train, "sample": sample, "dataset": dataset,
             "predicted": {"train_peak_gib": round(train_plan.peak_gib, 1),
                           "train_host_ram_gib": round(train_plan.host_ram_gib, 1),
                           "sample_peak_gib": sp["peak_gib"], "sample_host_ram_gib": sp["host_ram_gib"],
@@ -303,7 +309,7 @@ def stage_params(args, work: Path, ckpt: Path, data: Path, settings: dict) -> di
         size = {}
         sample_size = dict(height=480, width=832, num_frames=93)
     return {
-        "scan": {"checkpoint": str(ckpt), "dataset_dir": str(data), **size},
+        "scan": {"checkpoint": str(ckpt), "dataset_dir": str(data), **size, **settings.get("dataset", {})},
         "cache": {},
         "train": {"steps": args.train_steps, "checkpoint_every": args.train_steps, **val, **settings["train"]},
         "sample_t2v": {"mode": "t2v", "prompt": PROMPT, "steps": args.sample_steps, "guidance": 4.0, "seed": 0,

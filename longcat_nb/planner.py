@@ -39,6 +39,8 @@ K_SAMPLE = 15.4  # inference working set per token row (8.8 GiB for CFG batch 2 
 K_SAMPLE_COMPILED = 9.2  # with compiled blocks (H200, run 12: 30.6 GiB bf16, 18.9 GiB fp8_rowwise)
 OPTIMIZER_BYTES = {"adamw": 16.0, "adamw8bit": 10.0, "prodigy": 24.0}  # per LoRA param: w, g, states
 CONTEXT_GIB = 0.0  # max_memory_allocated excludes the CUDA context; keep predictions comparable
+HOST_BASE_GIB = 4.0  # Python, torch, CUDA's host side and the cache reader, beside the model's own bytes
+SWAP_STEPS = tuple(range(4, DEPTH, 4))  # the block-swap counts suggest() tries, fewest first
 
 
 @dataclass
@@ -115,11 +117,14 @@ def plan(s: PlanSettings) -> Plan:
         else:
             parts["all_activations"] = DEPTH * K_TRAIN_BLOCK * unit
     peak = sum(parts.values()) / GIB + CONTEXT_GIB
-    host = swap * blk * (1.0 if s.precision in ("bf16", "fp16", "fp32") else 0.0)
-    host += DEPTH * unit if s.activation_offload and s.mode == "train" else 0.0
-    if swap or s.precision in QUANTIZED:  # the bf16 weights pass through host memory while loading
-        host += DEPTH * block_bytes("bf16")  # (a whole bf16 DiT loads straight onto the GPU, a shard at a time)
-    return Plan(peak_gib=peak, host_ram_gib=host / GIB + 4.0,  # + Python, torch, the cache reader
+    # Host RAM has two phases and its peak is the larger one, not their sum. Loading: where the model is
+    # quantized or swapped, the bf16 weights pass through host memory (a whole bf16 DiT goes straight to
+    # the GPU a shard at a time); the pinned copy of the swapped blocks replaces it block by block.
+    # Running: the swapped blocks' pinned weights, plus the offloaded block inputs while training.
+    loading = DEPTH * block_bytes("bf16") if swap or s.precision in QUANTIZED else 0.0
+    running = swap_effective * blk
+    running += DEPTH * unit if s.activation_offload and s.mode == "train" else 0.0
+    return Plan(peak_gib=peak, host_ram_gib=max(loading, running) / GIB + HOST_BASE_GIB,
                 parts={k: round(v / GIB, 2) for k, v in parts.items()})
 
 
@@ -168,7 +173,7 @@ def _candidates(s: PlanSettings):
             yield {"blocks_to_swap": n}
         return
     yield {"activation_offload": True, "gradient_checkpointing": True}
-    for n in (12, 24, 36, 40, 44):
+    for n in SWAP_STEPS:  # the fewest swapped blocks that fit: the least pinned host memory, the least traffic
         if n > s.blocks_to_swap:
             yield {"blocks_to_swap": n, "activation_offload": True}
     for p in ("fp8", "int8", "int4"):
@@ -190,16 +195,18 @@ def suggest(s: PlanSettings, budget_gib: float) -> Optional[tuple[str, Plan]]:
     return None
 
 
-def recommend(s: PlanSettings, gpu_gib: float) -> Optional[tuple[dict, Plan]]:
+def recommend(s: PlanSettings, gpu_gib: float, host_gib: Optional[float] = None) -> Optional[tuple[dict, Plan]]:
     """The settings to change for a GPU of ``gpu_gib`` (``{}`` when ``s`` fits as it is) and their
-    plan, the cheapest in step time first; None when nothing fits."""
+    plan, the cheapest in step time first; None when nothing fits. ``host_gib``: also keep the
+    predicted host RAM within it."""
     usable = gpu_gib - 1.0  # CUDA context and allocator slack, as report()
-    if plan(s).peak_gib <= usable:
-        return {}, plan(s)
-    for changes in _candidates(s):
-        p = plan(replace(s, **changes))
-        if p.peak_gib <= usable:
-            return changes, p
+    # the clip length last: every memory option at full length before fewer frames (4k + 1, down to 29)
+    for frames in [s.num_frames] + list(range((s.num_frames - 1) // 16 * 16 + 13 - 16, 28, -16)):
+        here = replace(s, num_frames=frames)
+        for changes in ({}, *_candidates(here)):
+            p = plan(replace(here, **changes))
+            if p.peak_gib <= usable and (host_gib is None or p.host_ram_gib <= host_gib):
+                return ({**changes, "num_frames": frames} if frames != s.num_frames else changes), p
     return None
 
 

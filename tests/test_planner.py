@@ -40,3 +40,28 @@ def test_scaling_with_resolution_and_rank():
     small = plan(PlanSettings(height=240, width=416, num_frames=45)).peak_gib
     assert small < plan(PlanSettings()).peak_gib
     assert plan(PlanSettings(rank=128)).parts["lora_and_optimizer"] > plan(PlanSettings()).parts["lora_and_optimizer"]
+
+
+def test_host_ram_is_the_larger_phase_not_the_sum():
+    from longcat_nb.planner import DEPTH, GIB, HOST_BASE_GIB, PlanSettings, block_bytes, plan
+
+    s = PlanSettings(blocks_to_swap=32, activation_offload=True, compile=True)
+    p = plan(s)
+    loading = DEPTH * block_bytes("bf16") / GIB
+    running = (32 * block_bytes("bf16") + DEPTH * 37_440 * 4096 * 2) / GIB  # pinned blocks + block inputs
+    assert abs(p.host_ram_gib - (max(loading, running) + HOST_BASE_GIB)) < 1e-6
+    assert p.host_ram_gib < loading + running  # the sum over-predicted by about 25 GiB
+
+
+def test_recommend_keeps_host_ram_in_budget_and_shortens_clips_last():
+    from longcat_nb.planner import PlanSettings, recommend
+
+    s = PlanSettings(compile=True)
+    assert recommend(s, 80) == ({}, recommend(s, 80)[1])
+    changes, p = recommend(s, 24)
+    assert "num_frames" not in changes and p.peak_gib <= 23
+    changes, p = recommend(s, 24, host_gib=32)
+    assert p.host_ram_gib <= 32 and p.peak_gib <= 23 and "num_frames" not in changes
+    changes, p = recommend(s, 16, host_gib=32)  # 93 frames do not fit 16 GiB with any memory option
+    assert changes["num_frames"] < 93 and (changes["num_frames"] - 1) % 4 == 0
+    assert p.peak_gib <= 15 and p.host_ram_gib <= 32
