@@ -45,6 +45,7 @@ QUANTIZED = ("int8", "int4", "fp8", "fp8_rowwise", "nf4")  # base precisions tha
 PRECISIONS = ("auto", "fp32", "bf16", "fp16") + QUANTIZED  # base-weight precisions (memory.apply_base_precision)
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj")  # LoRA
 TIMESTEP_SAMPLING = ("shift", "logit_normal")  # training's σ draws (flow.sample_sigmas)
+LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")  # per-sample loss weights (flow.loss_weights)
 MODES = ("t2v", "i2v", "continuation")  # sampling modes
 OFFLOAD = ("none", "model")  # sampling offload
 BASE_FPS = 15  # the model's frame rate: every official stage-1 clip; refinement doubles it
@@ -216,6 +217,9 @@ class TrainSettings:
     validation_width: int = setting(832, check=_multiple_of_16)
     validation_frames: int = setting(93, check=_four_k_plus_one)
     validation_guidance: float = setting(4.0, ge=1)  # 1 = no guidance
+    loss_weighting: str = setting("none", choices=LOSS_WEIGHTING, help=(
+        "weight of each sample's loss by its noise level σ (SD3 paper): none = plain MSE (as the kit always did) | "
+        "sigma_sqrt = 1/σ² (stresses low noise, fine detail) | cosmap = 2/(π(1−2σ+2σ²)) (stresses mid noise)"))
 
 
 @dataclass

@@ -8,10 +8,13 @@ same shifted distribution.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import numpy as np
 import torch
 
-from .config import TIMESTEP_SAMPLING
+from .config import LOSS_WEIGHTING, TIMESTEP_SAMPLING
 
 SHIFT = 12.0  # scheduler_config.json: shift=12.0, use_dynamic_shifting=false
 NUM_TRAIN_TIMESTEPS = 1000  # model timestep = 1000·σ
@@ -49,6 +52,55 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) ->
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """What the DiT is trained to output at any σ: x0 − ε."""
     return x0 - noise
+
+
+def loss_weights(sigma: torch.Tensor, weighting: str = "none") -> torch.Tensor:
+    """Per-sample weight of the velocity MSE at noise level σ, the SD3 paper's schemes (Esser et al. 2024,
+    §3.1; diffusers' compute_loss_weighting_for_sd3): 'none' 1; 'sigma_sqrt' σ⁻²; 'cosmap'
+    2 / (π·(1 − 2σ + 2σ²)), the weight of the cosine-map schedule."""
+    sigma = sigma.float()
+    if weighting == "none":
+        return torch.ones_like(sigma)
+    if weighting == "sigma_sqrt":
+        return sigma.clamp_min(1e-3) ** -2.0  # σ is drawn ≥ 1e-3; the clamp keeps an explicit σ=0 finite
+    if weighting == "cosmap":
+        return 2.0 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2))
+    raise ValueError(f"loss_weighting={weighting!r}: use one of {LOSS_WEIGHTING}")
+
+
+def flow_matching_loss(dit, x0: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor,
+                       noise: torch.Tensor, num_cond: int = 0, *, weighting: str = "none",
+                       loss_mask: Optional[torch.Tensor] = None, sample_weight: Optional[torch.Tensor] = None,
+                       reduction: str = "mean") -> torch.Tensor:
+    """MSE between the DiT output and x0 − ε on the noisy frames, in float32.
+
+    x0, noise: [B, 16, T, h, w] float32; sigma: [B]; the first ``num_cond`` latent frames are clean
+    conditioning (timestep 0, no loss, no gradient into them). ``loss_mask`` [B, 1 or C, T, h, w] weighs
+    each latent element (1 learn, 0 ignore: no gradient); each sample's loss is the mean over its weighted
+    elements (0 where nothing is weighted), times ``loss_weights(σ, weighting)`` and ``sample_weight`` [B].
+    reduction 'mean': the batch mean (a scalar); 'none': the per-sample losses [B]."""
+    B, _, T = x0.shape[:3]
+    x_t = noisy_latents(x0, noise, sigma)
+    t = (sigma.to(x0) * NUM_TRAIN_TIMESTEPS)[:, None].expand(B, T).clone()
+    if num_cond:
+        x_t[:, :, :num_cond] = x0[:, :, :num_cond]
+        t[:, :num_cond] = 0.0
+    pred = dit(x_t.detach(), t, text, mask, num_cond_latents=num_cond)
+    target = velocity_target(x0, noise)[:, :, num_cond:]
+    err = (pred[:, :, num_cond:].float() - target.float()).square()
+    if loss_mask is None:
+        per_sample = err.flatten(1).mean(1)
+    else:
+        m = loss_mask[:, :, num_cond:].to(err).expand_as(err)
+        per_sample = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-12)
+    per_sample = per_sample * loss_weights(sigma, weighting).to(per_sample)
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight.to(per_sample)
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction={reduction!r}: use 'mean' or 'none'")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,31 +21,11 @@ import torch
 
 from . import lora as lora_lib
 from .config import TrainSettings, load_config
-from .flow import NUM_TRAIN_TIMESTEPS, noisy_latents, sample_sigmas, velocity_target
+from .flow import flow_matching_loss, sample_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
 from .paths import resolve_path
 from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
                      interrupt_held, latest_checkpoint, load_checkpoint, nonfinite, resume_latest, rng_state,
                      run_lock, save_checkpoint)
-
-
-# ---------------------------------------------------------------------------------------------
-# the objective (the schedule's math is flow.py; the DiT call is here)
-# ---------------------------------------------------------------------------------------------
-def flow_matching_loss(dit, x0: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor,
-                       noise: torch.Tensor, num_cond: int = 0) -> torch.Tensor:
-    """MSE between the DiT output and x0 − ε on the noisy frames, in float32.
-
-    x0, noise: [B, 16, T, h, w] float32; sigma: [B]; the first ``num_cond`` latent frames are clean
-    conditioning (timestep 0, no loss, no gradient into them)."""
-    B, _, T = x0.shape[:3]
-    x_t = noisy_latents(x0, noise, sigma)
-    t = (sigma.to(x0) * NUM_TRAIN_TIMESTEPS)[:, None].expand(B, T).clone()
-    if num_cond:
-        x_t[:, :, :num_cond] = x0[:, :, :num_cond]
-        t[:, :num_cond] = 0.0
-    pred = dit(x_t.detach(), t, text, mask, num_cond_latents=num_cond)
-    target = velocity_target(x0, noise)[:, :, num_cond:]
-    return (pred[:, :, num_cond:].float() - target.float()).square().mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +364,8 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
                 sigma = sample_sigmas(len(items), gen, s.timestep_sampling)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 with _tf32(device.type == "cuda"):
-                    loss = flow_matching_loss(dit, x0, text, mask, sigma.to(device), noise, n_cond)
+                    loss = flow_matching_loss(dit, x0, text, mask, sigma.to(device), noise, n_cond,
+                                              weighting=s.loss_weighting)
                     (loss / s.grad_accum).backward()
                 loss_sum += loss.item() / s.grad_accum
             distributed.average_gradients(params, dist)
@@ -565,6 +546,7 @@ def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: i
     ``official_rank``, None = the trained rank) and 'comfy' (``.alpha`` tensors) layouts on request."""
     out_dir = Path(run_dir) / "lora"
     meta = {"targets": s.targets, "base_model": base_model or "tiny-default", "settings": asdict(s),
+            "loss_weighting": s.loss_weighting, "timestep_sampling": s.timestep_sampling,
             **lora_lib.run_metadata(run_dir, step)}
     stem = f"lora-step{step:06d}"
     path = lora_lib.save_trained(out_dir / f"{stem}.safetensors", model, meta, fold=fold_alpha)
