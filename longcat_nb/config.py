@@ -44,7 +44,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")  # c
 QUANTIZED = ("int8", "int4", "fp8", "fp8_rowwise", "nf4")  # base precisions that replace the big Linears
 PRECISIONS = ("auto", "fp32", "bf16", "fp16") + QUANTIZED  # base-weight precisions (memory.apply_base_precision)
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj")  # LoRA
-TIMESTEP_SAMPLING = ("shift", "logit_normal")  # training's σ draws (flow.sample_sigmas)
+TIMESTEP_SAMPLING = ("shift", "uniform", "logit_normal", "sigmoid")  # training's σ draws (flow.sample_sigmas)
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")  # per-sample loss weights (flow.loss_weights)
 MODES = ("t2v", "i2v", "continuation")  # sampling modes
 OFFLOAD = ("none", "model")  # sampling offload
@@ -220,6 +220,15 @@ class TrainSettings:
     loss_weighting: str = setting("none", choices=LOSS_WEIGHTING, help=(
         "weight of each sample's loss by its noise level σ (SD3 paper): none = plain MSE (as the kit always did) | "
         "sigma_sqrt = 1/σ² (stresses low noise, fine detail) | cosmap = 2/(π(1−2σ+2σ²)) (stresses mid noise)"))
+    shift: float = setting(12.0, gt=0, help=(
+        "the static shift σ' = sσ/(1+(s−1)σ) of timestep_sampling shift and logit_normal: 12 = the checkpoint's "
+        "scheduler (moves σ toward 1, where the sampler spends its steps); 1 = no shift"))
+    logit_mean: float = setting(0.0, help="logit_normal: the mean of the normal draw before the sigmoid (SD3: 0)")
+    logit_std: float = setting(1.0, gt=0, help="logit_normal: its standard deviation (SD3: 1)")
+    sigmoid_scale: float = setting(1.0, gt=0, help="sigmoid: σ = sigmoid(scale·N(0, 1)) (kohya's sigmoid_scale)")
+    sigma_min: float = setting(0.0, ge=0, lt=1, help="every drawn σ is mapped onto [sigma_min, sigma_max] "
+                               "(e.g. 0.5–1 trains only the noisy half: composition and motion)")
+    sigma_max: float = setting(1.0, gt=0, le=1, help="the top of that range (1 = pure noise)")
 
 
 @dataclass
@@ -264,6 +273,9 @@ class SampleSettings:
 
 
 def _train_together(s: TrainSettings) -> list[str]:
+    if s.sigma_min >= s.sigma_max:
+        return [f"train.sigma_min={s.sigma_min} is not below train.sigma_max={s.sigma_max}: give a range, e.g. "
+                "sigma_min=0, sigma_max=1 (all noise levels)"]
     if len(s.validation_images) > len(s.validation_prompts):
         return [f"train.validation_images has {len(s.validation_images)} entries for "
                 f"{len(s.validation_prompts)} prompt(s) in train.validation_prompts: give one image per prompt "

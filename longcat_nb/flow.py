@@ -31,16 +31,32 @@ def shift_sigmas(sigmas, shift: float = SHIFT) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # training: the σ draw, the noisy input and the loss target
 # ---------------------------------------------------------------------------------------------
-def sample_sigmas(n: int, generator: torch.Generator, mode: str = "shift", shift: float = SHIFT) -> torch.Tensor:
+def sample_sigmas(n: int, generator: torch.Generator, mode: str = "shift", shift: float = SHIFT, *,
+                  mean: float = 0.0, std: float = 1.0, scale: float = 1.0, sigma_min: float = 0.0,
+                  sigma_max: float = 1.0) -> torch.Tensor:
     """σ in (0, 1) per sample. 'shift': uniform then shifted, the distribution the sampler visits
-    (46 of its 50 steps are above t = 500); 'logit_normal': sigmoid(N(0, 1)) then shifted."""
-    if mode == "shift":
+    (46 of its 50 steps are above t = 500); 'logit_normal': sigmoid(N(mean, std)) then shifted;
+    'uniform': uniform, unshifted; 'sigmoid': sigmoid(scale·N(0, 1)), unshifted (kohya's names).
+    Then mapped linearly onto [sigma_min, sigma_max] (kohya's min/max timestep)."""
+    if mode in ("shift", "uniform"):
         u = torch.rand(n, generator=generator)
     elif mode == "logit_normal":
-        u = torch.sigmoid(torch.randn(n, generator=generator))
+        u = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    elif mode == "sigmoid":
+        u = torch.sigmoid(scale * torch.randn(n, generator=generator))
     else:
         raise ValueError(f"timestep_sampling={mode!r}: use one of {TIMESTEP_SAMPLING}")
-    return shift_sigmas(u.clamp(1e-3, 1 - 1e-3), shift)
+    u = u.clamp(1e-3, 1 - 1e-3)
+    sigma = shift_sigmas(u, shift) if mode in ("shift", "logit_normal") else u
+    if (sigma_min, sigma_max) != (0.0, 1.0):
+        sigma = sigma_min + (sigma_max - sigma_min) * sigma
+    return sigma
+
+
+def train_sigmas(n: int, generator: torch.Generator, s) -> torch.Tensor:
+    """``sample_sigmas`` with a run's TrainSettings."""
+    return sample_sigmas(n, generator, s.timestep_sampling, s.shift, mean=s.logit_mean, std=s.logit_std,
+                         scale=s.sigmoid_scale, sigma_min=s.sigma_min, sigma_max=s.sigma_max)
 
 
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

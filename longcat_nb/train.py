@@ -21,7 +21,7 @@ import torch
 
 from . import lora as lora_lib
 from .config import TrainSettings, load_config
-from .flow import flow_matching_loss, sample_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
+from .flow import flow_matching_loss, sample_sigmas, train_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
 from .paths import resolve_path
 from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
                      interrupt_held, latest_checkpoint, load_checkpoint, nonfinite, resume_latest, rng_state,
@@ -361,7 +361,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
                 if drop.any():
                     text[drop] = neg_text.to(device, dtype)
                     mask[drop] = neg_mask.to(device)
-                sigma = sample_sigmas(len(items), gen, s.timestep_sampling)
+                sigma = train_sigmas(len(items), gen, s)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 with _tf32(device.type == "cuda"):
                     loss = flow_matching_loss(dit, x0, text, mask, sigma.to(device), noise, n_cond,

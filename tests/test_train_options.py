@@ -47,7 +47,7 @@ def test_sample_weight_scales_each_samples_share():
     sigma = torch.tensor([0.3, 0.8])
     plain = flow_matching_loss(dit, x0, None, None, sigma, noise, reduction="none")
     assert plain.shape == (2,)
-    assert float(flow_matching_loss(dit, x0, None, None, sigma, noise)) == pytest.approx(float(plain.mean()))
+    assert flow_matching_loss(dit, x0, None, None, sigma, noise).item() == pytest.approx(plain.mean().item())
     w = torch.tensor([0.25, 2.0])
     weighted = flow_matching_loss(dit, x0, None, None, sigma, noise, sample_weight=w)
     assert float(weighted) == pytest.approx(float((plain * w).mean()), rel=1e-6)
@@ -71,3 +71,68 @@ def test_a_weighting_multiplies_the_per_sample_loss_by_its_formula(weighting):
         assert float(got[b]) == pytest.approx(float(plain[b]) * formula(s), rel=1e-5)
     with pytest.raises(ValueError, match="cosmap"):
         loss_weights(sigma, "min_snr")
+
+
+# ---------------------------------------------------------------------------------------------
+# σ distributions: the sample mean and spread of 200k seeded draws against the formula's, by quadrature
+# ---------------------------------------------------------------------------------------------
+def _moments(transform, base: str) -> tuple[float, float]:
+    """Mean and standard deviation of transform(x), x ~ U(0, 1) or N(0, 1), by the trapezoid rule."""
+    if base == "uniform":
+        x = torch.linspace(0, 1, 400_001, dtype=torch.float64)
+        w = torch.ones_like(x)
+    else:
+        x = torch.linspace(-10, 10, 400_001, dtype=torch.float64)
+        w = torch.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+    y = transform(x)
+    m = float(torch.trapezoid(y * w, x))
+    return m, math.sqrt(float(torch.trapezoid((y - m) ** 2 * w, x)))
+
+
+def _shifted(u, s):
+    return s * u / (1 + (s - 1) * u)
+
+
+CASES = {  # name: (mode, sample_sigmas keywords, the transform of the base draw, its base)
+    "shift 12": ("shift", {}, lambda u: _shifted(u, 12.0), "uniform"),
+    "shift 3": ("shift", {"shift": 3.0}, lambda u: _shifted(u, 3.0), "uniform"),
+    "uniform": ("uniform", {}, lambda u: u, "uniform"),
+    "uniform 0.2-0.7": ("uniform", {"sigma_min": 0.2, "sigma_max": 0.7}, lambda u: 0.2 + 0.5 * u, "uniform"),
+    "logit_normal": ("logit_normal", {"mean": 0.5, "std": 0.8, "shift": 1.0},
+                     lambda z: torch.sigmoid(0.5 + 0.8 * z), "normal"),
+    "logit_normal shifted": ("logit_normal", {}, lambda z: _shifted(torch.sigmoid(z), 12.0), "normal"),
+    "sigmoid": ("sigmoid", {"scale": 2.0}, lambda z: torch.sigmoid(2.0 * z), "normal"),
+    "sigmoid 0.5-1": ("sigmoid", {"sigma_min": 0.5, "sigma_max": 1.0}, lambda z: 0.5 + 0.5 * torch.sigmoid(z),
+                      "normal"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_sigma_distribution_has_its_formulas_mean_and_spread(case):
+    from longcat_nb.flow import sample_sigmas
+
+    mode, kw, transform, base = CASES[case]
+    sigma = sample_sigmas(200_000, torch.Generator().manual_seed(7), mode, **kw)
+    lo, hi = kw.get("sigma_min", 0.0), kw.get("sigma_max", 1.0)
+    assert float(sigma.min()) >= lo and float(sigma.max()) <= hi
+    mean, std = _moments(transform, base)
+    # standard error of the mean at 200k draws is < 0.001; the clamp to [1e-3, 1 − 1e-3] moves less
+    assert float(sigma.mean()) == pytest.approx(mean, abs=4e-3)
+    assert float(sigma.std()) == pytest.approx(std, abs=4e-3)
+
+
+def test_closed_forms_of_uniform_and_shift():
+    s, k = 12.0, 11.0
+    assert _moments(lambda u: _shifted(u, s), "uniform")[0] == pytest.approx(s / k * (1 - math.log(s) / k), abs=1e-6)
+    assert _moments(lambda u: 0.2 + 0.5 * u, "uniform") == pytest.approx((0.45, 0.5 / math.sqrt(12)), abs=1e-6)
+
+
+def test_training_draws_with_the_runs_settings(tmp_path):
+    from longcat_nb.config import ConfigError, update_section
+    from longcat_nb.flow import sample_sigmas, train_sigmas
+
+    s = update_section(tmp_path, "train", timestep_sampling="sigmoid", sigmoid_scale=1.5, sigma_min=0.1).train
+    assert torch.equal(train_sigmas(8, torch.Generator().manual_seed(1), s),
+                       sample_sigmas(8, torch.Generator().manual_seed(1), "sigmoid", scale=1.5, sigma_min=0.1))
+    with pytest.raises(ConfigError, match="sigma_min"):
+        update_section(tmp_path, "train", sigma_min=0.8, sigma_max=0.5)
