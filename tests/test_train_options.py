@@ -50,7 +50,7 @@ def test_sample_weight_scales_each_samples_share():
     assert flow_matching_loss(dit, x0, None, None, sigma, noise).item() == pytest.approx(plain.mean().item())
     w = torch.tensor([0.25, 2.0])
     weighted = flow_matching_loss(dit, x0, None, None, sigma, noise, sample_weight=w)
-    assert float(weighted) == pytest.approx(float((plain * w).mean()), rel=1e-6)
+    assert weighted.item() == pytest.approx((plain * w).mean().item(), rel=1e-6)
     weighted.backward()
     g0 = P.grad.clone()
     P.grad = None
