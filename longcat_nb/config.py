@@ -229,6 +229,11 @@ class TrainSettings:
     sigma_min: float = setting(0.0, ge=0, lt=1, help="every drawn σ is mapped onto [sigma_min, sigma_max] "
                                "(e.g. 0.5–1 trains only the noisy half: composition and motion)")
     sigma_max: float = setting(1.0, gt=0, le=1, help="the top of that range (1 = pure noise)")
+    ema_decay: float = setting(0.0, ge=0, lt=1, help=(
+        "exponential moving average of the adapter weights, updated every step (0 = off; 0.999 averages about "
+        "the last 1000 steps): kept in checkpoints, exported beside the LoRA as lora-stepN_ema.safetensors"))
+    validation_weights: str = setting("raw", choices=("raw", "ema"), help=(
+        "the weights validation clips are sampled with: raw = as trained | ema = the moving average (ema_decay > 0)"))
 
 
 @dataclass
@@ -273,6 +278,8 @@ class SampleSettings:
 
 
 def _train_together(s: TrainSettings) -> list[str]:
+    if s.validation_weights == "ema" and not s.ema_decay:
+        return ["train.validation_weights='ema' needs an EMA: set train.ema_decay (e.g. 0.999), or validation_weights='raw'"]
     if s.sigma_min >= s.sigma_max:
         return [f"train.sigma_min={s.sigma_min} is not below train.sigma_max={s.sigma_max}: give a range, e.g. "
                 "sigma_min=0, sigma_max=1 (all noise levels)"]

@@ -21,6 +21,7 @@ import torch
 
 from . import lora as lora_lib
 from .config import TrainSettings, load_config
+from .ema import checkpoint_files, make_ema, maybe_applied
 from .flow import flow_matching_loss, sample_sigmas, train_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
 from .paths import resolve_path
 from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
@@ -330,6 +331,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
         was = st.get("world_size", 1)
         log(f"resumed from {last.name} (step {step})" +
             (f", written by {was} process(es), continuing on {dist.world}" if was != dist.world else ""))
+    ema = make_ema(dit, s.ema_decay, resumed[1].get("extra", {}) if resumed else None, log)
 
     log_path = run_dir / "logs" / "train.jsonl"
     tb = None
@@ -376,6 +378,8 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
             with interrupt_held():  # the update and its bookkeeping happen together or not at all
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update()
                 step, position, rng_at_step = step + 1, nxt, None
                 losses.append(loss_sum)
             rec = {
@@ -402,12 +406,13 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
                 if dist.is_main:
                     _check_weights(dit, step, lr, ckpt_dir)
                     save_checkpoint(ckpt_dir, step, dit, opt, dict(position), losses, s, s.keep_checkpoints,
-                                    world=dist.world)
+                                    world=dist.world, extra=checkpoint_files(ema))
                     saved_step = step
                 dist.barrier()
             if validator is not None and step % s.validate_every == 0:
                 dit.eval()
-                videos = validator(step, dit)  # every rank runs the sharded model; rank 0 writes
+                with maybe_applied(ema, s.validation_weights == "ema"):
+                    videos = validator(step, dit)  # every rank runs the sharded model; rank 0 writes
                 dit.train()
                 if on_validation is not None and dist.is_main:
                     on_validation(step, videos)
@@ -420,7 +425,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
                 f"{last} (kept as it is); re-run to resume from it" if last else "the start: nothing to save")) from None
         _check_weights(dit, step, s.lr, ckpt_dir)
         path = save_checkpoint(ckpt_dir, step, dit, opt, dict(position), losses, s, s.keep_checkpoints,
-                               world=dist.world, rng=rng_at_step)
+                               world=dist.world, rng=rng_at_step, extra=checkpoint_files(ema))
         raise TrainingInterrupted(f"interrupted at step {step}: saved {path}; re-run to resume from it") from None
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory(
@@ -437,9 +442,10 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     _check_weights(dit, step, s.lr, ckpt_dir)
     result = TrainResult(run_dir=run_dir, steps=step, losses=losses, checkpoint=latest_checkpoint(ckpt_dir))
     if dist.is_main:
-        result.lora_path = export_lora(run_dir, dit, s, cfg.model.checkpoint, step)
+        result.lora_path = export_lora(run_dir, dit, s, cfg.model.checkpoint, step, ema=ema)
     dist.barrier()
     result.model = dit  # type: ignore[attr-defined]
+    result.ema = ema  # type: ignore[attr-defined]
     return result
 
 
@@ -540,15 +546,17 @@ class Validator:
 
 def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: int,
                 formats: tuple = ("peft",), official_rank: Optional[int] = lora_lib.OFFICIAL_RANK,
-                fold_alpha: bool = False) -> Path:
+                fold_alpha: bool = False, ema=None, suffix: str = "") -> Path:
     """run_dir/lora/lora-stepN.safetensors in the PEFT/diffusers layout, each module's alpha in the header
     (``fold_alpha``: folded into lora_B, for readers that ignore headers); 'official' (padded to
-    ``official_rank``, None = the trained rank) and 'comfy' (``.alpha`` tensors) layouts on request."""
+    ``official_rank``, None = the trained rank) and 'comfy' (``.alpha`` tensors) layouts on request. With an
+    ``ema`` (ema.py) its weights are exported the same way beside them, as lora-stepN_ema*.safetensors."""
     out_dir = Path(run_dir) / "lora"
     meta = {"targets": s.targets, "base_model": base_model or "tiny-default", "settings": asdict(s),
             "loss_weighting": s.loss_weighting, "timestep_sampling": s.timestep_sampling,
+            "weights": "ema" if suffix == "_ema" else "trained",
             **lora_lib.run_metadata(run_dir, step)}
-    stem = f"lora-step{step:06d}"
+    stem = f"lora-step{step:06d}{suffix}"
     path = lora_lib.save_trained(out_dir / f"{stem}.safetensors", model, meta, fold=fold_alpha)
     state, (_, alphas) = lora_lib.lora_state_dict(model), lora_lib.module_ranks_alphas(model)
     if "official" in formats:
@@ -556,6 +564,9 @@ def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: i
                                network_rank=official_rank)
     if "comfy" in formats:
         lora_lib.save_comfy(out_dir / f"{stem}-comfy.safetensors", state, meta, alphas=alphas)
+    if ema is not None:
+        with ema.applied():
+            export_lora(run_dir, model, s, base_model, step, formats, official_rank, fold_alpha, suffix="_ema")
     return path
 
 

@@ -68,7 +68,7 @@ def test_a_weighting_multiplies_the_per_sample_loss_by_its_formula(weighting):
     formula = {"none": lambda s: 1.0, "sigma_sqrt": lambda s: s ** -2,  # SD3 paper / diffusers
                "cosmap": lambda s: 2 / (math.pi * (1 - 2 * s + 2 * s * s))}[weighting]
     for b, s in enumerate(sigma.tolist()):
-        assert float(got[b]) == pytest.approx(float(plain[b]) * formula(s), rel=1e-5)
+        assert got[b].item() == pytest.approx(plain[b].item() * formula(s), rel=1e-5)
     with pytest.raises(ValueError, match="cosmap"):
         loss_weights(sigma, "min_snr")
 
@@ -136,3 +136,86 @@ def test_training_draws_with_the_runs_settings(tmp_path):
                        sample_sigmas(8, torch.Generator().manual_seed(1), "sigmoid", scale=1.5, sigma_min=0.1))
     with pytest.raises(ConfigError, match="sigma_min"):
         update_section(tmp_path, "train", sigma_min=0.8, sigma_max=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA of the adapter weights
+# ---------------------------------------------------------------------------------------------
+def test_ema_is_the_decayed_average_of_three_steps():
+    from longcat_nb.ema import AdapterEMA
+
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)  # frozen: not averaged
+    d, w = 0.9, [model.weight.detach().clone()]
+    ema = AdapterEMA(model, d)
+    assert set(ema.shadow) == {"weight"}
+    for k in range(3):
+        with torch.no_grad():
+            model.weight.add_(torch.full_like(model.weight, k + 1.0))
+        w.append(model.weight.detach().clone())
+        ema.update()
+    by_hand = d ** 3 * w[0] + (1 - d) * (d ** 2 * w[1] + d * w[2] + w[3])
+    assert torch.allclose(ema.shadow["weight"], by_hand, atol=1e-6)
+    with ema.applied():
+        assert torch.allclose(model.weight, by_hand, atol=1e-6)
+    assert torch.equal(model.weight, w[3])  # the trained weights are back
+    with pytest.raises(ValueError, match="do not match"):
+        ema.load_state_dict({"other": torch.zeros(1)})
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, tiny_ckpt):
+    from helpers import one_clip_run
+
+    run = tmp_path_factory.mktemp("options") / "src"
+    one_clip_run(run, tiny_ckpt)
+    return run
+
+
+def _peft_key(name: str) -> str:
+    return "transformer." + name.replace(".default.", ".")
+
+
+def _train(run, max_steps=None, **settings):
+    from longcat_nb.config import update_section
+
+    base = dict(steps=3, rank=4, alpha=4, lr=1e-2, seed=0, checkpoint_every=1, keep_checkpoints=0, ema_decay=0.5)
+    update_section(run, "train", **{**base, **settings})
+    return T.train(run, log=lambda *a: None, max_steps=max_steps)
+
+
+def _load(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_training_keeps_the_ema_in_checkpoints_and_exports_it(cached, tmp_path):
+    from helpers import fresh_copy
+
+    run = fresh_copy(cached, tmp_path / "ema")
+    res = _train(run)
+    ck = [run / "checkpoints" / f"step-{k:07d}" for k in (1, 2, 3)]
+    raw = [_load(c / "lora.safetensors") for c in ck]
+    ema = _load(ck[2] / "ema.safetensors")
+    b_keys = [n for n in ema if ".lora_B." in n]
+    assert b_keys
+    for n in b_keys:  # lora_B starts at 0: its EMA after 3 steps is (1 − d)(d²·w1 + d·w2 + w3)
+        w1, w2, w3 = (r[_peft_key(n)] for r in raw)
+        assert torch.allclose(ema[n], 0.5 * (0.25 * w1 + 0.5 * w2 + w3), atol=1e-6)
+    exported = _load(run / "lora" / "lora-step000003_ema.safetensors")
+    assert all(torch.allclose(exported[_peft_key(n)], t, atol=1e-6) for n, t in ema.items())
+    assert not torch.allclose(exported[_peft_key(b_keys[0])], raw[2][_peft_key(b_keys[0])])
+    assert torch.equal(_load(res.lora_path)[_peft_key(b_keys[0])], raw[2][_peft_key(b_keys[0])])
+
+
+def test_resume_restores_the_ema(cached, tmp_path):
+    from helpers import fresh_copy
+
+    straight = fresh_copy(cached, tmp_path / "straight")
+    _train(straight, steps=4, checkpoint_every=2)
+    resumed = fresh_copy(cached, tmp_path / "resumed")
+    _train(resumed, steps=4, checkpoint_every=2, max_steps=2)
+    _train(resumed, steps=4, checkpoint_every=2)
+    a, b = (_load(r / "checkpoints" / "step-0000004" / "ema.safetensors") for r in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
