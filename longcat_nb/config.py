@@ -234,6 +234,15 @@ class TrainSettings:
         "the last 1000 steps): kept in checkpoints, exported beside the LoRA as lora-stepN_ema.safetensors"))
     validation_weights: str = setting("raw", choices=("raw", "ema"), help=(
         "the weights validation clips are sampled with: raw = as trained | ema = the moving average (ema_decay > 0)"))
+    wandb: str = setting("auto", choices=AUTO_ON_OFF, help=(
+        "also log to Weights & Biases (beside TensorBoard and logs/train.jsonl), with every setting of the run: "
+        "auto = when wandb is installed | on = required | off"))
+    wandb_project: str = setting("longcat-nb", help="the wandb project the run is logged under")
+    wandb_mode: str = setting("offline", choices=("offline", "online"), help=(
+        "offline = written under logs/wandb/, no network or login (upload later with wandb sync) | online"))
+    validation_prompts_file: str = setting("", help=(
+        "a text file of more validation prompts, one a line; 'prompt | image.png' makes one image-to-video (the "
+        "image relative to the file). Relative to the run folder, or absolute; \"\" = none"))
 
 
 @dataclass

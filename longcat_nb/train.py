@@ -9,7 +9,6 @@ Everything a resume needs is written every ``checkpoint_every`` steps, and on an
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -22,6 +21,8 @@ import torch
 from . import lora as lora_lib
 from .config import TrainSettings, load_config
 from .ema import checkpoint_files, make_ema, maybe_applied
+from .loggers import RunLoggers
+from .prompts_file import with_prompts_file
 from .flow import flow_matching_loss, sample_sigmas, train_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
 from .paths import resolve_path
 from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
@@ -260,7 +261,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     from .memory import QUANTIZED, apply_base_precision, apply_block_swap, apply_gradient_checkpointing, compute_dtype
     from .speed import apply_compile, compile_wanted, default_sdpa_preference, set_sdpa_preference
 
-    s = cfg.train
+    s = cfg.train = with_prompts_file(run_dir, cfg.train)  # checked before anything loads
     device = dist.device if dist.enabled else pick_device(cfg.model.device)
     quantized = s.base_precision in QUANTIZED
     if dist.enabled:
@@ -333,11 +334,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
             (f", written by {was} process(es), continuing on {dist.world}" if was != dist.world else ""))
     ema = make_ema(dit, s.ema_decay, resumed[1].get("extra", {}) if resumed else None, log)
 
-    log_path = run_dir / "logs" / "train.jsonl"
-    tb = None
-    if dist.is_main:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        tb = _tensorboard(run_dir / "logs" / "tensorboard")
+    loggers = RunLoggers(run_dir, cfg.to_dict(), log) if dist.is_main else None  # train.jsonl, TensorBoard, wandb
     n_params = sum(p.numel() for p in params)
     log(f"training {n_params / 1e6:.2f}M LoRA parameters on {len(dataset)} cached samples, "
         f"{len(stream.groups)} bucket(s), device {device}, base {s.base_precision}, attention {attention}" +
@@ -395,11 +392,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
             if dist.enabled:
                 rec["processes"] = dist.world
             if dist.is_main:
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if tb is not None:
-                    tb.add_scalar("loss", loss_sum, step)
-                    tb.add_scalar("lr", lr, step)
+                loggers.write(rec)
                 if on_step is not None:
                     on_step(rec)
             if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == stop):
@@ -433,8 +426,8 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
             f"({latest_checkpoint(ckpt_dir)}) is kept; re-run to resume."
         ) from e
     finally:
-        if tb is not None:
-            tb.close()
+        if loggers is not None:
+            loggers.close()
         if swap is not None:
             swap.remove()
 
@@ -569,10 +562,3 @@ def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: i
             export_lora(run_dir, model, s, base_model, step, formats, official_rank, fold_alpha, suffix="_ema")
     return path
 
-
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: the JSONL log still has every number
-        return None
-    return SummaryWriter(str(path))

@@ -219,3 +219,99 @@ def test_resume_restores_the_ema(cached, tmp_path):
     _train(resumed, steps=4, checkpoint_every=2)
     a, b = (_load(r / "checkpoints" / "step-0000004" / "ema.safetensors") for r in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# loggers: train.jsonl, TensorBoard, wandb (offline)
+# ---------------------------------------------------------------------------------------------
+def _config(**train):
+    from dataclasses import replace
+
+    from longcat_nb.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.train = replace(cfg.train, **train)
+    return cfg.to_dict()
+
+
+def test_loggers_write_jsonl_and_tensorboard_and_refuse_wandb_on_without_it(tmp_path):
+    import json
+
+    from longcat_nb.loggers import RunLoggers
+
+    logs = RunLoggers(tmp_path, _config(wandb="off"), log=lambda *a: None)
+    for step in (1, 2):
+        logs.write({"step": step, "loss": 0.5 / step, "lr": 1e-4, "sec": 0.1})
+    logs.close()
+    lines = [json.loads(l) for l in (tmp_path / "logs" / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2] and lines[1]["loss"] == 0.25
+    if logs.tb is not None:
+        assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install wandb"):
+            RunLoggers(tmp_path, _config(wandb="on"))
+        assert RunLoggers(tmp_path, _config(wandb="auto")).wandb is None  # auto: only where installed
+
+
+def test_wandb_offline_gets_every_setting_and_the_numbers(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from longcat_nb.loggers import RunLoggers
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logs = RunLoggers(tmp_path / "run", _config(wandb="on", ema_decay=0.99), log=lambda *a: None)
+    assert logs.wandb.config["train"]["ema_decay"] == 0.99 and "model" in logs.wandb.config
+    logs.write({"step": 1, "loss": 0.5, "lr": 1e-4})
+    logs.close()
+    assert list((tmp_path / "run" / "logs" / "wandb").glob("offline-run-*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# validation prompts from a file
+# ---------------------------------------------------------------------------------------------
+def test_prompts_file_lines_and_images(tmp_path):
+    from dataclasses import replace
+
+    from longcat_nb.config import TrainSettings
+    from longcat_nb.prompts_file import with_prompts_file
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "first.png").write_bytes(b"png")
+    (tmp_path / "run" / "prompts.txt").write_text(
+        "# comments and blank lines are skipped\n\na cat walks\n  a dog runs | first.png  \n")
+    s = replace(TrainSettings(), validation_prompts=["given", "given 2"], validation_images=["x.png"],
+                validation_prompts_file="prompts.txt")
+    got = with_prompts_file(tmp_path / "run", s)
+    assert got.validation_prompts == ["given", "given 2", "a cat walks", "a dog runs"]
+    assert got.validation_images == ["x.png", "", "", str(tmp_path / "run" / "first.png")]
+    absolute = replace(s, validation_prompts_file=str(tmp_path / "run" / "prompts.txt"))
+    again = with_prompts_file(tmp_path / "elsewhere", absolute)
+    assert (again.validation_prompts, again.validation_images) == (got.validation_prompts, got.validation_images)
+
+
+@pytest.mark.parametrize("text, line, says", [
+    ("ok\n| lonely.png\n", 2, "one prompt a line"),
+    ("ok\n\na | b.png | c.png\n", 3, "one '|'"),
+    ("a prompt |\n", 1, "an image after it"),
+    ("ok\na fox | missing.png\n", 2, "missing.png does not exist"),
+])
+def test_a_bad_prompts_file_names_the_file_and_line(tmp_path, text, line, says):
+    from longcat_nb.config import ConfigError
+    from longcat_nb.prompts_file import read_prompts_file
+
+    f = tmp_path / "p.txt"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=f"p.txt, line {line} .*{says}"):
+        read_prompts_file(f)
+
+
+def test_training_refuses_a_missing_prompts_file_before_loading_anything(cached, tmp_path):
+    from helpers import fresh_copy
+
+    from longcat_nb.config import ConfigError
+
+    run = fresh_copy(cached, tmp_path / "prompts")
+    with pytest.raises(ConfigError, match=r"nope.txt does not exist"):
+        _train(run, validate_every=1, validation_prompts_file="nope.txt")
+    assert not (run / "checkpoints").exists()
