@@ -44,7 +44,8 @@ DTYPES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")  # c
 QUANTIZED = ("int8", "int4", "fp8", "fp8_rowwise", "nf4")  # base precisions that replace the big Linears
 PRECISIONS = ("auto", "fp32", "bf16", "fp16") + QUANTIZED  # base-weight precisions (memory.apply_base_precision)
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj")  # LoRA
-TIMESTEP_SAMPLING = ("shift", "logit_normal")  # training's σ draws (flow.sample_sigmas)
+TIMESTEP_SAMPLING = ("shift", "uniform", "logit_normal", "sigmoid")  # training's σ draws (flow.sample_sigmas)
+LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")  # per-sample loss weights (flow.loss_weights)
 MODES = ("t2v", "i2v", "continuation")  # sampling modes
 OFFLOAD = ("none", "model")  # sampling offload
 BASE_FPS = 15  # the model's frame rate: every official stage-1 clip; refinement doubles it
@@ -216,6 +217,32 @@ class TrainSettings:
     validation_width: int = setting(832, check=_multiple_of_16)
     validation_frames: int = setting(93, check=_four_k_plus_one)
     validation_guidance: float = setting(4.0, ge=1)  # 1 = no guidance
+    loss_weighting: str = setting("none", choices=LOSS_WEIGHTING, help=(
+        "weight of each sample's loss by its noise level σ (SD3 paper): none = plain MSE (as the kit always did) | "
+        "sigma_sqrt = 1/σ² (stresses low noise, fine detail) | cosmap = 2/(π(1−2σ+2σ²)) (stresses mid noise)"))
+    shift: float = setting(12.0, gt=0, help=(
+        "the static shift σ' = sσ/(1+(s−1)σ) of timestep_sampling shift and logit_normal: 12 = the checkpoint's "
+        "scheduler (moves σ toward 1, where the sampler spends its steps); 1 = no shift"))
+    logit_mean: float = setting(0.0, help="logit_normal: the mean of the normal draw before the sigmoid (SD3: 0)")
+    logit_std: float = setting(1.0, gt=0, help="logit_normal: its standard deviation (SD3: 1)")
+    sigmoid_scale: float = setting(1.0, gt=0, help="sigmoid: σ = sigmoid(scale·N(0, 1)) (kohya's sigmoid_scale)")
+    sigma_min: float = setting(0.0, ge=0, lt=1, help="every drawn σ is mapped onto [sigma_min, sigma_max] "
+                               "(e.g. 0.5–1 trains only the noisy half: composition and motion)")
+    sigma_max: float = setting(1.0, gt=0, le=1, help="the top of that range (1 = pure noise)")
+    ema_decay: float = setting(0.0, ge=0, lt=1, help=(
+        "exponential moving average of the adapter weights, updated every step (0 = off; 0.999 averages about "
+        "the last 1000 steps): kept in checkpoints, exported beside the LoRA as lora-stepN_ema.safetensors"))
+    validation_weights: str = setting("raw", choices=("raw", "ema"), help=(
+        "the weights validation clips are sampled with: raw = as trained | ema = the moving average (ema_decay > 0)"))
+    wandb: str = setting("auto", choices=AUTO_ON_OFF, help=(
+        "also log to Weights & Biases (beside TensorBoard and logs/train.jsonl), with every setting of the run: "
+        "auto = when wandb is installed | on = required | off"))
+    wandb_project: str = setting("longcat-nb", help="the wandb project the run is logged under")
+    wandb_mode: str = setting("offline", choices=("offline", "online"), help=(
+        "offline = written under logs/wandb/, no network or login (upload later with wandb sync) | online"))
+    validation_prompts_file: str = setting("", help=(
+        "a text file of more validation prompts, one a line; 'prompt | image.png' makes one image-to-video (the "
+        "image relative to the file). Relative to the run folder, or absolute; \"\" = none"))
 
 
 @dataclass
@@ -260,6 +287,11 @@ class SampleSettings:
 
 
 def _train_together(s: TrainSettings) -> list[str]:
+    if s.validation_weights == "ema" and not s.ema_decay:
+        return ["train.validation_weights='ema' needs an EMA: set train.ema_decay (e.g. 0.999), or validation_weights='raw'"]
+    if s.sigma_min >= s.sigma_max:
+        return [f"train.sigma_min={s.sigma_min} is not below train.sigma_max={s.sigma_max}: give a range, e.g. "
+                "sigma_min=0, sigma_max=1 (all noise levels)"]
     if len(s.validation_images) > len(s.validation_prompts):
         return [f"train.validation_images has {len(s.validation_images)} entries for "
                 f"{len(s.validation_prompts)} prompt(s) in train.validation_prompts: give one image per prompt "

@@ -8,10 +8,13 @@ same shifted distribution.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import numpy as np
 import torch
 
-from .config import TIMESTEP_SAMPLING
+from .config import LOSS_WEIGHTING, TIMESTEP_SAMPLING
 
 SHIFT = 12.0  # scheduler_config.json: shift=12.0, use_dynamic_shifting=false
 NUM_TRAIN_TIMESTEPS = 1000  # model timestep = 1000·σ
@@ -28,16 +31,32 @@ def shift_sigmas(sigmas, shift: float = SHIFT) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # training: the σ draw, the noisy input and the loss target
 # ---------------------------------------------------------------------------------------------
-def sample_sigmas(n: int, generator: torch.Generator, mode: str = "shift", shift: float = SHIFT) -> torch.Tensor:
+def sample_sigmas(n: int, generator: torch.Generator, mode: str = "shift", shift: float = SHIFT, *,
+                  mean: float = 0.0, std: float = 1.0, scale: float = 1.0, sigma_min: float = 0.0,
+                  sigma_max: float = 1.0) -> torch.Tensor:
     """σ in (0, 1) per sample. 'shift': uniform then shifted, the distribution the sampler visits
-    (46 of its 50 steps are above t = 500); 'logit_normal': sigmoid(N(0, 1)) then shifted."""
-    if mode == "shift":
+    (46 of its 50 steps are above t = 500); 'logit_normal': sigmoid(N(mean, std)) then shifted;
+    'uniform': uniform, unshifted; 'sigmoid': sigmoid(scale·N(0, 1)), unshifted (kohya's names).
+    Then mapped linearly onto [sigma_min, sigma_max] (kohya's min/max timestep)."""
+    if mode in ("shift", "uniform"):
         u = torch.rand(n, generator=generator)
     elif mode == "logit_normal":
-        u = torch.sigmoid(torch.randn(n, generator=generator))
+        u = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    elif mode == "sigmoid":
+        u = torch.sigmoid(scale * torch.randn(n, generator=generator))
     else:
         raise ValueError(f"timestep_sampling={mode!r}: use one of {TIMESTEP_SAMPLING}")
-    return shift_sigmas(u.clamp(1e-3, 1 - 1e-3), shift)
+    u = u.clamp(1e-3, 1 - 1e-3)
+    sigma = shift_sigmas(u, shift) if mode in ("shift", "logit_normal") else u
+    if (sigma_min, sigma_max) != (0.0, 1.0):
+        sigma = sigma_min + (sigma_max - sigma_min) * sigma
+    return sigma
+
+
+def train_sigmas(n: int, generator: torch.Generator, s) -> torch.Tensor:
+    """``sample_sigmas`` with a run's TrainSettings."""
+    return sample_sigmas(n, generator, s.timestep_sampling, s.shift, mean=s.logit_mean, std=s.logit_std,
+                         scale=s.sigmoid_scale, sigma_min=s.sigma_min, sigma_max=s.sigma_max)
 
 
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -49,6 +68,55 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) ->
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """What the DiT is trained to output at any σ: x0 − ε."""
     return x0 - noise
+
+
+def loss_weights(sigma: torch.Tensor, weighting: str = "none") -> torch.Tensor:
+    """Per-sample weight of the velocity MSE at noise level σ, the SD3 paper's schemes (Esser et al. 2024,
+    §3.1; diffusers' compute_loss_weighting_for_sd3): 'none' 1; 'sigma_sqrt' σ⁻²; 'cosmap'
+    2 / (π·(1 − 2σ + 2σ²)), the weight of the cosine-map schedule."""
+    sigma = sigma.float()
+    if weighting == "none":
+        return torch.ones_like(sigma)
+    if weighting == "sigma_sqrt":
+        return sigma.clamp_min(1e-3) ** -2.0  # σ is drawn ≥ 1e-3; the clamp keeps an explicit σ=0 finite
+    if weighting == "cosmap":
+        return 2.0 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2))
+    raise ValueError(f"loss_weighting={weighting!r}: use one of {LOSS_WEIGHTING}")
+
+
+def flow_matching_loss(dit, x0: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor,
+                       noise: torch.Tensor, num_cond: int = 0, *, weighting: str = "none",
+                       loss_mask: Optional[torch.Tensor] = None, sample_weight: Optional[torch.Tensor] = None,
+                       reduction: str = "mean") -> torch.Tensor:
+    """MSE between the DiT output and x0 − ε on the noisy frames, in float32.
+
+    x0, noise: [B, 16, T, h, w] float32; sigma: [B]; the first ``num_cond`` latent frames are clean
+    conditioning (timestep 0, no loss, no gradient into them). ``loss_mask`` [B, 1 or C, T, h, w] weighs
+    each latent element (1 learn, 0 ignore: no gradient); each sample's loss is the mean over its weighted
+    elements (0 where nothing is weighted), times ``loss_weights(σ, weighting)`` and ``sample_weight`` [B].
+    reduction 'mean': the batch mean (a scalar); 'none': the per-sample losses [B]."""
+    B, _, T = x0.shape[:3]
+    x_t = noisy_latents(x0, noise, sigma)
+    t = (sigma.to(x0) * NUM_TRAIN_TIMESTEPS)[:, None].expand(B, T).clone()
+    if num_cond:
+        x_t[:, :, :num_cond] = x0[:, :, :num_cond]
+        t[:, :num_cond] = 0.0
+    pred = dit(x_t.detach(), t, text, mask, num_cond_latents=num_cond)
+    target = velocity_target(x0, noise)[:, :, num_cond:]
+    err = (pred[:, :, num_cond:].float() - target.float()).square()
+    if loss_mask is None:
+        per_sample = err.flatten(1).mean(1)
+    else:
+        m = loss_mask[:, :, num_cond:].to(err).expand_as(err)
+        per_sample = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-12)
+    per_sample = per_sample * loss_weights(sigma, weighting).to(per_sample)
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight.to(per_sample)
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction={reduction!r}: use 'mean' or 'none'")
 
 
 # ---------------------------------------------------------------------------------------------

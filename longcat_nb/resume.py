@@ -192,14 +192,17 @@ def _discard(folder: Path) -> None:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, opt, position: dict, losses: list,
-                    settings: TrainSettings, keep: int, world: int = 1, rng: Optional[dict] = None) -> Path:
+                    settings: TrainSettings, keep: int, world: int = 1, rng: Optional[dict] = None,
+                    extra: Optional[dict] = None) -> Path:
     """Write checkpoints/step-N atomically and keep the last K. ``rng``: the generators' state to store
-    (default: now). Refuses NaN/inf weights: a diverged model is never saved over good checkpoints."""
+    (default: now); ``extra``: more tensor files, name -> tensors (e.g. the EMA's), restored on resume
+    into the state's "extra". Refuses NaN/inf weights: a diverged model is never saved over good checkpoints."""
+    extra = extra or {}
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step-{step:07d}"
     lora = lora_lib.lora_state_dict(model)
     opt_tensors, opt_meta = flatten_optimizer(opt)
-    bad = nonfinite(lora) + nonfinite(opt_tensors)
+    bad = nonfinite(lora) + nonfinite(opt_tensors) + [b for t in extra.values() for b in nonfinite(t)]
     if bad:
         raise ValueError(f"not saving {final}: {', '.join(bad[:3])} hold NaN/inf values (training diverged)")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +210,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, position: dict, losse
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     files = {}
-    for name, tensors in zip(TENSOR_FILES, (lora, opt_tensors, rng if rng is not None else rng_state())):
+    for name, tensors in [*zip(TENSOR_FILES, (lora, opt_tensors, rng if rng is not None else rng_state())),
+                          *extra.items()]:
         if name == "lora.safetensors":  # with each module's alpha in the header: it loads at the trained scale
             path = lora_lib.save_trained(tmp / name, model, lora_lib.run_metadata(ckpt_dir.parent, step))
         else:
@@ -216,6 +220,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, position: dict, losse
     atomic_write_json(tmp / "state.json", {
         "step": step, "position": position, "losses": losses, "optimizer": opt_meta,
         "settings": asdict(settings), "time": time.time(), "world_size": world, "files": files,
+        "extra_files": sorted(extra),
     })
     _discard(final)
     os.replace(tmp, final)
@@ -262,7 +267,7 @@ def read_checkpoint(path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise CheckpointDamaged(f"{path / 'state.json'} cannot be read ({e})") from None
     out = {"state": state}
-    for name in TENSOR_FILES:
+    for name in TENSOR_FILES + tuple(state.get("extra_files", ())):
         f, want = path / name, (state.get("files") or {}).get(name)
         size = f.stat().st_size if f.is_file() else None
         if want and size != want["bytes"]:
@@ -285,7 +290,7 @@ def _apply(ck: dict, model, opt) -> dict:
     lora_lib.load_lora_state_dict(model, ck["lora.safetensors"])
     opt.load_state_dict(unflatten_optimizer(ck["optimizer.safetensors"], ck["state"]["optimizer"]))
     _set_rng_state(ck["rng.safetensors"])
-    return ck["state"]
+    return {**ck["state"], "extra": {n: ck[n] for n in ck["state"].get("extra_files", ())}}
 
 
 def load_checkpoint(path: Path, model, opt) -> dict:

@@ -9,7 +9,6 @@ Everything a resume needs is written every ``checkpoint_every`` steps, and on an
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -21,31 +20,14 @@ import torch
 
 from . import lora as lora_lib
 from .config import TrainSettings, load_config
-from .flow import NUM_TRAIN_TIMESTEPS, noisy_latents, sample_sigmas, velocity_target
+from .ema import checkpoint_files, make_ema, maybe_applied
+from .loggers import RunLoggers
+from .prompts_file import with_prompts_file
+from .flow import flow_matching_loss, sample_sigmas, train_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
 from .paths import resolve_path
 from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
                      interrupt_held, latest_checkpoint, load_checkpoint, nonfinite, resume_latest, rng_state,
                      run_lock, save_checkpoint)
-
-
-# ---------------------------------------------------------------------------------------------
-# the objective (the schedule's math is flow.py; the DiT call is here)
-# ---------------------------------------------------------------------------------------------
-def flow_matching_loss(dit, x0: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor,
-                       noise: torch.Tensor, num_cond: int = 0) -> torch.Tensor:
-    """MSE between the DiT output and x0 − ε on the noisy frames, in float32.
-
-    x0, noise: [B, 16, T, h, w] float32; sigma: [B]; the first ``num_cond`` latent frames are clean
-    conditioning (timestep 0, no loss, no gradient into them)."""
-    B, _, T = x0.shape[:3]
-    x_t = noisy_latents(x0, noise, sigma)
-    t = (sigma.to(x0) * NUM_TRAIN_TIMESTEPS)[:, None].expand(B, T).clone()
-    if num_cond:
-        x_t[:, :, :num_cond] = x0[:, :, :num_cond]
-        t[:, :num_cond] = 0.0
-    pred = dit(x_t.detach(), t, text, mask, num_cond_latents=num_cond)
-    target = velocity_target(x0, noise)[:, :, num_cond:]
-    return (pred[:, :, num_cond:].float() - target.float()).square().mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +261,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     from .memory import QUANTIZED, apply_base_precision, apply_block_swap, apply_gradient_checkpointing, compute_dtype
     from .speed import apply_compile, compile_wanted, default_sdpa_preference, set_sdpa_preference
 
-    s = cfg.train
+    s = cfg.train = with_prompts_file(run_dir, cfg.train)  # checked before anything loads
     device = dist.device if dist.enabled else pick_device(cfg.model.device)
     quantized = s.base_precision in QUANTIZED
     if dist.enabled:
@@ -350,12 +332,9 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
         was = st.get("world_size", 1)
         log(f"resumed from {last.name} (step {step})" +
             (f", written by {was} process(es), continuing on {dist.world}" if was != dist.world else ""))
+    ema = make_ema(dit, s.ema_decay, resumed[1].get("extra", {}) if resumed else None, log)
 
-    log_path = run_dir / "logs" / "train.jsonl"
-    tb = None
-    if dist.is_main:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        tb = _tensorboard(run_dir / "logs" / "tensorboard")
+    loggers = RunLoggers(run_dir, cfg.to_dict(), log) if dist.is_main else None  # train.jsonl, TensorBoard, wandb
     n_params = sum(p.numel() for p in params)
     log(f"training {n_params / 1e6:.2f}M LoRA parameters on {len(dataset)} cached samples, "
         f"{len(stream.groups)} bucket(s), device {device}, base {s.base_precision}, attention {attention}" +
@@ -381,10 +360,11 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
                 if drop.any():
                     text[drop] = neg_text.to(device, dtype)
                     mask[drop] = neg_mask.to(device)
-                sigma = sample_sigmas(len(items), gen, s.timestep_sampling)
+                sigma = train_sigmas(len(items), gen, s)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 with _tf32(device.type == "cuda"):
-                    loss = flow_matching_loss(dit, x0, text, mask, sigma.to(device), noise, n_cond)
+                    loss = flow_matching_loss(dit, x0, text, mask, sigma.to(device), noise, n_cond,
+                                              weighting=s.loss_weighting)
                     (loss / s.grad_accum).backward()
                 loss_sum += loss.item() / s.grad_accum
             distributed.average_gradients(params, dist)
@@ -395,6 +375,8 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
             with interrupt_held():  # the update and its bookkeeping happen together or not at all
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update()
                 step, position, rng_at_step = step + 1, nxt, None
                 losses.append(loss_sum)
             rec = {
@@ -410,23 +392,20 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
             if dist.enabled:
                 rec["processes"] = dist.world
             if dist.is_main:
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if tb is not None:
-                    tb.add_scalar("loss", loss_sum, step)
-                    tb.add_scalar("lr", lr, step)
+                loggers.write(rec)
                 if on_step is not None:
                     on_step(rec)
             if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == stop):
                 if dist.is_main:
                     _check_weights(dit, step, lr, ckpt_dir)
                     save_checkpoint(ckpt_dir, step, dit, opt, dict(position), losses, s, s.keep_checkpoints,
-                                    world=dist.world)
+                                    world=dist.world, extra=checkpoint_files(ema))
                     saved_step = step
                 dist.barrier()
             if validator is not None and step % s.validate_every == 0:
                 dit.eval()
-                videos = validator(step, dit)  # every rank runs the sharded model; rank 0 writes
+                with maybe_applied(ema, s.validation_weights == "ema"):
+                    videos = validator(step, dit)  # every rank runs the sharded model; rank 0 writes
                 dit.train()
                 if on_validation is not None and dist.is_main:
                     on_validation(step, videos)
@@ -439,7 +418,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
                 f"{last} (kept as it is); re-run to resume from it" if last else "the start: nothing to save")) from None
         _check_weights(dit, step, s.lr, ckpt_dir)
         path = save_checkpoint(ckpt_dir, step, dit, opt, dict(position), losses, s, s.keep_checkpoints,
-                               world=dist.world, rng=rng_at_step)
+                               world=dist.world, rng=rng_at_step, extra=checkpoint_files(ema))
         raise TrainingInterrupted(f"interrupted at step {step}: saved {path}; re-run to resume from it") from None
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory(
@@ -447,8 +426,8 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
             f"({latest_checkpoint(ckpt_dir)}) is kept; re-run to resume."
         ) from e
     finally:
-        if tb is not None:
-            tb.close()
+        if loggers is not None:
+            loggers.close()
         if swap is not None:
             swap.remove()
 
@@ -456,9 +435,10 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     _check_weights(dit, step, s.lr, ckpt_dir)
     result = TrainResult(run_dir=run_dir, steps=step, losses=losses, checkpoint=latest_checkpoint(ckpt_dir))
     if dist.is_main:
-        result.lora_path = export_lora(run_dir, dit, s, cfg.model.checkpoint, step)
+        result.lora_path = export_lora(run_dir, dit, s, cfg.model.checkpoint, step, ema=ema)
     dist.barrier()
     result.model = dit  # type: ignore[attr-defined]
+    result.ema = ema  # type: ignore[attr-defined]
     return result
 
 
@@ -559,14 +539,17 @@ class Validator:
 
 def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: int,
                 formats: tuple = ("peft",), official_rank: Optional[int] = lora_lib.OFFICIAL_RANK,
-                fold_alpha: bool = False) -> Path:
+                fold_alpha: bool = False, ema=None, suffix: str = "") -> Path:
     """run_dir/lora/lora-stepN.safetensors in the PEFT/diffusers layout, each module's alpha in the header
     (``fold_alpha``: folded into lora_B, for readers that ignore headers); 'official' (padded to
-    ``official_rank``, None = the trained rank) and 'comfy' (``.alpha`` tensors) layouts on request."""
+    ``official_rank``, None = the trained rank) and 'comfy' (``.alpha`` tensors) layouts on request. With an
+    ``ema`` (ema.py) its weights are exported the same way beside them, as lora-stepN_ema*.safetensors."""
     out_dir = Path(run_dir) / "lora"
     meta = {"targets": s.targets, "base_model": base_model or "tiny-default", "settings": asdict(s),
+            "loss_weighting": s.loss_weighting, "timestep_sampling": s.timestep_sampling,
+            "weights": "ema" if suffix == "_ema" else "trained",
             **lora_lib.run_metadata(run_dir, step)}
-    stem = f"lora-step{step:06d}"
+    stem = f"lora-step{step:06d}{suffix}"
     path = lora_lib.save_trained(out_dir / f"{stem}.safetensors", model, meta, fold=fold_alpha)
     state, (_, alphas) = lora_lib.lora_state_dict(model), lora_lib.module_ranks_alphas(model)
     if "official" in formats:
@@ -574,12 +557,8 @@ def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: i
                                network_rank=official_rank)
     if "comfy" in formats:
         lora_lib.save_comfy(out_dir / f"{stem}-comfy.safetensors", state, meta, alphas=alphas)
+    if ema is not None:
+        with ema.applied():
+            export_lora(run_dir, model, s, base_model, step, formats, official_rank, fold_alpha, suffix="_ema")
     return path
 
-
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: the JSONL log still has every number
-        return None
-    return SummaryWriter(str(path))

@@ -39,7 +39,7 @@ BAD = [
     ("train", "validation_guidance", 0.5, "at least 1"),
     ("train", "optimizer", "sgd", "adamw8bit"),
     ("train", "lr_schedule", "linear", "cosine"),
-    ("train", "timestep_sampling", "uniform", "logit_normal"),
+    ("train", "timestep_sampling", "normal", "logit_normal"),
     ("train", "base_precision", "int3", "fp8_rowwise"),
     ("train", "keep_attention", "maybe", "auto, on, off"),
     ("train", "compile", "fast", "auto, on, off"),

@@ -25,7 +25,7 @@ def test_the_50_step_schedule_starts_and_ends_where_the_official_one_does():
     assert [round(x, 2) for x in t[-3:]] == [343.47, 207.77, 11.87]
 
 
-@pytest.mark.parametrize("mode", TIMESTEP_SAMPLING)
+@pytest.mark.parametrize("mode", ("shift", "logit_normal"))
 def test_training_draws_shifted_sigmas_inside_0_1(mode):
     assert field_choices("train")["timestep_sampling"] == TIMESTEP_SAMPLING
     sigma = sample_sigmas(20_000, torch.Generator().manual_seed(0), mode)
@@ -40,7 +40,7 @@ def test_the_shift_draw_is_the_shift_of_a_clamped_uniform():
     expected = 12.0 * u / (1 + 11.0 * u)
     assert torch.equal(sample_sigmas(64, torch.Generator().manual_seed(3)), expected)
     with pytest.raises(ValueError, match="logit_normal"):
-        sample_sigmas(4, torch.Generator(), "uniform")
+        sample_sigmas(4, torch.Generator(), "normal")
 
 
 def test_one_euler_step_with_the_target_velocity_lands_on_the_data():

@@ -64,7 +64,7 @@ def test_overfit_lowers_loss_and_moves_samples_to_the_clip(cached, tmp_path):
 
 def test_flipped_target_sign_is_caught(cached, tmp_path, monkeypatch):
     """Training on ε − x0 (SimpleTuner's sign) must not pass the check above."""
-    def flipped(dit, x0, text, mask, sigma, noise, num_cond=0):
+    def flipped(dit, x0, text, mask, sigma, noise, num_cond=0, **_):  # weighting=... etc.: none here
         B, _, Tn = x0.shape[:3]
         s = sigma.view(B, 1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise

@@ -138,6 +138,7 @@ def run(run_dir, params: dict, log=print, on_step=None, on_validation=None) -> d
            "checkpoint": None if res.checkpoint is None else str(res.checkpoint)}
     extra = [f for f in formats if f != "peft"]
     if extra and res.lora_path is not None:
-        export_lora(run_dir, res.model, cfg.train, cfg.model.checkpoint, res.steps, formats=tuple(extra))
+        export_lora(run_dir, res.model, cfg.train, cfg.model.checkpoint, res.steps, formats=tuple(extra),
+                    ema=getattr(res, "ema", None))
         out["exports"] = sorted(str(p) for p in res.lora_path.parent.glob(f"{res.lora_path.stem}-*.safetensors"))
     return out
