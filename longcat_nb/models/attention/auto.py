@@ -25,10 +25,5 @@ def _note() -> str:
     return f"dense SDPA on every grid here (block-sparse {why})"
 
 
-register(AttentionBackend(
-    name="auto",
-    description="block-sparse on grids of 720p and more (CUDA), dense SDPA below",
-    self_attention=_self_attention,
-    resolve=resolve,
-    note=_note,
-))
+register(AttentionBackend("auto", "block-sparse on grids of 720p and more (CUDA), dense SDPA below",
+                          _self_attention, resolve=resolve, note=_note))
