@@ -1060,7 +1060,7 @@ def main(argv=None):
     diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32: []" on every .to()
     from longcat_nb.models import attention as attn_mod
 
-    Ctx.initial_sdpa = attn_mod._sdpa_pref
+    Ctx.initial_sdpa = attn_mod.sdpa_preference()
     Ctx.initial_tf32 = torch.backends.cuda.matmul.allow_tf32
     import diffusers
     import peft

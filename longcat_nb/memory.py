@@ -493,23 +493,25 @@ def offloaded_checkpoint(block, *args):
     return _BlockCheckpoint.apply(block, True, len(args), *args, *params)
 
 
-# Ops whose outputs "selective" keeps: dense attention over the video tokens, the most expensive
-# thing to recompute (at 480x832x93 about half of a block's forward). Everything else is recomputed.
-_ATTENTION_OPS = tuple(
-    getattr(torch.ops.aten, name).default for name in (
-        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
-    if hasattr(torch.ops.aten, name))
-_QUANT8_ATTENTION_OP = "longcat_nb::attention_quant8_fwd"  # models/quant_attention.py, training
+class _KeptOps:
+    """``op in _ATTENTION_OPS``: whether an attention backend names ``op`` as one whose output selective
+    checkpointing keeps (AttentionBackend.kept_ops: the expensive ones; models/attention/)."""
+
+    def __contains__(self, func) -> bool:
+        from .models.attention import kept_ops
+
+        return getattr(func, "_name", None) in kept_ops()
+
+
+# Ops whose outputs "selective" keeps, over the video tokens; everything else is recomputed.
+_ATTENTION_OPS = _KeptOps()
 LONG_KEYS = 4096  # keys above this are video tokens (text has <= 512)
 
 
 def _keep_attention(ctx, func, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
 
-    # block-sparse attention is cheap to recompute (6% of dense), so only dense attention is kept
-    if (func in _ATTENTION_OPS or getattr(func, "_name", None) == _QUANT8_ATTENTION_OP) \
-            and args[1].shape[-2] > LONG_KEYS:
+    if func in _ATTENTION_OPS and args[1].shape[-2] > LONG_KEYS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -6,7 +6,8 @@
   runs compiled blocks in both passes, so whole blocks compile for training too. (torch's own
   ``checkpoint`` around a compiled block fails its recompute check: the no-grad and training graphs
   save different tensors.)
-* ``set_sdpa_preference`` (re-exported): which fused attention kernel torch should use on CUDA.
+* ``set_sdpa_preference`` (re-exported): which fused attention kernel torch should use on CUDA (the
+  ``sdpa`` attention backend's ``preference`` option, models/attention/sdpa.py).
 """
 from __future__ import annotations
 

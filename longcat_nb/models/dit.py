@@ -18,8 +18,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch.func import functional_call
 
-from .attention import (backend_from_config, check_backend_available, dense_attention, resolve_auto,
-                        self_attention)
+from . import attention as attention_backends
 from . import qk_rope
 from .rope import RopeCache, apply_rope
 
@@ -163,8 +162,12 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNormFP32(self.head_dim)
         self.proj = nn.Linear(dim, dim)
         self.rope = RopeCache(self.head_dim)
-        self.backend = "sdpa"
+        self.attention = attention_backends.get("sdpa")  # a registered backend object (set_attention_backend)
         self.bsa_params: Optional[dict] = None
+
+    @property
+    def backend(self) -> str:
+        return self.attention.name
 
     def _qkv(self, x: torch.Tensor):
         return self._split(self.qkv(x))
@@ -180,8 +183,8 @@ class SelfAttention(nn.Module):
     def _fused(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, strided_v: bool):
         """q, k after the norms and RoPE, and v, the norms and RoPE in one Triton kernel
         (models/qk_rope.py); for steps without gradients on CUDA. ``strided_v``: leave v a view of
-        ``y`` (for the BSA kernels, which take any strides with unit stride along D; cuDNN's dense
-        attention wants it contiguous, see _split)."""
+        ``y`` (for backends whose kernels take it, AttentionBackend.strided_v; cuDNN's dense attention
+        wants it contiguous, see _split)."""
         B, N, _ = y.shape
         y = y.view(B, N, 3, self.num_heads, self.head_dim)
         q, k = qk_rope.qk_norm_rope(y, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
@@ -197,17 +200,17 @@ class SelfAttention(nn.Module):
         cos, sin = self.rope.get(grid, x.device)
         y = self.qkv(x)
         kv = None
+        backend = self.attention.for_grid(grid)
         if not return_kv and qk_rope.usable(y, self.q_norm, self.k_norm, self.head_dim):
-            # v stays strided only where every attention call of this step goes to the BSA kernels
-            bsa = resolve_auto(self.backend, grid) == "bsa"
-            q, k, v = self._fused(y, cos, sin, bsa and T > 1 and not num_cond_latents)
+            # v stays strided only where the one attention call of this step takes it so
+            q, k, v = self._fused(y, cos, sin, not num_cond_latents and backend.strided_v(grid))
         else:
             q, k, v = self._split(y)
             kv = (k, v) if return_kv else None  # cache is post-norm, pre-RoPE (spec §4)
             rope = _glue("apply_rope")
             q, k = rope(q, cos, sin), rope(k, cos, sin)
-        attn = lambda q_, k_, v_, tq, tk: self_attention(  # noqa: E731
-            q_, k_, v_, (tq, h, w), (tk, h, w), self.backend, self.bsa_params
+        attn = lambda q_, k_, v_, tq, tk: backend.self_attention(  # noqa: E731
+            q_, k_, v_, (tq, h, w), (tk, h, w), self.bsa_params
         )
         if num_cond_latents:
             # Conditioning tokens attend only to themselves; noisy tokens attend to everything.
@@ -238,7 +241,8 @@ class SelfAttention(nn.Module):
         nc = k_cache.shape[2]
         q = apply_rope(q, cos[nc:], sin[nc:])
         k = apply_rope(k, cos, sin)
-        o = self_attention(q, k, v, (T, h, w), (T + num_cond_latents, h, w), self.backend, self.bsa_params)
+        o = self.attention.for_grid(grid).self_attention(q, k, v, (T, h, w), (T + num_cond_latents, h, w),
+                                                         self.bsa_params)
         return self._out(o)
 
 
@@ -252,7 +256,11 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.q_norm = RMSNormFP32(self.head_dim)
         self.k_norm = RMSNormFP32(self.head_dim)
-        self.backend = "sdpa"
+        self.attention = attention_backends.get("sdpa")  # the backend whose cross-attention runs
+
+    @property
+    def backend(self) -> str:
+        return self.attention.name
 
     def forward(self, x, y, y_mask=None, num_cond_tokens: int = 0):
         """x [B, N, C] video tokens, y [B, L, C] projected text, y_mask [B, L] bool or None."""
@@ -267,7 +275,7 @@ class CrossAttention(nn.Module):
         k = self.k_norm(k).transpose(1, 2).contiguous()
         v = v.transpose(1, 2).contiguous()
         mask = None if y_mask is None else y_mask[:, None, None, :]
-        o = dense_attention(q, k, v, self.backend, attn_mask=mask)
+        o = self.attention.cross_attention(q, k, v, mask)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 
@@ -374,20 +382,24 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin):
         )
         self.final_layer = FinalLayer(hidden_size, math.prod(patch_size), out_channels, adaln_tembed_dim)
         self.gradient_checkpointing = False
-        self.set_attention_backend(backend_from_config(attention_implementation, enable_xformers, enable_bsa))
+        self.set_attention_backend(
+            attention_backends.backend_from_config(attention_implementation, enable_xformers, enable_bsa))
 
     # ---- runtime switches -------------------------------------------------------------------
-    def set_attention_backend(self, backend: str) -> str:
-        """'sdpa' | 'xformers' | 'bsa' | 'quant8'; returns the backend that will actually run."""
-        backend = backend_from_config(backend, False, False)
-        effective = check_backend_available(backend)
-        bsa_params = self.config.bsa_params
+    def set_attention_backend(self, backend) -> str:
+        """A registered backend (models/attention/) by name or object; returns the name of the one
+        that will actually run (``sdpa`` where the asked one cannot run at all)."""
+        self.attention = attention_backends.select(backend)
+        cross = attention_backends.cross_backend(self.attention)
         for block in self.blocks:
-            block.attn.backend = effective
-            block.attn.bsa_params = bsa_params
-            block.cross_attn.backend = "xformers" if effective == "xformers" else "sdpa"
-        self.attention_backend = effective
-        return effective
+            block.attn.attention = self.attention
+            block.attn.bsa_params = self.config.bsa_params
+            block.cross_attn.attention = cross
+        return self.attention.name
+
+    @property
+    def attention_backend(self) -> str:
+        return self.attention.name
 
     def enable_bsa(self) -> None:
         self.set_attention_backend("bsa")

@@ -497,7 +497,7 @@ def _(q, k, v, config):
 
 
 # Training: the forward op also returns the statistics the backward needs (not differentiable);
-# selective checkpointing keeps its outputs like SDPA's (memory._ATTENTION_OPS).
+# selective checkpointing keeps its outputs like SDPA's (the quant8 backend's kept_ops, models/attention/quant8.py).
 @torch.library.custom_op("longcat_nb::attention_quant8_fwd", mutates_args=())
 def _attention_quant8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: str
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
