@@ -48,7 +48,9 @@ def cfg_zero_star(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
     return u * s + scale * (c - u * s)
 
 
-
+# ---------------------------------------------------------------------------------------------
+# progress and out-of-memory advice
+# ---------------------------------------------------------------------------------------------
 def _progress(progress, total: int, desc: str):
     if not progress:
         return None
