@@ -227,10 +227,10 @@ def _defaults_train(model):
 
 
 def _defaults_sample(model):
-    """What 04 (sample.load_sampling_components) applies with the default settings: the default
+    """What 04 (sampling.load_sampling_components) applies with the default settings: the default
     attention backend, compile=auto and the SDPA preference."""
     from longcat_nb.config import ModelSettings, SampleSettings
-    from longcat_nb.sample import _compile_dit
+    from longcat_nb.sampling.load import _compile_dit
 
     model.set_attention_backend(ModelSettings().attention)
     _compile_dit(model, SampleSettings().compile, Ctx.device)

@@ -1,6 +1,6 @@
 """One CFG sampling step of the kit's sampler with the full-size DiT on one GPU (random bf16 weights):
 480x832x93 (latent 24x60x104 = 37,440 tokens), CFG batch 2 [negative, positive], 512 text tokens.
-A step is exactly what ``sample.denoise`` does per timestep: ``predict_velocity`` (DiT forward on the
+A step is exactly what ``sampling.denoise`` does per timestep: ``predict_velocity`` (DiT forward on the
 CFG batch + CFG-Zero*) then the checkpoint scheduler's Euler step on −v.
 
     python benchmarks/bench_sample.py [--cases eager,compile_blocks] [--repeat 3] [--out DIR]
@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from longcat_nb.sample import predict_velocity, set_scheduler  # noqa: E402
+from longcat_nb.sampling import predict_velocity, set_scheduler  # noqa: E402
 from bench_dit import random_full_dit as full_size_dit  # noqa: E402  (the same seeded random weights)
 
 GIB = 2**30
@@ -54,7 +54,7 @@ def scheduler():
 
 
 def sampling_step(dit, sched, latents, emb, mask, num_cond: int = 0, guidance: float = 4.0):
-    """One denoising step at the first timestep of the 50-step schedule, as ``sample.denoise`` runs it."""
+    """One denoising step at the first timestep of the 50-step schedule, as ``sampling.denoise`` runs it."""
     set_scheduler(sched, 50, "normal", latents.device)
     t = sched.timesteps[0]
     v = predict_velocity(dit, latents, t, emb, mask, guidance, num_cond)

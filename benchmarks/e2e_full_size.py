@@ -242,7 +242,7 @@ def card_settings(card: int | None, tiny: bool, gpu_gib: float | None = None) ->
     from dataclasses import replace
 
     from longcat_nb.planner import PlanSettings, plan, recommend, use_selective
-    from longcat_nb.sample import sampling_plan
+    from longcat_nb.sampling import sampling_plan
 
     if tiny:
         return {"train": {}, "sample": {}, "dataset": {}, "predicted": {}}

@@ -133,3 +133,66 @@ def base_sigmas(steps: int, distilled: bool = False) -> torch.Tensor:
         idx = np.floor(np.linspace(0, DISTILL_GRID, steps, endpoint=False)).astype(np.int64)
         return grid[torch.from_numpy(idx)].float() / NUM_TRAIN_TIMESTEPS
     return torch.linspace(1.0, 0.001, steps, dtype=torch.float32)
+
+
+SCHEDULES = ("normal", "distilled", "enhance_hf", "refine")
+
+
+class SampleError(ValueError):
+    """Sampling settings that cannot work, with the fix (defined here, below the sampler, so that the
+    schedule functions raise it too; longcat_nb.sampling re-exports it)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling: the sampler's named schedules, from the σ lists above
+# ---------------------------------------------------------------------------------------------
+def _derived_timesteps(normal: torch.Tensor, schedule: str, t_thresh: float) -> torch.Tensor:
+    """enhance_hf / refine lists from the normal schedule's timesteps (as the pipeline derives them)."""
+    if schedule == "enhance_hf":
+        # keep the high-noise part, then 10 uniform steps 500, 450, ..., 50
+        tail = torch.from_numpy(np.linspace(500, 0, 10, endpoint=False, dtype=np.float32)).to(normal.device)
+        return torch.cat([normal[normal > 500], tail])
+    if schedule == "refine":
+        if not t_thresh:
+            return normal
+        start = torch.tensor([t_thresh * NUM_TRAIN_TIMESTEPS], dtype=normal.dtype, device=normal.device)
+        return torch.cat([start, normal[normal < start]])
+    raise SampleError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
+
+
+def timesteps_for(steps: int, schedule: str = "normal", t_thresh: float = 0.5, shift: float = SHIFT) -> list[float]:
+    """Model timesteps (1000·σ, σ after the shift) of a schedule; the Euler steps end at σ = 0.
+
+    normal: shift(linspace(1, 0.001, N)) (50 steps: 1000.0, 998.27, ..., 207.77, 11.87);
+    distilled: the 16-step list (1000.0 ... 510.6); enhance_hf: the normal timesteps > 500 then
+    500, 450, ..., 50 (56 steps for N = 50); refine: 1000·t_thresh then the normal timesteps below it
+    (t_thresh 0.5, N = 50: 500, 443.02, 343.47, 207.77, 11.87)."""
+    if schedule not in SCHEDULES:
+        raise SampleError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
+    if schedule == "distilled":
+        return (shift_sigmas(base_sigmas(steps, True), shift) * NUM_TRAIN_TIMESTEPS).tolist()
+    normal = shift_sigmas(base_sigmas(steps), shift) * NUM_TRAIN_TIMESTEPS
+    if schedule == "normal":
+        return normal.tolist()
+    return _derived_timesteps(normal, schedule, t_thresh).tolist()
+
+
+def set_scheduler(scheduler, steps: int, schedule: str = "normal", device=None, t_thresh: float = 0.5) -> list[float]:
+    """Configure the checkpoint's FlowMatchEulerDiscreteScheduler for a schedule; returns its timesteps.
+
+    normal/distilled go through ``set_timesteps(sigmas=...)`` (the scheduler applies its shift).
+    enhance_hf/refine are explicit timesteps with σ = t/1000 and no further shift: the scheduler has
+    no argument for that, so, like the official pipeline, its ``timesteps``/``sigmas`` are replaced
+    right after ``set_timesteps`` reset its step index."""
+    if schedule not in SCHEDULES:
+        raise SampleError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
+    if getattr(scheduler.config, "use_dynamic_shifting", False):
+        raise SampleError("the checkpoint's scheduler uses dynamic shifting; LongCat-Video samples with a static "
+                          f"shift of {SHIFT:g} (scheduler_config.json: use_dynamic_shifting=false, shift={SHIFT})")
+    distilled = schedule == "distilled"
+    scheduler.set_timesteps(steps, sigmas=base_sigmas(steps, distilled).tolist(), device=device)
+    if schedule in ("enhance_hf", "refine"):
+        ts = _derived_timesteps(scheduler.timesteps, schedule, t_thresh)
+        scheduler.timesteps = ts
+        scheduler.sigmas = torch.cat([ts / NUM_TRAIN_TIMESTEPS, ts.new_zeros(1)])
+    return scheduler.timesteps.tolist()

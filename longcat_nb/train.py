@@ -513,7 +513,7 @@ class Validator:
 
     def __call__(self, step: int, model) -> dict:
         from .checkpoint import Components, load_vae, resolve_checkpoint
-        from .sample import SampleRequest, generate, save_sample
+        from .sampling import SampleRequest, generate, save_sample
 
         s = self.cfg.train
         vae = load_vae(self.cfg.model.checkpoint, next(model.parameters()).device)

@@ -182,7 +182,7 @@ def test_one_table_of_choices_matches_the_code_that_uses_them():
     from longcat_nb.data.buckets import SHORT_CLIPS
     from longcat_nb.memory import PRECISIONS
     from longcat_nb.models.attention import BACKENDS
-    from longcat_nb.sample import MODES, OFFLOAD
+    from longcat_nb.sampling import MODES, OFFLOAD
 
     assert field_choices("model")["attention"] == BACKENDS  # auto resolves per grid in the model (attention.resolve_auto)
     assert set(field_choices("train")["base_precision"]) == set(PRECISIONS)
@@ -195,7 +195,8 @@ def test_one_table_of_choices_matches_the_code_that_uses_them():
 def test_shared_defaults_are_defined_once():
     """The LoRA targets, the precisions and the sampling choices live in config.py (torch-free); the
     modules that use them hold that very object, not a copy that could drift."""
-    from longcat_nb import config, flow, lora, memory, planner, sample, train
+    from longcat_nb import config, flow, lora, memory, planner, train
+    from longcat_nb import sampling as sample
 
     assert lora.DEFAULT_TARGETS is planner.PlanSettings().targets is config.DEFAULT_TARGETS
     assert config.TrainSettings().targets == list(config.DEFAULT_TARGETS)

@@ -53,7 +53,7 @@ def test_compiled_training_matches_eager_and_resumes(cached, tmp_path, precision
 def test_compiled_sampling_matches_eager(tiny_ckpt, attention, precision):
     from longcat_nb.config import ModelSettings
     from longcat_nb.models.quant_attention import available
-    from longcat_nb.sample import SampleRequest, generate, load_sampling_components
+    from longcat_nb.sampling import SampleRequest, generate, load_sampling_components
 
     if (attention == "quant8" or precision == "fp8_rowwise") and not available("cuda"):
         pytest.skip("8-bit attention and fp8 matmuls need compute capability 8.9+")

@@ -1,9 +1,9 @@
-"""Sampling LoRAs stacked on a model that is being trained (sample.temporary_loras + lora.adapters)."""
+"""Sampling LoRAs stacked on a model that is being trained (lora.adapters.temporary_loras)."""
 import torch
 
 from longcat_nb import lora as L
 from longcat_nb.checkpoint import load_components
-from longcat_nb.sample import temporary_loras
+from longcat_nb.lora.adapters import temporary_loras
 
 
 def _scalings(dit, name):

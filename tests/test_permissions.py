@@ -11,7 +11,7 @@ from longcat_nb.checkpoint import build_tiny_checkpoint, load_components
 from longcat_nb.config import TrainSettings, update_section
 from longcat_nb.data.video import write_mp4
 from longcat_nb.report import write_report
-from longcat_nb.sample import SampleRequest, generate, save_sample, write_video
+from longcat_nb.sampling import SampleRequest, generate, save_sample, write_video
 from longcat_nb.train import save_checkpoint
 
 UMASK = 0o027  # not the usual 0o022, so a file that merely got the default would show up

@@ -12,9 +12,9 @@ from helpers import SAMPLES
 from longcat_nb.checkpoint import load_components
 from longcat_nb.flow import base_sigmas
 from longcat_nb.resolution import i2v_bucket, nearest_bucket, refine_bucket
-from longcat_nb.sample import (SampleError, SampleRequest, cfg_zero_star, checkpoint_offers,
-                               compare_base_and_lora, generate, refine, refinement_padding, save_sample,
-                               set_scheduler, timesteps_for)
+from longcat_nb.sampling import (SampleError, SampleRequest, cfg_zero_star, compare_base_and_lora, generate,
+                                 refine, refinement_padding, save_sample, set_scheduler, timesteps_for)
+from longcat_nb.stages.sample import checkpoint_offers
 
 SMALL = dict(height=64, width=64, num_frames=9, steps=3)
 IMAGE = str(SAMPLES / "red_ball_bounce.png")
@@ -204,7 +204,7 @@ def test_i2v_keeps_the_conditioning_latent_through_every_step(comps):
 
 
 def test_bucket_resolution_takes_the_size_from_the_image(comps, monkeypatch):
-    import longcat_nb.sample as S
+    import longcat_nb.sampling.request as S
 
     asked = []
     # the real 480p/720p buckets are too big for a CPU test: record the lookup, answer a small size
@@ -369,7 +369,8 @@ def test_refine_without_the_lora_file_explains(comps):
 # notebook
 # ---------------------------------------------------------------------------------------------
 def test_notebook_helpers(tmp_path):
-    from longcat_nb.sample import auto_settings, image_from_upload, pick_lora, request_from_values
+    from longcat_nb.sampling import auto_settings, request_from_values
+    from longcat_nb.stages.sample import image_from_upload, pick_lora
 
     assert auto_settings(dict(height=0, width=0, num_frames=0, steps=0, guidance=0.0), "") == dict(
         height=64, width=64, num_frames=9, steps=8, guidance=4.0)
@@ -437,7 +438,7 @@ def test_auto_values_stay_auto_in_the_run_config(tmp_path):
     """04 saves what was asked: a value left at auto is saved as 0, so a rerun with another checkpoint or
     distilled mode derives it again; a value given (or typed into the form) is saved as it is."""
     from longcat_nb.config import load_config, resolve_parameters, update_section
-    from longcat_nb.sample import auto_settings, keep_auto, settings_record
+    from longcat_nb.sampling import auto_settings, keep_auto, settings_record
 
     asked = resolve_parameters(tmp_path, "sample", height=None, width=None, num_frames=None, steps=2, guidance=None)
     assert asked == dict(height=0, width=0, num_frames=0, steps=2, guidance=0.0)  # kit defaults: auto
@@ -486,7 +487,7 @@ def test_int8_sampling_is_close_to_full_precision_and_takes_loras(tiny_ckpt, tmp
     from optimum.quanto import QLinear
 
     from longcat_nb.memory import quantized_bytes
-    from longcat_nb.sample import load_sampling_components
+    from longcat_nb.sampling import load_sampling_components
 
     ref = load_sampling_components(_model_settings())
     q = load_sampling_components(_model_settings(), precision="int8")
@@ -510,7 +511,7 @@ def test_int8_sampling_is_close_to_full_precision_and_takes_loras(tiny_ckpt, tmp
 
 def test_block_swap_gives_the_same_samples_and_streams_sampling_loras(comps, tiny_ckpt, tmp_path):
     from longcat_nb.memory import block_swap_of
-    from longcat_nb.sample import load_sampling_components
+    from longcat_nb.sampling import load_sampling_components
 
     sw = load_sampling_components(_model_settings(), blocks_to_swap=1)
     swap = block_swap_of(sw.dit)
@@ -538,7 +539,7 @@ def test_block_swap_gives_the_same_samples_and_streams_sampling_loras(comps, tin
 
 def test_distilled_and_refinement_loras_with_int8_and_block_swap(comps_with_loras):
     pytest.importorskip("optimum.quanto")
-    from longcat_nb.sample import load_sampling_components
+    from longcat_nb.sampling import load_sampling_components
 
     c = comps_with_loras
     q = load_sampling_components(_model_settings(c.folder), precision="int8", blocks_to_swap=1)
@@ -555,7 +556,7 @@ def test_sampling_plan_shows_the_planner_peak_for_the_chosen_settings(tmp_path):
     from PIL import Image
 
     from longcat_nb.planner import PlanSettings, plan
-    from longcat_nb.sample import sampling_plan
+    from longcat_nb.sampling import sampling_plan
 
     v = dict(prompt="p", mode="t2v", height=0, width=0, num_frames=93, steps=50, guidance=4.0,
              precision="int8", blocks_to_swap=24, offload="model")
@@ -581,7 +582,7 @@ def test_sampling_plan_shows_the_planner_peak_for_the_chosen_settings(tmp_path):
 # conditioning size: the nearest official bucket, cropped, never stretched
 # ---------------------------------------------------------------------------------------------
 def test_non_16_9_inputs_get_the_nearest_official_bucket():
-    from longcat_nb.sample import sample_size
+    from longcat_nb.sampling import sample_size
 
     i2v = SampleRequest("x", mode="i2v", image=IMAGE)
     assert sample_size(i2v, (768, 1024)) == (544, 736)  # 4:3 -> ratio 0.74, not 480x832
@@ -595,7 +596,7 @@ def test_non_16_9_inputs_get_the_nearest_official_bucket():
 
 
 def test_conditioning_frames_are_center_cropped_not_stretched(comps):
-    from longcat_nb.sample import preprocess_frames
+    from longcat_nb.sampling import preprocess_frames
 
     stripes = np.zeros((1, 96, 288, 3), np.uint8)  # 3:1, red | green | blue thirds
     stripes[:, :, :96, 0] = stripes[:, :, 96:192, 1] = stripes[:, :, 192:, 2] = 255
@@ -615,7 +616,7 @@ def test_conditioning_frames_are_center_cropped_not_stretched(comps):
 # negative prompt: the official demos' one as a named choice
 # ---------------------------------------------------------------------------------------------
 def test_official_negative_prompt_is_a_named_choice(comps):
-    from longcat_nb.sample import settings_record
+    from longcat_nb.sampling import settings_record
     from longcat_nb.text import OFFICIAL_NEGATIVE_PROMPT, resolve_negative_prompt
     from longcat_nb.ui import SettingsForm
 
@@ -640,7 +641,7 @@ def test_official_negative_prompt_is_a_named_choice(comps):
 # sample files: unique names, nothing overwritten
 # ---------------------------------------------------------------------------------------------
 def test_samples_never_overwrite_each_other(comps, tmp_path):
-    from longcat_nb.sample import sample_stem
+    from longcat_nb.sampling import sample_stem
 
     cat = SampleRequest("A cat, walking on a wall!", seed=0, **SMALL)
     dog = SampleRequest("a dog", seed=0, **SMALL)

@@ -9,7 +9,7 @@ import longcat_nb.train as T
 from longcat_nb.cache import CachedDataset
 from longcat_nb.checkpoint import load_components
 from longcat_nb.config import update_section
-from longcat_nb.sample import SampleRequest, generate
+from longcat_nb.sampling import SampleRequest, generate
 from helpers import fresh_copy, one_clip_run
 
 

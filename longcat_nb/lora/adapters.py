@@ -5,11 +5,12 @@ A model with diffusers' ``PeftAdapterMixin`` goes through its ``load_lora_adapte
 those methods call."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch.nn as nn
 
@@ -166,3 +167,43 @@ def newest_lora(run_dir: str | os.PathLike) -> Optional[Path]:
     files = sorted((Path(run_dir) / "lora").glob("lora-step*.safetensors"))
     files = [f for f in files if not f.stem.endswith(exported_suffixes())]
     return files[-1] if files else None
+
+
+@contextlib.contextmanager
+def temporary_loras(model: nn.Module, loras: Sequence[tuple]):
+    """Apply LoRA files [(path, scale)] for the block (apply_loras: any layout, scale 0 == base), then
+    remove them; adapters that were active before (a LoRA being trained) stay active alongside and
+    keep their requires_grad flags. A block-swapped model's swapped copies follow both changes."""
+    loras = [(str(p), float(s)) for p, s in loras]
+    if not loras:
+        yield []
+        return
+    from ..memory import block_swap_of
+
+    grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = _active_adapters(model)
+    swap = block_swap_of(model)
+    with warnings.catch_warnings():  # a second adapter on the same model is what we mean to do
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        names = apply_loras(model, loras)
+    if before:
+        activate_adapters(model, before + names)  # each adapter keeps its scale
+    try:
+        if swap is not None:  # the new LoRA weights of swapped blocks stream in with their block
+            swap.sync()
+        yield names
+    finally:
+        remove_loras(model, names)
+        if swap is not None:
+            swap.sync()
+        if before:
+            activate_adapters(model, before)
+        for n, p in model.named_parameters():
+            if n in grad:
+                p.requires_grad_(grad[n])
+
+
+def _active_adapters(model: nn.Module) -> list:
+    for m in _lora_layers(model):
+        return list(m.active_adapters)
+    return []
