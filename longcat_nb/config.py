@@ -243,6 +243,10 @@ class TrainSettings:
     validation_prompts_file: str = setting("", help=(
         "a text file of more validation prompts, one a line; 'prompt | image.png' makes one image-to-video (the "
         "image relative to the file). Relative to the run folder, or absolute; \"\" = none"))
+    validation_distilled: bool = setting(False, help=(
+        "sample validation clips with the checkpoint's distill LoRA (lora/cfg_step_lora.safetensors) stacked under "
+        "the LoRA being trained: 16 steps without guidance, about 5x cheaper than 40 CFG steps (validation_steps "
+        "and validation_guidance are then not used); the clips show the LoRA through the distilled model"))
 
 
 @dataclass

@@ -486,7 +486,9 @@ class Validator:
     the VAE is loaded only to decode."""
 
     def __init__(self, run_dir: Path, cfg, save: bool = True):
-        from .checkpoint import load_scheduler, load_text_encoder, load_tokenizer, pick_device, pick_dtype
+        from .checkpoint import (list_checkpoint_loras, load_scheduler, load_text_encoder, load_tokenizer, pick_device,
+                                 pick_dtype, resolve_checkpoint)
+        from .sampling.request import DISTILL_LORA
         from .text import encode_prompts, named_encoder, run_text_encoder
 
         self.run_dir, self.cfg, self.save, s = Path(run_dir), cfg, save, cfg.train
@@ -510,6 +512,12 @@ class Validator:
             self.texts = [enc(["", p]) for p in s.validation_prompts]
         del enc
         self.scheduler = load_scheduler(cfg.model.checkpoint)
+        self.loras = list_checkpoint_loras(resolve_checkpoint(cfg.model.checkpoint))
+        if s.validation_distilled and DISTILL_LORA not in self.loras:  # now, not at the first validation
+            raise FileNotFoundError(
+                f"validation_distilled=True needs {resolve_checkpoint(cfg.model.checkpoint)}/lora/{DISTILL_LORA}"
+                ".safetensors (the lora/ folder of meituan-longcat/LongCat-Video): download it, or set "
+                "validation_distilled=False")
 
     def __call__(self, step: int, model) -> dict:
         from .checkpoint import Components, load_vae, resolve_checkpoint
@@ -519,14 +527,16 @@ class Validator:
         vae = load_vae(self.cfg.model.checkpoint, next(model.parameters()).device)
         # the record's 'checkpoint' is the model the LoRA is trained on; the LoRA is this run's at `step`
         comps = Components(folder=resolve_checkpoint(self.cfg.model.checkpoint), dit=model, vae=vae,
-                           scheduler=self.scheduler)
+                           scheduler=self.scheduler, loras=self.loras)
+        # distilled: the checkpoint's distill LoRA stacked under the one being trained, its own steps, no CFG
+        fast = dict(distilled=True) if s.validation_distilled else \
+            dict(steps=s.validation_steps, guidance=s.validation_guidance)
         saved = self.run_dir / "checkpoints" / f"step-{step:07d}"
         out = {}
         for i, (prompt, text, image) in enumerate(zip(s.validation_prompts, self.texts, self.images)):
             req = SampleRequest(prompt=prompt, mode="i2v" if image else "t2v", image=image or None,
                                 height=s.validation_height, width=s.validation_width,
-                                num_frames=s.validation_frames, steps=s.validation_steps,
-                                guidance=s.validation_guidance, seed=s.seed + i)
+                                num_frames=s.validation_frames, seed=s.seed + i, **fast)
             res = generate(comps, req, text=text, progress=False)
             res.settings.update(lora_step=step, lora_run=str(self.run_dir),
                                 text_encoder=(self.text_encoder or {"name": "umt5"})["name"],
