@@ -288,6 +288,9 @@ class SampleSettings:
     # step at 480x832x93 on an H200)
     compile: str = setting("auto", choices=AUTO_ON_OFF)
     loras: list = setting([], check=_loras)  # [{"path": ..., "scale": 1.0}]
+    preview_every: int = setting(5, ge=0, help=(
+        "show a rough preview of the clip every N denoising steps while it forms (a 16 -> 3 colour projection "
+        "of the latents, no VAE: about a millisecond); 0 = none. Interactive notebooks only"))
 
 
 def _train_together(s: TrainSettings) -> list[str]:

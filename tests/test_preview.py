@@ -33,3 +33,20 @@ def test_preview_every_n_steps_only():
         cb(i, 0.5, lat, lat)
     assert [s for s, _ in shown] == [1, 3] and shown[0][1] == (2, 12, 16, 3)
     assert preview_every(0, print) is None
+
+
+def test_sampling_shows_the_clean_estimate_every_n_steps():
+    from longcat_nb.checkpoint import load_components
+    from longcat_nb.sampling import SampleRequest, generate
+
+    comps = load_components("", device="cpu")
+    shown = []
+    req = SampleRequest(prompt="a red ball", height=64, width=64, num_frames=9, steps=4, guidance=1.0, seed=1)
+    res = generate(comps, req, progress=False, preview=preview_every(2, lambda i, f: shown.append((i, f))))
+    assert [i for i, _ in shown] == [1, 3]
+    frames = shown[-1][1]  # 3 latent frames of 8x8, shown 4x larger
+    assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8
+    again = []
+    generate(comps, req, progress=False, preview=preview_every(2, lambda i, f: again.append(f)))
+    assert np.array_equal(again[-1], frames)  # the same seed shows the same estimate
+    assert res.video.shape[0] == 9

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..flow import set_scheduler
+from ..flow import NUM_TRAIN_TIMESTEPS, set_scheduler
 from ..lora.adapters import temporary_loras
 from ..text import encode_prompts, named_encoder, required_encoder
 from ..vae import check_size, decode_latents, encode_video, to_uint8_frames
@@ -158,10 +158,12 @@ def predict_velocity(dit, latents: torch.Tensor, t: float, emb: torch.Tensor, ma
 def denoise(dit, scheduler, latents: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor, steps: int,
             schedule: str = "normal", guidance: float = 1.0, num_cond_latents: int = 0, use_kv_cache: bool = False,
             offload_kv_cache: bool = False, t_thresh: float = 0.5, progress=None,
-            callback: Optional[Callable[[int, float, torch.Tensor], None]] = None) -> tuple[torch.Tensor, list]:
+            callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
+            preview: Optional[Callable] = None) -> tuple[torch.Tensor, list]:
     """Run the Euler loop on ``latents`` [1, C, T, h, w] (fp32; the first ``num_cond_latents`` frames
     are clean conditioning and are never changed). Returns (latents, timesteps).
-    ``callback(i, t, latents)`` sees all frames after every step."""
+    ``callback(i, t, latents)`` sees all frames after every step; ``preview(i, σ, latents, v)`` (see
+    longcat_nb.preview) sees the step's input and the guided velocity, before the step."""
     n = num_cond_latents
     timesteps = set_scheduler(scheduler, steps, schedule, latents.device, t_thresh)
     kv_cache = build_kv_cache(dit, latents[:, :, :n], emb, offload_kv_cache) if (use_kv_cache and n) else None
@@ -169,6 +171,8 @@ def denoise(dit, scheduler, latents: torch.Tensor, emb: torch.Tensor, mask: torc
     try:
         for i, t in enumerate(scheduler.timesteps):
             v = predict_velocity(dit, latents, t, emb, mask, guidance, n, kv_cache)
+            if preview is not None:
+                preview(i, float(t) / NUM_TRAIN_TIMESTEPS, latents[:, :, n:], v)
             # the DiT predicts x0 − ε; the scheduler's Euler step wants dx/dσ = ε − x0
             noisy = scheduler.step(-v, t, latents[:, :, n:], return_dict=False)[0]
             latents = torch.cat([latents[:, :, :n], noisy], dim=2) if n else noisy
@@ -260,7 +264,8 @@ def run_record(components, loras: Sequence[tuple], timesteps, dev, dtype) -> dic
 def generate(components, request: SampleRequest, loras: Optional[Sequence[tuple]] = None, progress=True,
              callback: Optional[Callable[[int, float, torch.Tensor], None]] = None, *,
              text: Optional[tuple] = None, offload: str = "none", device=None, text_encoder_to_cpu: bool = True,
-             vae_tiling_enabled: Optional[bool] = None, offload_kv_cache: bool = False) -> SampleResult:
+             vae_tiling_enabled: Optional[bool] = None, offload_kv_cache: bool = False,
+             preview: Optional[Callable] = None) -> SampleResult:
     """Sample one video (T2V, I2V or continuation) with loaded ``components`` (dit, vae, scheduler,
     and tokenizer + text_encoder unless ``text`` gives precomputed (embeddings, mask) rows
     [negative, positive]).
@@ -268,6 +273,7 @@ def generate(components, request: SampleRequest, loras: Optional[Sequence[tuple]
     loras: [(path, scale), ...] applied for this call only (any layout; scale 0 == base).
     progress: True = a tqdm.auto bar, False = none, or a tqdm-like factory.
     callback(i, t, latents): after every step, with all latent frames (conditioning included).
+    preview(i, σ, latents, v): before every step (longcat_nb.preview.preview_every makes one).
     offload: 'none' (models stay where they are) or 'model' (text encoder, DiT and VAE each moved
     to ``device`` only while they run). vae_tiling_enabled: tiled VAE for this call (None = as is).
     """
@@ -297,7 +303,7 @@ def generate(components, request: SampleRequest, loras: Optional[Sequence[tuple]
             latents, timesteps = denoise(
                 dit, components.scheduler, latents, emb, mask, req.steps, schedule, req.guidance, n_cond,
                 use_kv_cache=req.mode == "continuation" and req.use_kv_cache, offload_kv_cache=offload_kv_cache,
-                progress=progress, callback=callback)
+                progress=progress, callback=callback, preview=preview)
     except torch.cuda.OutOfMemoryError as e:
         raise _oom_error(e, dev, req.height, req.width, req.num_frames, guided, _memory(components)) from e
 

@@ -146,7 +146,8 @@ def sample(run_dir, components, values: dict, upload_value=None, asked: Optional
     if log is not None:
         log(f"sampling {req.mode} {values.get('height') or 'auto'}x{values.get('width') or 'auto'}x{req.num_frames}, "
             f"{req.steps} steps, guidance {req.guidance}, LoRA {lora or 'none'}; DiT {components.memory}")
-    results = compare_base_and_lora(components, req, lora, scale, progress=_bar(progress), offload=values["offload"])
+    results = compare_base_and_lora(components, req, lora, scale, progress=_bar(progress), offload=values["offload"],
+                                    preview=_preview(progress, values.get("preview_every", 0)))
     stem = sample_stem(run_dir, req)  # a new number each time: nothing is overwritten
     paths = {name: save_sample(res, run_dir, f"{stem}_{name}") for name, res in results.items()}
     record = settings_record(req, lora, scale, *(values[k] for k in MEMORY_KEYS))
@@ -154,6 +155,15 @@ def sample(run_dir, components, values: dict, upload_value=None, asked: Optional
                                                   values if shown is None else shown, values))
     return Samples(results, paths, req, req.fps, {"base": "base", "lora": f"LoRA x{values.get('lora_scale', 1.0)}"},
                    stem)
+
+
+def _preview(progress, every: int):
+    """The notebook's live latent preview (only where the notebook's progress bar is wanted)."""
+    if progress is not True or not every:
+        return None
+    from ..ui.preview import live_preview
+
+    return live_preview(int(every))
 
 
 def _bar(progress):
