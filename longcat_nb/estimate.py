@@ -69,6 +69,10 @@ def sample_step_seconds(s: PlanSettings) -> float:
     return t * PRECISION_SPEED.get(s.precision, 1.0)
 
 
+def per_step(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds >= 1 else f"{seconds:.2g} s"
+
+
 def duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     if seconds < 90:
@@ -120,7 +124,7 @@ def training_estimate(train, dataset, card: str) -> Estimate:
     total = step * train.steps + val + (TRAIN_COMPILE_S if s.compile else 0.0)
     lines = [f"full-size model at {dataset.resolution}x{dataset.num_frames}, batch {train.batch_size}: "
              f"predicted GPU peak {rep['peak_gib']} GiB, host RAM {rep['host_ram_gib']} GiB",
-             f"about {step:.1f} s a step on an H100-class GPU; {train.steps} steps"
+             f"about {per_step(step)} a step on an H100-class GPU; {train.steps} steps"
              + (f" and validation ({duration(val)})" if val else "") + f": about {duration(total)}",
              _verdict(card, rep["fits"], rep["advice"])]
     return Estimate(card, rep["peak_gib"], rep["host_ram_gib"], step, total, rep["fits"], rep["advice"], lines)
@@ -145,7 +149,7 @@ def sampling_estimate(values: dict, card: str, uploaded_image=None) -> Estimate:
     step = sample_step_seconds(s)
     steps = int(values.get("steps") or 0)
     total = step * steps + (SAMPLE_COMPILE_S if s.compile else 0.0)
-    lines = [rep["summary"], f"about {step:.1f} s a step on an H100-class GPU; {steps} steps: about {duration(total)}"
+    lines = [rep["summary"], f"about {per_step(step)} a step on an H100-class GPU; {steps} steps: about {duration(total)}"
              " per clip (base and LoRA: twice)", _verdict(card, rep["fits"], rep["advice"])]
     return Estimate(card, rep["peak_gib"], rep["host_ram_gib"], step, total, rep["fits"], rep["advice"], lines)
 
@@ -192,3 +196,12 @@ def sampling_preset(card: str, values: dict, uploaded_image=None) -> tuple[dict,
     note = (f"{card}: block swap from the planner" + ("" if found else " (nothing fits at this size: lower the frames)")
             + "; offload=model when the text encoder and the DiT do not fit together; fixed: compile auto")
     return out, note
+
+
+def detected_card() -> str:
+    """The preset of this machine's first GPU (its LONGCAT_NB_GPU_MEMORY_GIB cap counts); cpu/tiny without one."""
+    import torch
+
+    from .envinfo import gpu_memory_gib
+
+    return preset_for_gpu(gpu_memory_gib(0) if torch.cuda.is_available() else None)
