@@ -76,7 +76,7 @@ def per_step(seconds: float) -> str:
 def duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     if seconds < 90:
-        return f"{seconds:.0f} s"
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 

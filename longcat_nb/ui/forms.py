@@ -106,8 +106,7 @@ class GroupedForm(SettingsForm):
         self._label_px = LABEL_PX_PER_CHAR * max(len(getattr(x, "description", "")) for x in self.widgets.values()) + 16
         for widget in self.widgets.values():
             widget.style.description_width = f"{self._label_px}px"
-            if hasattr(widget.layout, "width") and type(widget).__name__ != "Checkbox":
-                widget.layout.width = f"{self._label_px + 420}px"
+            widget.layout.width = f"{self._label_px + 420}px"  # a checkbox's label is on its right: room for it
         self.groups = grouped(self.section, list(self.widgets))
         groups = {g: ns for g, ns in self.groups.items() if g != "basics"}
         basics = [self._row(n) for n in self.groups.get("basics", [])]
@@ -130,12 +129,14 @@ class GroupedForm(SettingsForm):
         if not self.presets:
             return []
         self.preset_dropdown = w.Dropdown(options=list(self.presets[0]), value=self.preset, description="card preset",
-                                          style={"description_width": f"{self._label_px}px"})
-        button = w.Button(description="fill memory & speed", tooltip="set the memory & speed fields for this card")
+                                          style={"description_width": f"{self._label_px}px"},
+                                          layout=w.Layout(width=f"{self._label_px + 160}px"))
+        button = w.Button(description="fill memory & speed", tooltip="set the memory & speed fields for this card",
+                          layout=w.Layout(width="auto"))
         self.preset_dropdown.observe(lambda c: self.apply_preset(c["new"]), names="value")
         button.on_click(lambda _b: self.apply_preset(self.preset_dropdown.value))
         self.note_box = w.HTML()
-        hint = w.HTML(f"<div style='color:#666;font-size:90%;padding-left:{self._label_px + 8}px'>detected: "
+        hint = w.HTML(f"<div style='color:#666;font-size:90%;line-height:1.4;padding-left:{self._label_px + 8}px'>detected: "
                       f"{html.escape(self.presets[1])}. Picking a card fills the memory &amp; speed fields with what "
                       "the VRAM planner recommends for it; the estimate below is for that card.</div>")
         return [w.HBox([self.preset_dropdown, button]), hint, self.note_box]
@@ -145,12 +146,12 @@ class GroupedForm(SettingsForm):
         if self._box is None and not hasattr(self, "estimate_box"):
             return
         if hasattr(self, "note_box"):
-            self.note_box.value = (f"<div style='color:#555;font-size:90%;padding-left:{self._label_px + 8}px'>"
+            self.note_box.value = (f"<div style='color:#555;font-size:90%;line-height:1.4;padding-left:{self._label_px + 8}px'>"
                                    f"{html.escape(self.note)}</div>") if self.note else ""
         lines = self.estimate_lines()
         style = "background:#fff4f4;border-left:4px solid #c33" if any("will not fit" in x for x in lines) else \
             "background:#f4f8ff;border-left:4px solid #36c"
-        self.estimate_box.value = (f"<div class='longcat-estimate' style='{style};padding:6px 10px;margin-top:6px'>"
+        self.estimate_box.value = (f"<div class='longcat-estimate' style='{style};line-height:1.5;padding:6px 10px;margin-top:6px'>"
                                    "<b>Estimate</b><br>" + "<br>".join(html.escape(x) for x in lines) + "</div>"
                                    if lines else "")
 

@@ -256,6 +256,16 @@ class NotebookInLab:
         self.cell(i).locator(".jp-Cell-outputArea").screenshot(path=str(path))
         return path
 
+    def screenshot_form(self, i: int, filename: str) -> Path:
+        """The whole output of cell i in a viewport tall enough for it (JupyterLab scrolls inside the page,
+        so what is out of view would be cut)."""
+        self.page.set_viewport_size({"width": VIEWPORT["width"], "height": 2600})
+        try:
+            self.cell(i).scroll_into_view_if_needed()
+            return self.screenshot_output(i, filename)
+        finally:
+            self.page.set_viewport_size(VIEWPORT)
+
     def screenshot_page(self, filename: str) -> Path:
         path = self.artifacts / filename
         self.page.screenshot(path=str(path))
@@ -381,7 +391,7 @@ def test_notebooks_in_jupyterlab(browser_requirements, tmp_path, artifacts_dir):
                         check_group_and_preset(nb, form)
                     if nb.name == "04_sample":
                         check_estimate_follows_frames(nb, form)
-                    nb.screenshot_output(form, f"{nb.name}_widgets.png")
+                    nb.screenshot_form(form, f"{nb.name}_widgets.png")
 
                     nb.run_cells(form + 1, nb.n_cells)
                     nb.save_and_check(0, nb.n_cells)
@@ -414,7 +424,7 @@ def check_group_and_preset(nb: NotebookInLab, form: int):
         nb.fail("the memory & speed group is open before anyone opens it")
     nb.cell(form).get_by_text(re.compile(r"^memory & speed \(\d+\)$")).click()
     nb.wait_until(swap.is_visible, "the memory & speed group to open after a click on its title")
-    nb.screenshot_output(form, "03_train_lora_group_open.png")
+    nb.screenshot_form(form, "03_train_lora_group_open.png")
     if swap.input_value() != "0":
         nb.fail(f"blocks to swap shows {swap.input_value()!r} before any preset; the parameters say 0")
     before = nb.estimate(form)
@@ -423,7 +433,7 @@ def check_group_and_preset(nb: NotebookInLab, form: int):
                   "the 24 GiB preset to fill blocks to swap and the estimate to say it fits in 24 GiB")
     if nb.estimate(form) == before:
         nb.fail(f"the estimate did not change with the preset: {before!r}")
-    nb.screenshot_output(form, "03_train_lora_preset_24GiB.png")
+    nb.screenshot_form(form, "03_train_lora_preset_24GiB.png")
     nb.widget_input(form, "card preset", "select").select_option("cpu/tiny")
     nb.wait_until(lambda: swap.input_value() == "0" and "no GPU chosen" in nb.estimate(form),
                   "the cpu/tiny preset to set blocks to swap back to 0")
@@ -439,7 +449,7 @@ def check_estimate_follows_frames(nb: NotebookInLab, form: int):
         if value == "93":
             nb.wait_until(lambda: "x93," in nb.estimate(form) and nb.estimate(form) != before,
                           "the estimate to follow num frames = 93")
-            nb.screenshot_output(form, "04_sample_estimate_93_frames.png")
+            nb.screenshot_form(form, "04_sample_estimate_93_frames.png")
     nb.wait_until(lambda: nb.estimate(form) == before, f"the estimate to return with num frames = {shown}")
 
 
