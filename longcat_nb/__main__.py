@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -59,6 +60,10 @@ def main(argv=None) -> int:
     nc_mode.add_argument("--sync", action="store_true", help="rewrite the shared cells from the source")
     nc_mode.add_argument("--check", action="store_true", help="exit 1, listing each notebook and cell that drifted")
     nc.add_argument("notebooks", nargs="*", help="notebook files or stems (default: every notebook in notebooks/)")
+
+    st = sub.add_parser("settings", help="every setting with its default, allowed values and explanation")
+    st.add_argument("--markdown", action="store_true", help="as README's settings table (the only format)")
+    st.add_argument("--readme", default=None, metavar="README.md", help="rewrite the table between the markers there")
 
     args = ap.parse_args(argv)
     if getattr(args, "run_dir", None) is not None:
@@ -155,6 +160,14 @@ def main(argv=None) -> int:
         if drifts:
             print(f"run `{SYNC_COMMAND}` (or move the change into longcat_nb/notebook_cells.py first)")
         return 1 if drifts else 0
+    if args.cmd == "settings":
+        from .settings_doc import settings_markdown, write_readme_table
+
+        if args.readme:
+            print(f"{args.readme}: {'rewritten' if write_readme_table(Path(args.readme)) else 'already up to date'}")
+            return 0
+        print(settings_markdown(), end="")
+        return 0
     if args.cmd == "env":
         from .envinfo import environment_report
 

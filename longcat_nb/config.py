@@ -12,11 +12,13 @@ import json
 import math
 import operator
 import os
-import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from .config_checks import (  # the check= rules of the fields below
+    _device, _four_k_plus_one, _guidance_or_auto, _loras, _module_names, _multiple_of_16, _resolution, _texts,
+    _zero_is_auto)
 from .io import atomic_write_text
 
 CONFIG_NAME = "config.json"
@@ -51,172 +53,125 @@ OFFLOAD = ("none", "model")  # sampling offload
 BASE_FPS = 15  # the model's frame rate: every official stage-1 clip; refinement doubles it
 
 
-def _four_k_plus_one(n: int) -> Optional[str]:
-    if n >= 1 and (n - 1) % 4 == 0:
-        return None
-    lo = max(1, (n - 1) // 4 * 4 + 1)
-    return f"the VAE takes 4k+1 frames (…, 81, 85, 89, 93, 97, …); use {lo} or {lo + 4}"
-
-
-def _to_16(n: int) -> int:
-    return max(16, round(n / 16) * 16)
-
-
-def _multiple_of_16(n: int) -> Optional[str]:
-    if n > 0 and n % 16 == 0:
-        return None
-    return f"must be a positive multiple of 16 (the VAE's 8x times the 2x2 patch); use {_to_16(n)}"
-
-
-def _zero_is_auto(check):
-    def checked(n: int) -> Optional[str]:
-        problem = None if n == 0 else check(n)
-        return problem and problem + " (or 0 = auto)"
-    return checked
-
-
-def _resolution(text: str) -> Optional[str]:
-    parts = text.lower().replace(" ", "").split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        return "write it as HEIGHTxWIDTH, e.g. 480x832"
-    if any(map(_multiple_of_16, map(int, parts))):
-        return f"each side must be a positive multiple of 16; use {'x'.join(str(_to_16(int(p))) for p in parts)}"
-    return None
-
-
-def _device(text: str) -> Optional[str]:
-    if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
-        return None
-    return "not a device: use auto, cpu, cuda, cuda:N (N = the GPU's index) or mps"
-
-
-def _guidance_or_auto(g: float) -> Optional[str]:
-    return None if g == 0 or g >= 1 else "use 0 (auto) or at least 1 (1 = no guidance, 4.0 = the official default)"
-
-
-def _texts(items: list) -> Optional[str]:
-    bad = [x for x in items if not isinstance(x, str)]
-    return f"every item must be a text; {bad[0]!r} is not (put it in quotes)" if bad else None
-
-
-def _module_names(items: list) -> Optional[str]:
-    if not items or not all(isinstance(x, str) and x.strip() for x in items):
-        return "name at least one module, each a text (e.g. attn.qkv; presets: ffn, modulation)"
-    return None
-
-
-def _loras(items: list) -> Optional[str]:
-    for i, x in enumerate(items):
-        if not (isinstance(x, dict) and isinstance(x.get("path"), str) and x["path"]):
-            return f"item {i} must be {{\"path\": \"file.safetensors\", \"scale\": 1.0}} with a path"
-        scale = x.get("scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            return f"item {i}: scale={scale!r} must be a finite number (1.0 = as trained)"
-    return None
-
-
 @dataclass
 class ModelSettings:
-    # Folder in the Hub layout (dit/ vae/ text_encoder/ tokenizer/ scheduler/). "" = tiny default.
-    checkpoint: str = ""
-    device: str = setting("auto", check=_device)  # auto | cpu | cuda | cuda:N | mps
-    dit_dtype: str = setting("auto", choices=DTYPES)  # auto = bfloat16 on GPU, float32 on CPU
-    text_encoder_dtype: str = setting("auto", choices=DTYPES)
-    vae_dtype: str = setting("auto", choices=DTYPES)
-    # auto (block-sparse where the official pipeline uses it: grids of 720p and more on CUDA; dense SDPA
-    # elsewhere) | sdpa | xformers | bsa | quant8 (8-bit dense self-attention for sampling and
-    # validation; training steps use SDPA)
-    attention: str = setting("auto", choices=("auto", "sdpa", "xformers", "bsa", "quant8"))
+    checkpoint: str = setting("", help="Folder in the Hub layout (dit/ vae/ text_encoder/ tokenizer/ scheduler/); "
+                              "empty = the tiny default model")
+    device: str = setting("auto", check=_device, help="auto | cpu | cuda | cuda:N (the GPU's index) | mps")
+    dit_dtype: str = setting("auto", choices=DTYPES, help="The DiT's dtype: auto = bfloat16 on GPU, float32 on CPU")
+    text_encoder_dtype: str = setting("auto", choices=DTYPES, help="The text encoder's dtype (auto as dit_dtype)")
+    vae_dtype: str = setting("auto", choices=DTYPES, help="The VAE's dtype (auto as dit_dtype)")
+    attention: str = setting("auto", choices=("auto", "sdpa", "xformers", "bsa", "quant8"),
+                             help="auto = block-sparse where the official pipeline uses it (grids of 720p and more "
+                             "on CUDA), dense SDPA elsewhere | sdpa | xformers | bsa | quant8 (8-bit dense "
+                             "self-attention for sampling and validation; training steps use SDPA)")
 
 
 @dataclass
 class DatasetSettings:
-    dataset_dir: str = ""  # "" = the bundled data_samples/
-    trigger: str = ""  # prepended to every caption when set
-    target_fps: float = setting(float(BASE_FPS), gt=0)
-    num_frames: int = setting(93, check=_four_k_plus_one)
-    # A clip shorter than num_frames (after resampling to target_fps): keep = train it at the longest
-    # 4k+1 frame count it has (its bucket WxH@F carries the count, so batches never mix lengths; one
-    # window per such clip) | drop = skip it, reported as "too short".
-    short_clips: str = setting("keep", choices=("keep", "drop"))
-    # keep only: a clip with fewer frames than this (4k+1; 17 = 1.1 s at 15 fps, under which a clip
-    # shows little motion) is reported as "too short". Never more than num_frames.
-    min_frames: int = setting(17, check=_four_k_plus_one)
-    extraction: str = setting("head", choices=("head", "uniform", "slide"))
-    windows: int = setting(1, ge=1)  # windows per clip for `uniform`
-    stride: int = setting(0, ge=0)  # frames between window starts for `slide` (0 = num_frames)
-    bucket_strategy: str = setting("aspect_ratio", choices=("aspect_ratio", "resolution_frames"))
-    resolution: str = setting("480x832", check=_resolution)  # HxW target area for aspect_ratio buckets
-    # bucket sizes are multiples of this (64 keeps BSA-friendly latents)
-    bucket_grid: int = setting(32, check=_multiple_of_16)
-    frame_interval: int = setting(4, ge=1)
-    crop: str = setting("center", choices=("center", "random", "none"))
-    # random crops: each window's crop is drawn from (crop_seed, clip, window, variant) when 01 scans, so
-    # the cache holds it; crop_variants > 1 cuts that many different crops of every window
-    crop_seed: int = setting(0, ge=0)
-    crop_variants: int = setting(1, ge=1)
-    # metadata.jsonl/csv paths that lead outside the dataset folder (../x.mp4, /abs/path) are refused
-    # unless this is on
-    allow_outside: bool = False
-    max_caption_tokens: int = setting(512, ge=1, le=512)  # UMT5 reads 512 tokens; more would be cut
+    dataset_dir: str = setting("", help="The folder of clips and captions; empty = the bundled data_samples/")
+    trigger: str = setting("", help="A word prepended to every caption when set (the LoRA's trigger)")
+    target_fps: float = setting(float(BASE_FPS), gt=0, help="Clips are resampled to this frame rate: 15 for the "
+                                "base stage, 30 for refinement")
+    num_frames: int = setting(93, check=_four_k_plus_one, help="Frames per training window (4k+1: 93 = 6.2 s at 15 fps)")
+    short_clips: str = setting("keep", choices=("keep", "drop"),
+                               help="A clip shorter than num_frames (after resampling): keep = train it at its "
+                               "longest 4k+1 frame count (its own bucket, one window) | drop = skip it, reported "
+                               "as too short")
+    min_frames: int = setting(17, check=_four_k_plus_one,
+                              help="keep only: a clip with fewer frames (4k+1; 17 = 1.1 s at 15 fps, too little "
+                              "motion) is reported as too short. Never more than num_frames")
+    extraction: str = setting("head", choices=("head", "uniform", "slide"),
+                              help="Which windows of a clip are trained: head = the first | uniform = `windows` "
+                              "spread evenly | slide = every `stride` frames")
+    windows: int = setting(1, ge=1, help="Windows per clip for extraction = uniform")
+    stride: int = setting(0, ge=0, help="Frames between window starts for extraction = slide (0 = num_frames)")
+    bucket_strategy: str = setting("aspect_ratio", choices=("aspect_ratio", "resolution_frames"),
+                                   help="aspect_ratio = sizes of about `resolution`'s area in each clip's aspect "
+                                   "ratio | resolution_frames = each clip's own size and length")
+    resolution: str = setting("480x832", check=_resolution, help="HEIGHTxWIDTH: the target area of aspect_ratio buckets")
+    bucket_grid: int = setting(32, check=_multiple_of_16, help="Bucket sizes are multiples of this (64 keeps "
+                               "block-sparse-attention-friendly latents)")
+    frame_interval: int = setting(4, ge=1, help="Frames between the frame counts of buckets (the VAE's 4)")
+    crop: str = setting("center", choices=("center", "random", "none"), help="How a clip is cut to its bucket's size")
+    crop_seed: int = setting(0, ge=0, help="random crops: each window's crop is drawn from (crop_seed, clip, window, "
+                             "variant) when 01 scans, so the cache holds it")
+    crop_variants: int = setting(1, ge=1, help="random crops: how many different crops of every window are cached")
+    allow_outside: bool = setting(False, help="Accept metadata.jsonl/csv paths that lead outside the dataset folder "
+                                  "(../x.mp4, /abs/path); refused unless on")
+    max_caption_tokens: int = setting(512, ge=1, le=512, help="Caption tokens kept (UMT5 reads 512; more would be cut)")
 
 
 @dataclass
 class CacheSettings:
-    # umt5 (the checkpoint's) | qwen2.5-vl (SimpleTuner's; out of distribution)
-    text_encoder: str = setting("umt5", choices=("umt5", "qwen2.5-vl"))
-    # stored dtype of latents and text embeddings
-    latent_dtype: str = setting("bfloat16", choices=("bfloat16", "float16", "float32"))
-    vae_tiling: bool = False  # untiled 480x832x93 encode peaks at 4.1 GiB (bf16, H100); tiling: 1.4 GiB, 3x slower
-    remove_orphans: bool = False  # delete cache files no dataset.jsonl record uses (else only reported)
-    # sample = a posterior draw seeded per entry (what the official pipeline feeds the DiT) | mode = its mean
-    posterior: str = setting("sample", choices=("sample", "mode"))
-    qwen_path: str = ""  # qwen2.5-vl only: local folder or Hub id; "" = Qwen/Qwen2.5-VL-7B-Instruct
+    text_encoder: str = setting("umt5", choices=("umt5", "qwen2.5-vl"),
+                                help="umt5 = the checkpoint's own | qwen2.5-vl = SimpleTuner's (out of distribution)")
+    latent_dtype: str = setting("bfloat16", choices=("bfloat16", "float16", "float32"),
+                                help="The stored dtype of latents and text embeddings")
+    vae_tiling: bool = setting(False, help="Encode in spatial tiles: 1.4 GiB instead of 4.1 GiB at 480x832x93 (bf16), "
+                               "3x slower; for cards under ~8 GB")
+    remove_orphans: bool = setting(False, help="Delete cache files no dataset.jsonl record uses (else only reported)")
+    posterior: str = setting("sample", choices=("sample", "mode"),
+                             help="sample = a posterior draw seeded per entry (what the official pipeline feeds the "
+                             "DiT) | mode = its mean")
+    qwen_path: str = setting("", help="qwen2.5-vl only: a local folder or Hub id; empty = Qwen/Qwen2.5-VL-7B-Instruct")
 
 
 @dataclass
 class TrainSettings:
-    steps: int = setting(1000, ge=1)
-    rank: int = setting(32, ge=1)
-    alpha: float = setting(32.0, gt=0)
-    dropout: float = setting(0.0, ge=0, lt=1)
-    targets: list = setting(list(DEFAULT_TARGETS), check=_module_names)
-    lr: float = setting(1e-4, gt=0)
-    optimizer: str = setting("adamw", choices=("adamw", "adamw8bit", "prodigy"))
-    lr_schedule: str = setting("constant", choices=("constant", "cosine"))
-    warmup_steps: int = setting(0, ge=0)
-    batch_size: int = setting(1, ge=1)
-    grad_accum: int = setting(1, ge=1)
-    max_grad_norm: float = setting(1.0, ge=0)  # 0 = no clipping
-    timestep_sampling: str = setting("shift", choices=TIMESTEP_SAMPLING)
-    # share of steps trained on the empty prompt (what CFG contrasts with)
-    caption_dropout: float = setting(0.05, ge=0, le=1)
-    # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | int8 | int4 | fp8 (weight-only, saves memory) |
-    # fp8_rowwise (float8 matmuls: faster on Hopper and newer, bf16-sized weights) | nf4
-    base_precision: str = setting("auto", choices=PRECISIONS)
-    gradient_checkpointing: bool = True
-    # checkpointing also keeps each block's video self-attention output, so the backward does not
-    # recompute attention (+0.3 GiB a block at 480x832x93): auto = when the VRAM planner says it fits
-    keep_attention: str = setting("auto", choices=AUTO_ON_OFF)
-    activation_offload: bool = False  # checkpointed block inputs in pinned CPU memory
-    blocks_to_swap: int = setting(0, ge=0)
-    # torch.compile of each whole block: auto = on CUDA with a working Triton (the first step takes
-    # about 40 s longer, then each is faster), eager elsewhere | on | off
-    compile: str = setting("auto", choices=AUTO_ON_OFF)
-    verify_cache: bool = False  # at train start, also check every cache file's sha256 (else sizes and headers)
-    seed: int = setting(42, ge=0, le=2**63 - 1)
-    checkpoint_every: int = setting(100, ge=0)  # 0 = no checkpoints (nothing to resume from)
-    keep_checkpoints: int = setting(3, ge=0)
-    validate_every: int = setting(0, ge=0)
-    validation_prompts: list = setting([], check=_texts)
-    # one per prompt (or fewer): an image path makes that prompt image-to-video, "" keeps it text-to-video
-    validation_images: list = setting([], check=_texts)
-    # sampling steps of a validation clip (a preview; 04_sample uses 50)
-    validation_steps: int = setting(20, ge=1)
-    validation_height: int = setting(480, check=_multiple_of_16)
-    validation_width: int = setting(832, check=_multiple_of_16)
-    validation_frames: int = setting(93, check=_four_k_plus_one)
-    validation_guidance: float = setting(4.0, ge=1)  # 1 = no guidance
+    steps: int = setting(1000, ge=1, help="Optimizer steps to train")
+    rank: int = setting(32, ge=1, help="LoRA rank: capacity of the adapter (and its size on disk)")
+    alpha: float = setting(32.0, gt=0, help="LoRA alpha: the update is scaled by alpha / rank")
+    dropout: float = setting(0.0, ge=0, lt=1, help="Dropout on the LoRA's input")
+    targets: list = setting(list(DEFAULT_TARGETS), check=_module_names,
+                            help="Modules of each block that get a LoRA, one per line (presets: ffn, modulation)")
+    lr: float = setting(1e-4, gt=0, help="Learning rate (prodigy: 1.0)")
+    optimizer: str = setting("adamw", choices=("adamw", "adamw8bit", "prodigy"),
+                             help="adamw | adamw8bit (bitsandbytes, smaller states) | prodigy (sets its own rate)")
+    lr_schedule: str = setting("constant", choices=("constant", "cosine"), help="constant | cosine decay to 0")
+    warmup_steps: int = setting(0, ge=0, help="Steps of linear warmup of the learning rate")
+    batch_size: int = setting(1, ge=1, help="Clips per step (a bucket's clips; memory grows with it)")
+    grad_accum: int = setting(1, ge=1, help="Batches whose gradients add up before each optimizer step")
+    max_grad_norm: float = setting(1.0, ge=0, help="Gradient clipping norm (0 = no clipping)")
+    timestep_sampling: str = setting("shift", choices=TIMESTEP_SAMPLING,
+                                     help="How training draws noise levels: shift (uniform, then the static shift `shift`, as the "
+                                     "official schedule) | uniform | logit_normal (logit_mean, logit_std; shifted) | "
+                                     "sigmoid (sigmoid_scale)")
+    caption_dropout: float = setting(0.05, ge=0, le=1,
+                                     help="Share of steps trained on the empty prompt (what CFG contrasts with)")
+    base_precision: str = setting("auto", choices=PRECISIONS,
+                                  help="The frozen base's weights: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | "
+                                  "int8 | int4 | fp8 (weight-only, saves memory) | fp8_rowwise (float8 matmuls: faster "
+                                  "on Hopper and newer, bf16-sized weights) | nf4")
+    gradient_checkpointing: bool = setting(True, help="Recompute each block's activations in the backward instead of "
+                                           "keeping them (far less memory)")
+    keep_attention: str = setting("auto", choices=AUTO_ON_OFF,
+                                  help="Checkpointing also keeps each block's self-attention output, so the backward "
+                                  "does not recompute attention (+0.3 GiB a block at 480x832x93): auto = when the "
+                                  "VRAM planner says it fits")
+    activation_offload: bool = setting(False, help="Keep checkpointed block inputs in pinned CPU memory (under 3% "
+                                       "slower)")
+    blocks_to_swap: int = setting(0, ge=0, help="The last N of the 48 DiT blocks stay in CPU memory and stream in "
+                                  "(under 3% slower)")
+    compile: str = setting("auto", choices=AUTO_ON_OFF,
+                           help="torch.compile of each whole block: auto = on CUDA with a working Triton (the first "
+                           "step takes about 40 s longer, then each is faster), eager elsewhere | on | off")
+    verify_cache: bool = setting(False, help="At train start, also check every cache file's sha256 (else sizes and "
+                                 "headers)")
+    seed: int = setting(42, ge=0, le=2**63 - 1, help="Seed of noise, timesteps and the LoRA's initial weights")
+    checkpoint_every: int = setting(100, ge=0, help="Steps between resumable checkpoints (0 = none: nothing to resume "
+                                    "from)")
+    keep_checkpoints: int = setting(3, ge=0, help="Checkpoints kept on disk (older ones are deleted)")
+    validate_every: int = setting(0, ge=0, help="Steps between validation clips (0 = no validation)")
+    validation_prompts: list = setting([], check=_texts, help="Prompts of the validation clips, one per line")
+    validation_images: list = setting([], check=_texts,
+                                      help="One per prompt (or fewer): an image path makes that prompt image-to-video, "
+                                      "\"\" keeps it text-to-video")
+    validation_steps: int = setting(20, ge=1, help="Sampling steps of a validation clip (a preview; 04_sample uses 50)")
+    validation_height: int = setting(480, check=_multiple_of_16, help="Validation clip height (multiple of 16)")
+    validation_width: int = setting(832, check=_multiple_of_16, help="Validation clip width (multiple of 16)")
+    validation_frames: int = setting(93, check=_four_k_plus_one, help="Validation clip frames (4k+1)")
+    validation_guidance: float = setting(4.0, ge=1, help="Validation CFG scale (1 = no guidance)")
     loss_weighting: str = setting("none", choices=LOSS_WEIGHTING, help=(
         "weight of each sample's loss by its noise level σ (SD3 paper): none = plain MSE (as the kit always did) | "
         "sigma_sqrt = 1/σ² (stresses low noise, fine detail) | cosmap = 2/(π(1−2σ+2σ²)) (stresses mid noise)"))
@@ -254,40 +209,41 @@ class SampleSettings:
     # 04_sample's settings as last asked (recorded there; the sampler itself takes a SampleRequest). 0 in
     # height/width/num_frames/steps/guidance = auto (sample.auto_settings: from the checkpoint and
     # `distilled`), kept as 0 so a rerun re-derives them; each clip's JSON in samples/ has the values used.
-    prompt: str = "A red ball bounces across a blue floor from left to right, soft shadows."
-    # "" with guidance > 1 = the empty negative, as the official pipeline; "official" = the official
-    # demos' negative prompt (text.OFFICIAL_NEGATIVE_PROMPT); any other text as given
-    negative_prompt: str = ""
-    mode: str = setting("t2v", choices=MODES)
-    image: str = ""  # i2v conditioning image
-    video: str = ""  # continuation input (resampled to fps)
-    # continuation: last k frames (4k+1) -> 1 + (k-1)/4 latents
-    num_cond_frames: int = setting(13, check=_four_k_plus_one)
-    # i2v/continuation with height = width = 0: the official bucket nearest to the input's aspect
-    # ratio, from this table ("" = 480p); the input is center-cropped, never stretched
-    resolution: str = setting("", choices=("", "480p", "720p"))
-    # 0 = auto: 480x832 for t2v, the bucket of the input for i2v/continuation
-    height: int = setting(0, check=_zero_is_auto(_multiple_of_16))
-    width: int = setting(0, check=_zero_is_auto(_multiple_of_16))
-    num_frames: int = setting(0, check=_zero_is_auto(_four_k_plus_one))
-    steps: int = setting(0, ge=0)
-    guidance: float = setting(0.0, check=_guidance_or_auto)
-    seed: int = setting(0, ge=0, le=2**63 - 1)
-    fps: int = setting(BASE_FPS, ge=1)
-    distilled: bool = False  # the checkpoint's cfg_step_lora: 16 steps, guidance 1
-    use_kv_cache: bool = True  # continuation: cache the conditioning tokens' k/v
-    enhance_hf: bool = True  # continuation (not distilled): 10 uniform steps below t=500
-    # none | model (DiT/VAE/text encoder on the GPU only while used)
-    offload: str = setting("none", choices=OFFLOAD)
-    # DiT base weights: auto (model.dit_dtype) | bf16 | fp16 | fp32 | int8 | int4 | fp8 | fp8_rowwise | nf4
-    precision: str = setting("auto", choices=PRECISIONS)
-    # last N DiT blocks' weights in CPU memory, streamed in per block
-    blocks_to_swap: int = setting(0, ge=0)
-    # torch.compile of each DiT block: auto = on CUDA with a working Triton | on | off. The first clip
-    # (and each LoRA change) compiles for about 15 s, then every step is faster (6.9 vs 9.4 s per CFG
-    # step at 480x832x93 on an H200)
-    compile: str = setting("auto", choices=AUTO_ON_OFF)
-    loras: list = setting([], check=_loras)  # [{"path": ..., "scale": 1.0}]
+    prompt: str = setting("A red ball bounces across a blue floor from left to right, soft shadows.",
+                          help="What the clip shows")
+    negative_prompt: str = setting("", help="Empty with guidance > 1 = the empty negative, as the official pipeline; "
+                                   "official = the official demos' negative prompt; any other text as given")
+    mode: str = setting("t2v", choices=MODES, help="t2v (text) | i2v (from an image) | continuation (of a video)")
+    image: str = setting("", help="i2v: the conditioning image's path")
+    video: str = setting("", help="continuation: the input video's path (resampled to fps)")
+    num_cond_frames: int = setting(13, check=_four_k_plus_one,
+                                   help="continuation: the last k frames (4k+1) condition the clip")
+    resolution: str = setting("", choices=("", "480p", "720p"),
+                              help="i2v/continuation with height = width = 0: the official bucket nearest to the "
+                              "input's aspect ratio from this table (empty = 480p); center-cropped, never stretched")
+    height: int = setting(0, check=_zero_is_auto(_multiple_of_16),
+                          help="0 = auto: 480x832 for t2v, the bucket of the input for i2v/continuation")
+    width: int = setting(0, check=_zero_is_auto(_multiple_of_16), help="0 = auto (see height)")
+    num_frames: int = setting(0, check=_zero_is_auto(_four_k_plus_one), help="Frames (4k+1); 0 = auto (93)")
+    steps: int = setting(0, ge=0, help="Denoising steps; 0 = auto (50, 16 distilled)")
+    guidance: float = setting(0.0, check=_guidance_or_auto, help="CFG scale; 0 = auto (4, 1 distilled); 1 = none")
+    seed: int = setting(0, ge=0, le=2**63 - 1, help="Seed of the initial noise")
+    fps: int = setting(BASE_FPS, ge=1, help="Frame rate of the written mp4")
+    distilled: bool = setting(False, help="The checkpoint's cfg_step_lora: 16 steps, guidance 1")
+    use_kv_cache: bool = setting(True, help="continuation: cache the conditioning tokens' k/v")
+    enhance_hf: bool = setting(True, help="continuation (not distilled): 10 uniform steps below t=500")
+    offload: str = setting("none", choices=OFFLOAD,
+                           help="none | model (DiT, VAE and text encoder on the GPU only while used)")
+    precision: str = setting("auto", choices=PRECISIONS,
+                             help="DiT base weights: auto (model.dit_dtype) | bf16 | fp16 | fp32 | int8 | int4 | fp8 | "
+                             "fp8_rowwise | nf4")
+    blocks_to_swap: int = setting(0, ge=0, help="The last N DiT blocks' weights stay in CPU memory, streamed in per "
+                                  "block")
+    compile: str = setting("auto", choices=AUTO_ON_OFF,
+                           help="torch.compile of each DiT block: auto = on CUDA with a working Triton | on | off. The "
+                           "first clip (and each LoRA change) compiles for about 15 s, then every step is faster (6.9 "
+                           "vs 9.4 s per CFG step at 480x832x93 on an H200)")
+    loras: list = setting([], check=_loras, help='LoRAs stacked on the base, one per line: {"path": ..., "scale": 1.0}')
     preview_every: int = setting(5, ge=0, help=(
         "show a rough preview of the clip every N denoising steps while it forms (a 16 -> 3 colour projection "
         "of the latents, no VAE: about a millisecond); 0 = none. Interactive notebooks only"))

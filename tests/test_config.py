@@ -95,7 +95,7 @@ def test_notebook_parameters_default_to_the_kit_defaults():
         cells = [c for c in json.loads(notebooks[stem].read_text())["cells"] if c["cell_type"] == "code"]
         at = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
         form_cell = "".join(cells[at + 1]["source"])  # the cell right after the parameters
-        assert "SettingsForm(" in form_cell and "run_dir = str(resolve_run_dir(run_dir))" in form_cell, stem
+        assert re.search(r"^form = ", form_cell, re.M) and "run_dir = str(resolve_run_dir(run_dir))" in form_cell, stem
         assert re.search(rf'resolve_parameters\(\s*run_dir, "{section}"', form_cell), stem
     assert set(DEMO_PARAMETERS) <= declared_anywhere
 

@@ -11,18 +11,16 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..config import AUTO_ON_OFF, MODES, OFFLOAD, load_config, resolve_parameters  # noqa: F401  (04's form cell)
+from ..config import load_config, resolve_parameters  # noqa: F401  (04's form cell)
 from ..paths import resolve_run_dir  # noqa: F401  (04's form cell)
 from ..sampling.request import DISTILL_LORA, REFINE_LORA, SampleError
-from ..ui import SettingsForm, show_table  # noqa: F401  (04's cells display through these)
+from ..ui import show_table  # noqa: F401  (04's cells display through these)
+from ..ui.stage_forms import sample_form  # noqa: F401  (04's form cell)
 from . import apply_settings, split_parameters
 
 OPTIONS = ("lora_path", "lora_scale")
-# the 04_sample form: SettingsForm(values, **FORM)
-FORM = dict(title="Sampling settings",
-            choices=dict(mode=list(MODES), bucket=["", "480p", "720p"], offload=list(OFFLOAD), compile=list(AUTO_ON_OFF),
-                         precision=["auto", "bf16", "fp16", "fp32", "int8", "int4", "fp8", "fp8_rowwise", "nf4"]),
-            suggestions=dict(negative_prompt=["official"]),
+# the 04_sample form: sample_form(values, image getter, upload, **FORM) (grouped, with the card preset and estimate)
+FORM = dict(suggestions=dict(negative_prompt=["official"]),
             descriptions=dict(negative_prompt="negative prompt ('' or official)", height="height (0 = auto)",
                               width="width (0 = auto)"))
 MEMORY_KEYS = ("offload", "precision", "blocks_to_swap", "compile")

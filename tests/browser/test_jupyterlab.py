@@ -105,14 +105,14 @@ def prepare_notebooks(dest: Path, run_dir: Path, kernel_name: str) -> list[Path]
 
 
 def form_cell_index(nb_path: Path) -> int:
-    """The cell that builds the notebook's widget form (ui.SettingsForm), after the parameters."""
+    """The cell that builds the notebook's widget form (`form = ...`), after the parameters."""
     import nbformat
 
     nb = nbformat.read(nb_path, as_version=4)
     for i, cell in enumerate(nb.cells):
-        if cell.cell_type == "code" and "SettingsForm(" in cell.source:
+        if cell.cell_type == "code" and re.search(r"^form = ", cell.source, re.M):
             return i
-    raise AssertionError(f"{nb_path.name}: no cell builds a ui.SettingsForm; the browser test expects "
+    raise AssertionError(f"{nb_path.name}: no cell builds the form (`form = ...`); the browser test expects "
                          "the form cell right after the parameters cell")
 
 
@@ -256,18 +256,39 @@ class NotebookInLab:
         self.cell(i).locator(".jp-Cell-outputArea").screenshot(path=str(path))
         return path
 
+    def screenshot_form(self, i: int, filename: str) -> Path:
+        """The whole output of cell i in a viewport tall enough for it (JupyterLab scrolls inside the page,
+        so what is out of view would be cut)."""
+        self.page.set_viewport_size({"width": VIEWPORT["width"], "height": 2600})
+        try:
+            self.cell(i).scroll_into_view_if_needed()
+            return self.screenshot_output(i, filename)
+        finally:
+            self.page.set_viewport_size(VIEWPORT)
+
     def screenshot_page(self, filename: str) -> Path:
         path = self.artifacts / filename
         self.page.screenshot(path=str(path))
         return path
 
-    def widget_input(self, form_cell: int, label: str):
-        """The <input> of the form widget whose label is exactly `label`."""
+    def widget_input(self, form_cell: int, label: str, tag: str = "input"):
+        """The <input> (or `tag`: select, textarea) of the form widget whose label is exactly `label`."""
         box = self.cell(form_cell).locator(".jupyter-widgets.widget-inline-hbox").filter(
             has=self.page.locator("label.widget-label", has_text=re.compile(rf"^\s*{re.escape(label)}\s*$")))
         if box.count() != 1:
             self.fail(f"expected one widget labelled {label!r} in the form (cell {form_cell}), found {box.count()}")
-        return box.locator("input")
+        return box.locator(tag)
+
+    def estimate(self, form_cell: int) -> str:
+        return self.cell(form_cell).locator(".longcat-estimate").inner_text()
+
+    def wait_until(self, check, what: str, timeout_s: float = UI_TIMEOUT_S):
+        """Poll `check()` (a round trip through the kernel: widget -> observer -> widgets) until true."""
+        t0 = time.monotonic()
+        while not check():
+            if time.monotonic() - t0 > timeout_s:
+                self.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
+            self.page.wait_for_timeout(250)
 
     def wait_for_form(self, form_cell: int, n_widgets: int):
         self.wait_for("""([i, n]) => { const p = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
@@ -367,7 +388,10 @@ def test_notebooks_in_jupyterlab(browser_requirements, tmp_path, artifacts_dir):
                         steps.press("Enter")  # IntText sends its value to the kernel on change
                         steps.evaluate("e => e.blur()")
                         assert steps.input_value() == str(WIDGET_STEPS)
-                    nb.screenshot_output(form, f"{nb.name}_widgets.png")
+                        check_group_and_preset(nb, form)
+                    if nb.name == "04_sample":
+                        check_estimate_follows_frames(nb, form)
+                    nb.screenshot_form(form, f"{nb.name}_widgets.png")
 
                     nb.run_cells(form + 1, nb.n_cells)
                     nb.save_and_check(0, nb.n_cells)
@@ -390,6 +414,43 @@ def test_notebooks_in_jupyterlab(browser_requirements, tmp_path, artifacts_dir):
         timings["total_s"] = round(time.monotonic() - t_start, 1)
         (artifacts_dir / "timings.json").write_text(json.dumps(timings, indent=2))
         print(f"\n[browser test] timings: {json.dumps(timings)}")
+
+
+def check_group_and_preset(nb: NotebookInLab, form: int):
+    """03: the memory & speed group opens; the 24 GiB card preset fills its fields and the estimate follows;
+    the cpu/tiny preset puts them back to what the tiny CPU run needs."""
+    swap = nb.widget_input(form, "blocks to swap")
+    if swap.is_visible():
+        nb.fail("the memory & speed group is open before anyone opens it")
+    nb.cell(form).get_by_text(re.compile(r"^memory & speed \(\d+\)$")).click()
+    nb.wait_until(swap.is_visible, "the memory & speed group to open after a click on its title")
+    nb.screenshot_form(form, "03_train_lora_group_open.png")
+    if swap.input_value() != "0":
+        nb.fail(f"blocks to swap shows {swap.input_value()!r} before any preset; the parameters say 0")
+    before = nb.estimate(form)
+    nb.widget_input(form, "card preset", "select").select_option("24 GiB")
+    nb.wait_until(lambda: swap.input_value() not in ("", "0") and "fits in 24 GiB" in nb.estimate(form),
+                  "the 24 GiB preset to fill blocks to swap and the estimate to say it fits in 24 GiB")
+    if nb.estimate(form) == before:
+        nb.fail(f"the estimate did not change with the preset: {before!r}")
+    nb.screenshot_form(form, "03_train_lora_preset_24GiB.png")
+    nb.widget_input(form, "card preset", "select").select_option("cpu/tiny")
+    nb.wait_until(lambda: swap.input_value() == "0" and "no GPU chosen" in nb.estimate(form),
+                  "the cpu/tiny preset to set blocks to swap back to 0")
+
+
+def check_estimate_follows_frames(nb: NotebookInLab, form: int):
+    """04: the live estimate changes when the frame count changes (and back)."""
+    frames = nb.widget_input(form, "num frames")
+    shown, before = frames.input_value(), nb.estimate(form)
+    for value in ("93", shown):
+        frames.fill(value)
+        frames.press("Enter")
+        if value == "93":
+            nb.wait_until(lambda: "x93," in nb.estimate(form) and nb.estimate(form) != before,
+                          "the estimate to follow num frames = 93")
+            nb.screenshot_form(form, "04_sample_estimate_93_frames.png")
+    nb.wait_until(lambda: nb.estimate(form) == before, f"the estimate to return with num frames = {shown}")
 
 
 def check_training_followed_widget(nb: NotebookInLab, run_dir: Path):
