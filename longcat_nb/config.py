@@ -104,6 +104,12 @@ def _module_names(items: list) -> Optional[str]:
     return None
 
 
+def _dataset_list(items: list) -> Optional[str]:
+    from .data.datasets import list_problem  # the list's rules live with the list
+
+    return list_problem(items)
+
+
 def _loras(items: list) -> Optional[str]:
     for i, x in enumerate(items):
         if not (isinstance(x, dict) and isinstance(x.get("path"), str) and x["path"]):
@@ -158,6 +164,11 @@ class DatasetSettings:
     # unless this is on
     allow_outside: bool = False
     max_caption_tokens: int = setting(512, ge=1, le=512)  # UMT5 reads 512 tokens; more would be cut
+    datasets: list = setting([], check=_dataset_list, help=(
+        "several datasets in one run: a JSON list of entries {\"dataset_dir\": ..., \"repeats\": 1, \"role\": "
+        "\"train\" | \"regularisation\" | \"eval\", \"loss_weight\": 1.0}, each optionally with its own num_frames, "
+        "target_fps, resolution, extraction, windows, stride, crop, trigger, short_clips, min_frames, "
+        "max_caption_tokens; a train entry may hold out eval_fraction (0-1) or eval_files. [] = dataset_dir alone"))
 
 
 @dataclass
@@ -216,6 +227,9 @@ class TrainSettings:
     validation_width: int = setting(832, check=_multiple_of_16)
     validation_frames: int = setting(93, check=_four_k_plus_one)
     validation_guidance: float = setting(4.0, ge=1)  # 1 = no guidance
+    eval_every: int = setting(0, ge=0, help=(
+        "every N steps, the loss on the eval samples (dataset entries with role eval, or eval_fraction / "
+        "eval_files) at fixed sigmas and fixed noise, so two runs' curves compare; 0 = never"))
 
 
 @dataclass
@@ -321,6 +335,9 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected text, got {value!r}")
         return str(value)
     if isinstance(default, list):
+        if isinstance(value, str) and value.lstrip().startswith("["):  # JSON text (papermill -p x='[...]')
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(value)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()] if value else []
         if not isinstance(value, (list, tuple)):

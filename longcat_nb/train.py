@@ -32,11 +32,14 @@ from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume,
 # the objective (the schedule's math is flow.py; the DiT call is here)
 # ---------------------------------------------------------------------------------------------
 def flow_matching_loss(dit, x0: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor,
-                       noise: torch.Tensor, num_cond: int = 0) -> torch.Tensor:
+                       noise: torch.Tensor, num_cond: int = 0, *, loss_mask: Optional[torch.Tensor] = None,
+                       sample_weight: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
     """MSE between the DiT output and x0 − ε on the noisy frames, in float32.
 
     x0, noise: [B, 16, T, h, w] float32; sigma: [B]; the first ``num_cond`` latent frames are clean
-    conditioning (timestep 0, no loss, no gradient into them)."""
+    conditioning (timestep 0, no loss, no gradient into them). ``loss_mask`` [B, 1, T, h, w] weights
+    the latent grid (1 = learn), ``sample_weight`` [B] each sample; ``reduction`` "none" gives the
+    per-sample losses [B] (train_data.reduce_loss)."""
     B, _, T = x0.shape[:3]
     x_t = noisy_latents(x0, noise, sigma)
     t = (sigma.to(x0) * NUM_TRAIN_TIMESTEPS)[:, None].expand(B, T).clone()
@@ -45,7 +48,12 @@ def flow_matching_loss(dit, x0: torch.Tensor, text: torch.Tensor, mask: torch.Te
         t[:, :num_cond] = 0.0
     pred = dit(x_t.detach(), t, text, mask, num_cond_latents=num_cond)
     target = velocity_target(x0, noise)[:, :, num_cond:]
-    return (pred[:, :, num_cond:].float() - target.float()).square().mean()
+    err = (pred[:, :, num_cond:].float() - target.float()).square()
+    if loss_mask is None and sample_weight is None and reduction == "mean":
+        return err.mean()
+    from .train_data import reduce_loss
+
+    return reduce_loss(err, None if loss_mask is None else loss_mask[:, :, num_cond:], sample_weight, reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +286,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     from .checkpoint import load_dit, pick_device
     from .memory import QUANTIZED, apply_base_precision, apply_block_swap, apply_gradient_checkpointing, compute_dtype
     from .speed import apply_compile, compile_wanted, default_sdpa_preference, set_sdpa_preference
+    from .train_data import batch_weights, eval_loss_for, training_groups
 
     s = cfg.train
     device = dist.device if dist.enabled else pick_device(cfg.model.device)
@@ -340,7 +349,8 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     opt = build_optimizer(params, s)
     base_lrs = [g["lr"] for g in opt.param_groups]
 
-    stream = MicroBatches(group_by_shape(dataset), s.batch_size, s.seed)
+    stream = MicroBatches(training_groups(dataset, group_by_shape(dataset)), s.batch_size, s.seed)  # repeats, no eval
+    evaluate = eval_loss_for(dataset, s.eval_every, log)
     step, position, losses = 0, {"epoch": 0, "batch": 0}, []
     ckpt_dir = run_dir / "checkpoints"
     resumed = resume_latest(ckpt_dir, dit, opt, s, log, set_aside=dist.is_main)  # the newest intact one
@@ -384,7 +394,8 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
                 sigma = sample_sigmas(len(items), gen, s.timestep_sampling)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 with _tf32(device.type == "cuda"):
-                    loss = flow_matching_loss(dit, x0, text, mask, sigma.to(device), noise, n_cond)
+                    loss = flow_matching_loss(dit, x0, text, mask, sigma.to(device), noise, n_cond,
+                                              **batch_weights(items, device))
                     (loss / s.grad_accum).backward()
                 loss_sum += loss.item() / s.grad_accum
             distributed.average_gradients(params, dist)
@@ -402,6 +413,8 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
                 "it_s": (step - step_start) / max(1e-9, time.time() - t_start),
                 "eta_s": (stop - step) * (time.time() - t_start) / max(1, step - step_start),
             }
+            if evaluate is not None and step % s.eval_every == 0:
+                rec["eval_loss"] = evaluate(dit, device, dtype)
             if device.type == "cuda":
                 rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if dist.enabled:
@@ -415,6 +428,8 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
                 if tb is not None:
                     tb.add_scalar("loss", loss_sum, step)
                     tb.add_scalar("lr", lr, step)
+                    if "eval_loss" in rec:
+                        tb.add_scalar("eval_loss", rec["eval_loss"], step)
                 if on_step is not None:
                     on_step(rec)
             if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == stop):
