@@ -189,3 +189,21 @@ def test_kill_9_with_three_entries_resumes_the_data_order_exactly(cached, tmp_pa
     res = T.train(run, log=lines.append)
     assert any("resumed from step-0000002" in line for line in lines), lines
     assert res.losses == full and len(full) == 6
+
+
+def test_the_eval_loss_is_drawn_beside_the_training_loss_in_the_report_and_in_03(tmp_path):
+    from longcat_nb.report import loss_section
+    from longcat_nb.ui.train_view import LossPlot
+
+    recs = [{"step": s, "loss": 1.0 / s, "lr": 1e-4, "sec": 0.1, "it_s": 1.0, "eta_s": 0.0,
+             **({"eval_loss": 0.5 / s} if s % 2 == 0 else {})} for s in range(1, 7)]
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    html = loss_section(tmp_path)
+    assert "eval loss (held out" in html and "0.08333 (step 6)" in html
+    plot = LossPlot(6)
+    for r in recs:
+        plot.records.append(r)
+    fig = plot.figure()
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any(label.startswith("eval loss") for label in labels) and "eval loss 0.0833" in plot.status_line(recs[-1])
