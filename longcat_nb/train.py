@@ -23,6 +23,7 @@ from . import lora as lora_lib
 from .config import TrainSettings, load_config
 from .flow import NUM_TRAIN_TIMESTEPS, noisy_latents, sample_sigmas, velocity_target
 from .paths import resolve_path
+from .train_data import batch_weights, eval_loss_for, reduce_loss, training_groups
 from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
                      interrupt_held, latest_checkpoint, load_checkpoint, nonfinite, resume_latest, rng_state,
                      run_lock, save_checkpoint)
@@ -51,8 +52,6 @@ def flow_matching_loss(dit, x0: torch.Tensor, text: torch.Tensor, mask: torch.Te
     err = (pred[:, :, num_cond:].float() - target.float()).square()
     if loss_mask is None and sample_weight is None and reduction == "mean":
         return err.mean()
-    from .train_data import reduce_loss
-
     return reduce_loss(err, None if loss_mask is None else loss_mask[:, :, num_cond:], sample_weight, reduction)
 
 
@@ -286,7 +285,6 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     from .checkpoint import load_dit, pick_device
     from .memory import QUANTIZED, apply_base_precision, apply_block_swap, apply_gradient_checkpointing, compute_dtype
     from .speed import apply_compile, compile_wanted, default_sdpa_preference, set_sdpa_preference
-    from .train_data import batch_weights, eval_loss_for, training_groups
 
     s = cfg.train
     device = dist.device if dist.enabled else pick_device(cfg.model.device)

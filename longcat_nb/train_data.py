@@ -38,6 +38,9 @@ def training_groups(dataset, groups: dict[str, list[int]]) -> dict[str, list[int
             drawn += [] if m["role"] == "eval" else [i] * m["repeats"]
         if drawn:
             out[key] = drawn
+    if not out:
+        raise ValueError("nothing to train on: every cached sample is held out for evaluation (role \"eval\", "
+                         "eval_fraction or eval_files); give a train entry in 01_dataset and re-run 01 and 02")
     return out
 
 

@@ -207,3 +207,17 @@ def test_the_eval_loss_is_drawn_beside_the_training_loss_in_the_report_and_in_03
     fig = plot.figure()
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert any(label.startswith("eval loss") for label in labels) and "eval loss 0.0833" in plot.status_line(recs[-1])
+
+
+def test_a_carved_fraction_is_fixed_and_keeps_a_file_trained(tmp_path):
+    folder = _folder(tmp_path, "clips", ["green_square_spin", "rain_stripes", "sunset_gradient"])
+    cfg = update_section(tmp_path / "run", "dataset", num_frames=9, resolution="64x64",
+                         datasets=[{"dataset_dir": str(folder), "eval_fraction": 0.9},
+                                   {"dataset_dir": str(folder), "eval_files": ["rain_stripes.mp4"], "repeats": 2}])
+    roles = [(r["dataset"], r["file"].rsplit("/", 1)[-1], r["role"]) for r in scan_datasets(cfg.dataset).records]
+    assert sum(role == "eval" for d, _, role in roles if d == 0) == 2  # 0.9 of 3 files, one stays trained
+    assert (1, "rain_stripes.mp4", "eval") in roles
+    # a file held out by one entry is not trained through another that lists it too
+    held = {f for _, f, role in roles if role == "eval"}
+    assert not any(role != "eval" and f in held for _, f, role in roles)
+    assert roles == [(r["dataset"], r["file"].rsplit("/", 1)[-1], r["role"]) for r in scan_datasets(cfg.dataset).records]

@@ -171,7 +171,7 @@ def _carved(files: list[str], entry: DatasetEntry, base: Path) -> set[str]:
                                 f"in {base}: give names relative to that folder")
     chosen = {f for f in files if str(Path(f).resolve()) in named}
     if entry.eval_fraction:
-        n = max(1, round(entry.eval_fraction * len(files)))
+        n = min(max(1, round(entry.eval_fraction * len(files))), len(files) - 1)  # some files stay trained
         ranked = sorted(files, key=lambda f: hashlib.sha256(Path(f).name.encode()).hexdigest())
         chosen |= set(ranked[:n])
     return chosen
