@@ -221,3 +221,16 @@ def test_a_carved_fraction_is_fixed_and_keeps_a_file_trained(tmp_path):
     held = {f for _, f, role in roles if role == "eval"}
     assert not any(role != "eval" and f in held for _, f, role in roles)
     assert roles == [(r["dataset"], r["file"].rsplit("/", 1)[-1], r["role"]) for r in scan_datasets(cfg.dataset).records]
+
+
+def test_the_planner_sizes_for_the_largest_entry(tmp_path):
+    from longcat_nb.planner import training_plan_settings
+
+    cfg = update_section(tmp_path, "dataset", num_frames=33, resolution="480x832",
+                         datasets=[{"dataset_dir": "a", "num_frames": 1, "resolution": "720x1280"},
+                                   {"dataset_dir": "b", "num_frames": 93}])
+    plan = training_plan_settings(cfg.train, cfg.dataset, compile=False)
+    assert (plan.height, plan.width, plan.num_frames) == (480, 832, 93)  # 480x832x93 > 720x1280x1
+    cfg = update_section(tmp_path, "dataset", datasets=[{"dataset_dir": "a", "resolution": "720x1280"}])
+    plan = training_plan_settings(cfg.train, cfg.dataset, compile=False)
+    assert (plan.height, plan.width, plan.num_frames) == (720, 1280, 33)
