@@ -131,13 +131,16 @@ def _hash(obj) -> str:
 
 def latent_key(record: dict, identity: dict, settings, memo: Optional[dict] = None) -> str:
     cond = record.get("condition_image")
-    return _hash({
+    keyed = {
         "v": CACHE_VERSION, "src": source_identity(record["file"], memo), "kind": record.get("kind", "video"),
         "cond": source_identity(cond, memo) if cond else None, "frames": record.get("frame_indices"),
         "bucket": record["bucket"], "size": [record["num_frames"], record["height"], record["width"]],
         "crop": _crop_identity(record), "vae": identity["vae"], "dtype": settings.latent_dtype,
         "posterior": settings.posterior,
-    })
+    }
+    if record.get("mask"):  # the loss mask is stored with the latents; records without one keep their key
+        keyed["mask"] = source_identity(record["mask"], memo)
+    return _hash(keyed)
 
 
 def _crop_identity(record: dict):
@@ -335,6 +338,7 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
     Settings come from ``run_dir/config.json`` (``model`` and ``cache`` sections); ``remove_orphans``
     overrides ``cache.remove_orphans``. Text encoder first (loaded, used, freed), then the VAE.
     """
+    from .cache_encode import _load_text_encoder, encode_record
     from .cache_manifest import ManifestWriter
     from .checkpoint import pick_device, resolve_checkpoint
     from .data.scan import require_samples
@@ -565,306 +569,18 @@ def _find_orphans(cache_dir: Path, m: dict, used: tuple[set, set]) -> list[dict]
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# encoders
-# ---------------------------------------------------------------------------------------------
-def _load_text_encoder(cfg, cs, folder: Path, dev: torch.device, identity: dict) -> Callable:
-    """Returns encode(caption) -> (embeddings [L, C] float, mask [L] int64), L = 512."""
-    from .checkpoint import load_text_encoder, load_tokenizer, pick_dtype
-    from .text import encode_prompts
 
-    if cs.text_encoder == "umt5":
-        tok = load_tokenizer(folder)
-        enc = load_text_encoder(folder, dev, cfg.model.text_encoder_dtype)
-
-        def encode(caption: str):
-            emb, mask = encode_prompts(tok, enc, [caption], max_length=MAX_TEXT_TOKENS)
-            return emb[0, 0].float().cpu(), mask[0].cpu()
-
-        return encode
-    return _qwen_encoder(identity["text_encoder_source"], dev, pick_dtype(cfg.model.text_encoder_dtype, dev),
-                         identity["caption_channels"])
+# The encoders and the reading side live in their own modules (which import this one); their names
+# stay importable from here, looked up on first use.
+_MOVED = {"cache_encode": ("_load_text_encoder", "_qwen_encoder", "encode_latents", "encode_record"),
+          "cache_read": ("CachedDataset", "_load_checked", "_text_tensors", "cache_summary", "check_manifest",
+                         "decode_check", "load_negative", "no_entries_cause")}
 
 
-def _qwen_encoder(source: str, dev: torch.device, dtype: torch.dtype, width: int) -> Callable:
-    """SimpleTuner's LongCat-Video text path, kept as a named alternative: Qwen2.5-VL-7B, 512 tokens, no
-    chat template and no prompt cleaning, ``hidden_states[-1]`` (3584-d) zero-padded to the DiT's
-    caption width (4096). The checkpoint's caption projection was trained on UMT5 features, so these
-    are out of distribution for it (spec §6); use only to match a SimpleTuner-trained setup."""
-    try:
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-    except ImportError as e:
-        raise CacheError("text_encoder='qwen2.5-vl' needs transformers with Qwen2.5-VL (>= 4.49)") from e
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=dtype)
-    except Exception as e:
-        raise CacheError(f"could not load Qwen2.5-VL from {source!r} ({type(e).__name__}: {e}). Download it "
-                         f"(`hf download {QWEN_DEFAULT} --local-dir DIR`) and set cache.qwen_path=DIR, or use "
-                         "text_encoder='umt5' (the checkpoint's own encoder)") from None
-    model = model.to(dev).eval().requires_grad_(False)
+def __getattr__(name: str):
+    import importlib
 
-    @torch.no_grad()
-    def encode(caption: str):
-        t = tok([caption], padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt")
-        out = model(input_ids=t.input_ids.to(dev), attention_mask=t.attention_mask.to(dev), output_hidden_states=True)
-        h = out.hidden_states[-1][0].float().cpu()
-        if h.shape[-1] > width:
-            raise CacheError(f"Qwen hidden size {h.shape[-1]} exceeds the DiT's caption_channels={width}")
-        return torch.nn.functional.pad(h, (0, width - h.shape[-1])), t.attention_mask[0].to(torch.int64)
-
-    return encode
-
-
-def encode_record(vae, record: dict, lkey: str, posterior: str = "sample") -> dict:
-    """One record's latents: the clip as trained, plus the conditioning image for I2V records.
-
-    ``latents`` is the whole clip encoded as one video, so its frame 0 is the causal VAE's encoding of
-    pixel frame 0 alone. ``cond_latents`` is the conditioning image encoded as a 1-frame video (as the
-    I2V pipeline encodes its input image), with its own posterior draw.
-    """
-    from .data.video import load_condition_image, load_sample_frames
-    from .vae import from_uint8_frames
-
-    out = {"latents": encode_latents(vae, from_uint8_frames(load_sample_frames(record)), _seed(lkey), posterior)[0]}
-    img = load_condition_image(record)
-    if img is not None:
-        out["cond_latents"] = encode_latents(vae, from_uint8_frames(img), _seed(lkey, 1), posterior)[0]
-    return {k: v.cpu() for k, v in out.items()}
-
-
-@torch.no_grad()
-def encode_latents(vae, video: torch.Tensor, seed: int, posterior: str = "sample") -> torch.Tensor:
-    """video [B, 3, F, H, W] in [-1, 1] -> normalized latents [B, 16, T, H/8, W/8] float32.
-
-    The posterior noise is drawn in float32 on the CPU from ``seed``, so every device and VAE dtype
-    draws the same noise and a re-run draws it again exactly.
-    """
-    from .vae import check_num_frames, normalize_latents
-
-    check_num_frames(video.shape[2], "frames")
-    param = next(vae.parameters())
-    dist = vae.encode(video.to(param.device, param.dtype)).latent_dist
-    if posterior == "mode":
-        z = dist.mode().float()
-    else:
-        noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-        z = dist.mean.float() + dist.std.float() * noise.to(dist.mean.device)
-    return normalize_latents(vae, z)
-
-
-# ---------------------------------------------------------------------------------------------
-# reading, for the trainer
-# ---------------------------------------------------------------------------------------------
-def _load_checked(cache_dir: Path, info: dict, verify: bool) -> dict:
-    """Read a cache file; its sha256 is checked against the manifest on the same bytes that are loaded."""
-    from safetensors.torch import load
-
-    path = cache_dir / info["file"]
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CacheError(f"{path} is missing: re-run 02_cache (it re-makes missing entries)") from None
-    if len(data) != info["bytes"] or (verify and hashlib.sha256(data).hexdigest() != info["sha256"]):
-        why = f"{len(data)} bytes, expected {info['bytes']}" if len(data) != info["bytes"] else \
-            "sha256 mismatch with the manifest"
-        raise CacheError(f"{path} is damaged ({why}): re-run 02_cache to re-make it")
-    try:
-        return load(data)
-    except Exception as e:
-        raise CacheError(f"{path} cannot be read ({e}): re-run 02_cache to re-make it") from None
-
-
-def _text_tensors(t: dict, dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = t["text_mask"].to(torch.int64)
-    emb = t["text_embeds"]
-    full = torch.zeros(1, mask.shape[0], emb.shape[-1], dtype=dtype or emb.dtype)
-    full[0, mask.bool()] = emb[0].to(full.dtype)
-    return full, mask
-
-
-class CachedDataset:
-    """The cached samples of a run, in dataset.jsonl order.
-
-    ``ds[i]`` is a dict:
-
-    * ``latents`` [16, T, h, w]: the clip's normalized VAE latents (``dtype``, float32 by default).
-      For I2V records too this is the whole clip as the VAE sees it: frame 0 is the encoding of the
-      clip's own first pixel frame (the causal VAE encodes it alone).
-    * ``cond_latents`` [16, 1, h, w] or None: the conditioning image (resized/cropped to the bucket)
-      encoded as a 1-frame video, normalized, with its own posterior draw. None for T2V records.
-    * ``num_cond_latents``: 1 when ``cond_latents`` is given, else 0. To train I2V as the pipeline
-      samples it, use ``x0 = cat([cond_latents, latents[:, 1:]], dim=1)``, t = 0 on frame 0 and the
-      loss on frames 1.. (``train.collate`` does this); ``latents`` alone is the T2V target.
-    * ``text_embeds`` [1, 512, C] (C = the DiT's caption_channels; zeros where the mask is 0) and
-      ``text_mask`` [512] int64: what the DiT takes as encoder_hidden_states / encoder_attention_mask
-      once batched.
-    * ``bucket`` (e.g. "480x832x93"), ``key`` (entry key), ``caption``, ``source`` (the clip's path).
-
-    Opening checks the manifest against ``config.json`` (encoder, stored dtype, posterior, model
-    identity), that dataset.jsonl has not changed since the build and that the build finished, and
-    every file's safetensors header and size (``check_hashes``: its sha256 too); each item's sha256 is
-    checked as it is read.
-    """
-
-    def __init__(self, run_dir, dtype: Optional[torch.dtype] = torch.float32, verify: bool = True,
-                 check_settings: bool = True, allow_partial: bool = False, check_hashes: bool = False):
-        from .cache_manifest import verify_cache
-
-        self.run_dir = Path(run_dir)
-        self.cache_dir = self.run_dir / "cache"
-        self.dtype, self.verify = dtype, verify
-        m = read_manifest(self.run_dir)
-        if m is None:
-            raise CacheError(f"{_manifest_path(self.run_dir)} does not exist: run 02_cache first")
-        if check_settings:
-            check_manifest(self.run_dir, m)
-        if not m.get("complete") and not allow_partial:
-            raise CacheError(f"the cache build in {self.cache_dir} did not finish ({len(m['entries'])} entries so far): "
-                             "re-run 02_cache to resume it")
-        self.manifest = m
-        self.keys = sorted(m["entries"], key=lambda k: (m["entries"][k]["index"], k))
-        verify_cache(self.run_dir, full=check_hashes, m=m)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def entry_meta(self, i: int) -> dict:
-        """The manifest's entry (no tensors read): bucket, num_cond_latents, latent_shape, record, ..."""
-        return self.manifest["entries"][self.keys[i]]
-
-    def buckets(self) -> dict[str, list[int]]:
-        out: dict = {}
-        for i, k in enumerate(self.keys):
-            out.setdefault(self.manifest["entries"][k]["bucket"], []).append(i)
-        return out
-
-    def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} cached samples")
-        key = self.keys[i]
-        e = self.manifest["entries"][key]
-        lat = _load_checked(self.cache_dir, self.manifest["latents"][e["latents"]], self.verify)
-        emb, mask = _text_tensors(_load_checked(self.cache_dir, self.manifest["text"][e["text"]], self.verify), self.dtype)
-
-        def cast(t):
-            return t if self.dtype is None else t.to(self.dtype)
-
-        return {"latents": cast(lat["latents"]),
-                "cond_latents": cast(lat["cond_latents"]) if "cond_latents" in lat else None,
-                "num_cond_latents": int(e["num_cond_latents"]), "text_embeds": emb, "text_mask": mask,
-                "bucket": e["bucket"], "key": key, "caption": e["caption"], "source": e["source"]}
-
-
-def check_manifest(run_dir, m: dict) -> None:
-    """Refuse a cache that does not match the run's settings (never mix encoders, dtypes or models)."""
-    from .checkpoint import resolve_checkpoint
-
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir)
-    cs = cfg.cache
-    where = run_dir / "cache"
-    if m["encoder"] != cs.text_encoder:
-        raise CacheError(f"the cache in {where} was built with text encoder {m['encoder']!r} but "
-                         f"{run_dir / 'config.json'} sets cache.text_encoder={cs.text_encoder!r}; the two are never "
-                         f"mixed: re-run 02_cache with text_encoder={cs.text_encoder!r}, or set it back to "
-                         f"{m['encoder']!r}")
-    for name in ("latent_dtype", "posterior"):
-        if m["settings"][name] != getattr(cs, name):
-            raise CacheError(f"the cache in {where} holds {name}={m['settings'][name]!r} but config.json sets "
-                             f"cache.{name}={getattr(cs, name)!r}: re-run 02_cache, or set it back")
-    ident = model_identity(resolve_checkpoint(cfg.model.checkpoint), cs)
-    for name in ("vae", "text_encoder_id", "caption_channels"):
-        if m["identity"][name] != ident[name]:
-            raise CacheError(f"the cache in {where} was made with another model ({name} {m['identity'][name]} from "
-                             f"{m['identity']['checkpoint']}; model.checkpoint={cfg.model.checkpoint!r} has "
-                             f"{ident[name]}): re-run 02_cache")
-    ds = run_dir / "dataset.jsonl"
-    if ds.exists() and _dataset_sha256(run_dir) != m.get("dataset_sha256"):
-        raise CacheError(f"{ds} changed after the cache was built: re-run 02_cache (it encodes only what changed)")
-
-
-def load_negative(run_dir, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The empty prompt's embedding ([1, 512, C], stored dtype unless ``dtype``) and mask [512], for
-    caption dropout (encoded exactly like a caption: one EOS token + padding)."""
-    m = read_manifest(run_dir)
-    if m is None or not m.get("negative") or m["negative"] not in m["text"]:
-        raise CacheError(f"no cached negative prompt in {Path(run_dir) / 'cache'}: run 02_cache")
-    return _text_tensors(_load_checked(Path(run_dir) / "cache", m["text"][m["negative"]], True), dtype)
-
-
-def no_entries_cause(run_dir) -> str:
-    """Why a run has no cached sample to train on, traced back to the first stage that came up empty."""
-    from .data.scan import EmptyDatasetError, require_samples
-
-    run_dir = Path(run_dir)
-    try:
-        require_samples(run_dir)
-    except (EmptyDatasetError, FileNotFoundError) as e:
-        return str(e)
-    m = read_manifest(run_dir)
-    if m is None:
-        return f"{_manifest_path(run_dir)} does not exist: run 02_cache first"
-    failed = m.get("failed") or []
-    if failed and not m.get("entries"):
-        first = failed[0]
-        return (f"{run_dir / 'cache'} holds no entries: every sample failed to encode in 02_cache ({len(failed)}; "
-                f"first: {first.get('file')}: {first.get('reason')}); fix them and re-run 02_cache")
-    return f"{run_dir / 'cache'} holds no entries: run 02_cache first"
-
-
-def cache_summary(run_dir) -> list[dict]:
-    """One row per bucket (entries, I2V entries, latent shape, size) and a total row, for a table."""
-    m = read_manifest(run_dir)
-    if m is None:
-        return []
-    rows: dict = {}
-    for e in sorted(m["entries"].values(), key=lambda e: e["index"]):
-        r = rows.setdefault(e["bucket"], {"bucket": e["bucket"], "entries": 0, "i2v": 0,
-                                          "latent_shape": "x".join(map(str, e["latent_shape"])), "latents_MB": 0.0})
-        r["entries"] += 1
-        r["i2v"] += e["num_cond_latents"]
-        r["latents_MB"] += m["latents"].get(e["latents"], {}).get("bytes", 0) / 1e6
-    out = [dict(r, latents_MB=round(r["latents_MB"], 2)) for r in rows.values()]
-    used_text = {e["text"] for e in m["entries"].values()} | {m.get("negative")}
-    out.append({"bucket": "total", "entries": len(m["entries"]), "i2v": sum(r["i2v"] for r in out), "latent_shape": "",
-                "latents_MB": round(sum(r["latents_MB"] for r in out), 2), "captions": len(used_text),
-                "text_MB": round(sum(m["text"][k]["bytes"] for k in used_text if k in m["text"]) / 1e6, 2),
-                "failed": len(m.get("failed") or []), "encoder": m["encoder"], "complete": m.get("complete", False)})
-    return out
-
-
-def decode_check(run_dir, index: int = 0, device: Optional[str] = None) -> dict:
-    """Decode one cached entry back through the VAE next to its source frames (as trained).
-
-    Returns ``source`` and ``decoded`` uint8 [F, H, W, 3], their mean absolute difference and PSNR,
-    and for I2V entries ``cond_source`` / ``cond_decoded`` [1, H, W, 3]."""
-    import numpy as np
-
-    from .checkpoint import load_vae, pick_device, resolve_checkpoint
-    from .data.video import load_condition_image, load_sample_frames
-    from .vae import decode_latents, set_tiling, to_uint8_frames
-
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir)
-    ds = CachedDataset(run_dir, check_settings=False, allow_partial=True)
-    if len(ds) == 0:
-        raise CacheError(no_entries_cause(run_dir))
-    item, meta = ds[index], ds.entry_meta(index)
-    dev = pick_device(device or cfg.model.device)
-    vae = load_vae(resolve_checkpoint(cfg.model.checkpoint), dev, cfg.model.vae_dtype)
-    set_tiling(vae, cfg.cache.vae_tiling)
-    try:
-        out = {"decoded": to_uint8_frames(decode_latents(vae, item["latents"][None]))[0],
-               "source": load_sample_frames(meta["record"])}
-        if item["cond_latents"] is not None:
-            out["cond_decoded"] = to_uint8_frames(decode_latents(vae, item["cond_latents"][None]))[0]
-            out["cond_source"] = load_condition_image(meta["record"])
-    finally:
-        del vae
-        _free(dev)
-    diff = out["decoded"].astype(np.float64) - out["source"].astype(np.float64)
-    mse = float((diff ** 2).mean())
-    out.update(mae=float(np.abs(diff).mean()), psnr_db=float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10))),
-               caption=item["caption"], key=item["key"], bucket=item["bucket"], file=item["source"])
-    return out
+    for module, names in _MOVED.items():
+        if name in names:
+            return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -53,6 +53,12 @@ OFFLOAD = ("none", "model")  # sampling offload
 BASE_FPS = 15  # the model's frame rate: every official stage-1 clip; refinement doubles it
 
 
+def _dataset_list(items: list) -> Optional[str]:
+    from .data.datasets import list_problem  # the list's rules live with the list
+
+    return list_problem(items)
+
+
 @dataclass
 class ModelSettings:
     checkpoint: str = setting("", help="Folder in the Hub layout (dit/ vae/ text_encoder/ tokenizer/ scheduler/); "
@@ -100,6 +106,11 @@ class DatasetSettings:
     allow_outside: bool = setting(False, help="Accept metadata.jsonl/csv paths that lead outside the dataset folder "
                                   "(../x.mp4, /abs/path); refused unless on")
     max_caption_tokens: int = setting(512, ge=1, le=512, help="Caption tokens kept (UMT5 reads 512; more would be cut)")
+    datasets: list = setting([], check=_dataset_list, help=(
+        "several datasets in one run: a JSON list of entries {\"dataset_dir\": ..., \"repeats\": 1, \"role\": "
+        "\"train\" | \"regularisation\" | \"eval\", \"loss_weight\": 1.0}, each optionally with its own num_frames, "
+        "target_fps, resolution, extraction, windows, stride, crop, trigger, short_clips, min_frames, "
+        "max_caption_tokens; a train entry may hold out eval_fraction (0-1) or eval_files. [] = dataset_dir alone"))
 
 
 @dataclass
@@ -202,6 +213,9 @@ class TrainSettings:
         "sample validation clips with the checkpoint's distill LoRA (lora/cfg_step_lora.safetensors) stacked under "
         "the LoRA being trained: 16 steps without guidance, about 5x cheaper than 40 CFG steps (validation_steps "
         "and validation_guidance are then not used); the clips show the LoRA through the distilled model"))
+    eval_every: int = setting(0, ge=0, help=(
+        "every N steps, the loss on the eval samples (dataset entries with role eval, or eval_fraction / "
+        "eval_files) at fixed sigmas and fixed noise, so two runs' curves compare; 0 = never"))
 
 
 @dataclass
@@ -316,6 +330,9 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected text, got {value!r}")
         return str(value)
     if isinstance(default, list):
+        if isinstance(value, str) and value.lstrip().startswith("["):  # JSON text (papermill -p x='[...]')
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(value)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()] if value else []
         if not isinstance(value, (list, tuple)):

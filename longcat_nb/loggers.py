@@ -32,6 +32,8 @@ class RunLoggers:
         if self.tb is not None:
             self.tb.add_scalar("loss", rec["loss"], step)
             self.tb.add_scalar("lr", rec["lr"], step)
+            if "eval_loss" in rec:
+                self.tb.add_scalar("eval_loss", rec["eval_loss"], step)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in rec.items() if _number(v) and k != "step"}, step=step)
 

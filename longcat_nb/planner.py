@@ -148,6 +148,9 @@ def training_plan_settings(train, dataset=None, *, compile: bool, selective: boo
     ``selective``: checkpointing keeps the attention outputs (train.checkpointing_mode)."""
     size = {}
     if dataset is not None:
+        from .data.datasets import largest_settings
+
+        dataset = largest_settings(dataset)  # the largest clip over every dataset entry
         h, w = (int(v) for v in str(dataset.resolution).lower().split("x"))
         size = dict(height=h, width=w, num_frames=dataset.num_frames)
     return PlanSettings(precision=plan_precision(train.base_precision), rank=train.rank,

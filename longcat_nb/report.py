@@ -297,8 +297,22 @@ def smooth(values: list[float], k: int) -> list[float]:
     return out
 
 
-def loss_svg(steps: list[int], losses: list[float]) -> str:
-    """The loss curve as an inline <svg> (matplotlib, no pyplot: no global backend is touched)."""
+def eval_curve(recs: list[dict]) -> tuple[list[int], list[float]]:
+    """The eval loss (train.eval_every) of the steps that logged one."""
+    pts = [(int(r["step"]), float(r["eval_loss"])) for r in recs if isinstance(r.get("eval_loss"), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_eval(ax, recs: list[dict]) -> None:
+    """The eval loss beside the training loss: held-out samples at fixed σ and noise (train_data.EvalLoss)."""
+    steps, values = eval_curve(recs)
+    if steps:
+        ax.plot(steps, values, "o-", lw=1.4, ms=3, label="eval loss (held out, fixed σ/noise)")
+
+
+def loss_svg(steps: list[int], losses: list[float], recs: Optional[list[dict]] = None) -> str:
+    """The loss curve as an inline <svg> (matplotlib, no pyplot: no global backend is touched); the
+    eval loss of ``recs`` beside it."""
     from matplotlib.backends.backend_svg import FigureCanvasSVG
     from matplotlib.figure import Figure
 
@@ -309,6 +323,7 @@ def loss_svg(steps: list[int], losses: list[float]) -> str:
     if len(losses) >= 5:
         k = max(2, len(losses) // 20)
         ax.plot(steps, smooth(losses, k), lw=1.6, label=f"mean of {k}")
+    plot_eval(ax, recs or [])
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss")
     ax.grid(alpha=0.3)
@@ -334,10 +349,11 @@ def loss_section(run_dir: Path) -> str:
     steps = [int(r["step"]) for r in recs]
     losses = [float(r["loss"]) for r in recs]
     try:
-        parts.append(f"<figure>{loss_svg(steps, losses)}</figure>")
+        parts.append(f"<figure>{loss_svg(steps, losses, recs)}</figure>")
     except ImportError:
         parts.append(_missing("matplotlib is not installed, so there is no plot (pip install matplotlib)."))
     tail = losses[-10:]
+    ev_steps, ev_losses = eval_curve(recs)
     numbers = {
         "steps logged": len(recs),
         "last step": steps[-1],
@@ -345,6 +361,7 @@ def loss_section(run_dir: Path) -> str:
         f"mean loss, last {len(tail)} steps": round(sum(tail) / len(tail), 5),
         "lowest loss": f"{min(losses):.5f} (step {steps[losses.index(min(losses))]})",
         "last learning rate": recs[-1].get("lr"),
+        **({"last eval loss (held out)": f"{ev_losses[-1]:.5f} (step {ev_steps[-1]})"} if ev_steps else {}),
         "training time (sum of step times)": _duration(sum(float(r.get("sec") or 0.0) for r in recs)),
     }
     if isinstance(recs[-1].get("it_s"), (int, float)):

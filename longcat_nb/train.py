@@ -25,6 +25,7 @@ from .loggers import RunLoggers
 from .prompts_file import with_prompts_file
 from .flow import flow_matching_loss, sample_sigmas, train_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
 from .paths import resolve_path
+from .train_data import batch_weights, eval_loss_for, training_groups
 from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
                      interrupt_held, latest_checkpoint, load_checkpoint, nonfinite, resume_latest, rng_state,
                      run_lock, save_checkpoint)
@@ -322,7 +323,8 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     opt = build_optimizer(params, s)
     base_lrs = [g["lr"] for g in opt.param_groups]
 
-    stream = MicroBatches(group_by_shape(dataset), s.batch_size, s.seed)
+    stream = MicroBatches(training_groups(dataset, group_by_shape(dataset)), s.batch_size, s.seed)  # repeats, no eval
+    evaluate = eval_loss_for(dataset, s.eval_every, log)
     step, position, losses = 0, {"epoch": 0, "batch": 0}, []
     ckpt_dir = run_dir / "checkpoints"
     resumed = resume_latest(ckpt_dir, dit, opt, s, log, set_aside=dist.is_main)  # the newest intact one
@@ -364,7 +366,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 with _tf32(device.type == "cuda"):
                     loss = flow_matching_loss(dit, x0, text, mask, sigma.to(device), noise, n_cond,
-                                              weighting=s.loss_weighting)
+                                              weighting=s.loss_weighting, **batch_weights(items, device))
                     (loss / s.grad_accum).backward()
                 loss_sum += loss.item() / s.grad_accum
             distributed.average_gradients(params, dist)
@@ -384,6 +386,8 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
                 "it_s": (step - step_start) / max(1e-9, time.time() - t_start),
                 "eta_s": (stop - step) * (time.time() - t_start) / max(1, step - step_start),
             }
+            if evaluate is not None and step % s.eval_every == 0:
+                rec["eval_loss"] = evaluate(dit, device, dtype)
             if device.type == "cuda":
                 rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if dist.enabled:

@@ -43,6 +43,7 @@ class ScanReport:
     settings: dict = field(default_factory=dict)
     dataset_dir: str = ""
     found: int = 0  # files found in the folder or listing (samples or not)
+    entries: list = field(default_factory=list)  # one row per dataset.datasets entry (datasets.contributions)
 
     def buckets(self) -> Counter:
         return Counter(r["bucket"] for r in self.records)
@@ -227,6 +228,7 @@ def _record(c: Checked, b, idx, info, start, k, hw, settings) -> dict:
         "kind": e.kind,
         "caption": c.caption,
         "condition_image": str(e.condition_image) if e.condition_image else None,
+        "mask": str(e.mask) if e.mask else None,
         "source_fps": info.fps if info else None,
         "source_size": [w, h],
         "target_fps": settings.target_fps,

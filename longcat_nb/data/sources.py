@@ -19,6 +19,8 @@ from .video import IMAGE_EXTS, VIDEO_EXTS
 # Files that may sit in a dataset folder without being samples (listings, notes, scripts).
 SIDECAR_EXTS = {".txt", ".json", ".jsonl", ".csv", ".md", ".py", ".yaml", ".yml"}
 LISTINGS = ("metadata.jsonl", "metadata.csv")
+# A loss mask sits beside its clip as <stem>_mask.<image or video ext> (or <stem>.mask.<ext>): white = learn.
+MASK_SUFFIXES = ("_mask", ".mask")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Entry:
     caption_file: Optional[Path] = None
     condition_image: Optional[Path] = None
     kind: str = "video"  # video | image
+    mask: Optional[Path] = None  # loss mask (image or video; white = learn), None = the whole frame
 
 
 @dataclass
@@ -102,11 +105,24 @@ def find_entries(dataset_dir: Path, allow_outside: bool = False) -> tuple[list[E
     return _group_by_stem(sorted(files), problems)
 
 
+def mask_stem(p: Path) -> Optional[Path]:
+    """The sample stem a mask file belongs to (``clip_mask.png`` -> ``clip``), or None if not a mask."""
+    if p.suffix.lower() not in VIDEO_EXTS | IMAGE_EXTS:
+        return None
+    stem = p.with_suffix("")
+    for s in MASK_SUFFIXES:
+        if stem.name.endswith(s) and len(stem.name) > len(s):
+            return stem.with_name(stem.name[:-len(s)])
+    return None
+
+
 def _group_by_stem(files: list[Path], problems: list[Problem]) -> tuple[list[Entry], list[Problem]]:
     entries = []
     by_stem: dict = {}
+    masks = {mask_stem(p): p for p in files if mask_stem(p) is not None}
     for p in files:
-        by_stem.setdefault(p.with_suffix(""), []).append(p)
+        if mask_stem(p) is None:
+            by_stem.setdefault(p.with_suffix(""), []).append(p)
     for stem, group in sorted(by_stem.items()):
         videos = [p for p in group if p.suffix.lower() in VIDEO_EXTS]
         images = [p for p in group if p.suffix.lower() in IMAGE_EXTS]
@@ -117,9 +133,10 @@ def _group_by_stem(files: list[Path], problems: list[Problem]) -> tuple[list[Ent
                                     f"convert it to mp4 or remove it from the folder (supported: {sorted(VIDEO_EXTS)})"))
         if videos:
             for v in videos:
-                entries.append(Entry(v, caption_file=cap_file, condition_image=images[0] if images else None))
+                entries.append(Entry(v, caption_file=cap_file, condition_image=images[0] if images else None,
+                                     mask=masks.get(stem)))
         elif images:
-            entries.append(Entry(images[0], caption_file=cap_file, kind="image"))
+            entries.append(Entry(images[0], caption_file=cap_file, kind="image", mask=masks.get(stem)))
     return entries, problems
 
 
@@ -146,10 +163,10 @@ def _from_listing(path: Path, allow_outside: bool) -> tuple[list[Entry], list[Pr
         if not name:
             problems.append(Problem(f"{path}:{i}", "no file column", json.dumps(row)[:80], "add a 'file' value"))
             continue
-        cond = row.get("condition_image") or row.get("image")
+        cond, mask = row.get("condition_image") or row.get("image"), row.get("mask")
         # lexical, not resolved: a symlink the user put inside the folder stays allowed
-        paths = [Path(os.path.normpath(base / n)) if n else None for n in (name, cond)]
-        outside = [n for n, p in zip((name, cond), paths) if p is not None and not p.is_relative_to(base)]
+        paths = [Path(os.path.normpath(base / n)) if n else None for n in (name, cond, mask)]
+        outside = [n for n, p in zip((name, cond, mask), paths) if p is not None and not p.is_relative_to(base)]
         if outside and not allow_outside:
             problems += [Problem(f"{path}:{i}", "outside the dataset folder", n,
                                  f"put the file inside {base} and list it relative to it, or set allow_outside=True "
@@ -157,7 +174,7 @@ def _from_listing(path: Path, allow_outside: bool) -> tuple[list[Entry], list[Pr
             continue
         file = paths[0]
         kind = "image" if file.suffix.lower() in IMAGE_EXTS else "video"
-        entries.append(Entry(file, caption=row.get("caption"), condition_image=paths[1], kind=kind))
+        entries.append(Entry(file, caption=row.get("caption"), condition_image=paths[1], kind=kind, mask=paths[2]))
     return entries, problems
 
 
@@ -172,6 +189,9 @@ def check_entry(e: Entry, settings, tokenizer) -> Checked:
         digest = sha256_file(e.file)
     except OSError as ex:
         return Checked(e, problem=unreadable(e.file, ex))
+    if e.mask is not None and not e.mask.is_file():
+        return Checked(e, problem=Problem(str(e.mask), "missing mask", f"the loss mask of {e.file} is not found",
+                                          "fix the mask path in the listing, or remove it to learn the whole frame"))
     caption, tokens, problem = _caption(e, settings, tokenizer)
     return Checked(e, digest, size, caption, tokens, problem)
 

@@ -31,6 +31,7 @@ class LossPlot:
 
     def status_line(self, rec: dict) -> str:
         mem = f", GPU {rec['mem_gib']:.1f} GiB" if "mem_gib" in rec else ""
+        mem += f", eval loss {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
         return (f"step {rec['step']}/{self.total}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
                 f"{rec['it_s']:.2f} it/s  ETA {_fmt_s(rec['eta_s'])}{mem}")
 
@@ -41,6 +42,8 @@ class LossPlot:
             matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
+        from ..report import plot_eval
+
         fig, ax = plt.subplots(figsize=(7, 3))
         steps = [r["step"] for r in self.records]
         losses = [r["loss"] for r in self.records]
@@ -49,6 +52,7 @@ class LossPlot:
             k = max(2, len(losses) // 20)
             smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
             ax.plot(steps, smooth, lw=1.5, label=f"mean of {k}")
+        plot_eval(ax, self.records)
         ax.set_xlabel("step")
         ax.set_ylabel("flow-matching loss")
         if self.records:
