@@ -47,6 +47,7 @@ DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.k
 TIMESTEP_SAMPLING = ("shift", "logit_normal")  # training's σ draws (flow.sample_sigmas)
 MODES = ("t2v", "i2v", "continuation")  # sampling modes
 OFFLOAD = ("none", "model")  # sampling offload
+ADAPTERS = ("lora", "dora", "lokr", "loha")  # trainable adapter types (peft's configs, lora/kinds.py)
 BASE_FPS = 15  # the model's frame rate: every official stage-1 clip; refinement doubles it
 
 
@@ -216,6 +217,11 @@ class TrainSettings:
     validation_width: int = setting(832, check=_multiple_of_16)
     validation_frames: int = setting(93, check=_four_k_plus_one)
     validation_guidance: float = setting(4.0, ge=1)  # 1 = no guidance
+    adapter: str = setting("lora", choices=ADAPTERS, help=(
+        "adapter type, each peft's own: lora (low-rank B·A), dora (LoRA + a learnt magnitude per output row "
+        "of each weight), lokr (Kronecker product of two small factors), loha (Hadamard product of two "
+        "low-rank products). rank and alpha mean what peft means for each (scale alpha/rank); for LoKr and "
+        "LoHa, dropout drops whole rank components. The official export layout takes plain LoRA only"))
 
 
 @dataclass
