@@ -17,7 +17,8 @@ from typing import Optional
 
 from .formats.peft import save_lora
 from .inject import lora_state_dict, module_ranks_alphas
-from .kinds import adapter_of, fold
+from .kinds import adapter_of
+from .kinds import fold as fold_kinds
 from .state import _peft_modules, _peft_state
 
 
@@ -44,8 +45,8 @@ def save_trained(path, model, metadata: Optional[dict] = None, fold: bool = Fals
     if fold:
         meta["alpha_folded"] = True
         meta["trained_alphas"] = sorted(set(alphas.values()))
-        state, alphas = fold_alpha(state, alphas) if adapter_of(state) == "lora" else fold(state, alphas, ranks)
-    return save_lora(path, state, meta, alphas=alphas, ranks=ranks)
+        state, alphas = fold_alpha(state, alphas) if adapter_of(state) == "lora" else fold_kinds(state, alphas, ranks)
+    return save_lora(path, state, meta, alphas=alphas)
 
 
 def run_metadata(run_dir, step: int) -> dict:

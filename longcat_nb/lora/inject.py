@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..config import DEFAULT_TARGETS
-from .kinds import is_adapter_param, peft_config
+from .kinds import implied_rank, is_adapter_param, peft_config
 from .state import PEFT_PREFIX, LoraError
 
 PRESETS = {
@@ -156,12 +156,17 @@ def load_lora_state_dict(model: nn.Module, state: dict, adapter_name: str = "def
 
 
 def module_ranks_alphas(model: nn.Module, adapter_name: str = "default") -> tuple[dict, dict]:
-    """Per-module rank and alpha (scale = alpha / rank) of an injected adapter (any type)."""
+    """Per-module rank and alpha (scale = alpha / rank) of an injected adapter (any type). A LoKr module
+    whose factors are all whole has no rank in its tensors: it is given as the rank its tensors imply
+    (kinds.ranks) with alpha rescaled to keep alpha / rank, so files never need the rank to load."""
     ranks, alphas = {}, {}
     for n, m in _adapter_layers(model):
         if adapter_name in m.r:
             ranks[n] = int(m.r[adapter_name])
             alphas[n] = float(getattr(m, "lora_alpha", getattr(m, "alpha", None))[adapter_name])
+            if getattr(m, "lokr_w2", {}).get(adapter_name) is not None and adapter_name not in m.lokr_w1_b:
+                implied = implied_rank(m.lokr_w2[adapter_name])
+                ranks[n], alphas[n] = implied, alphas[n] * implied / ranks[n]
     return ranks, alphas
 
 

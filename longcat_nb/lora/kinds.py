@@ -103,8 +103,13 @@ def ranks(state: dict, header_ranks: Optional[dict] = None, where: str = "") -> 
         elif "lokr_w2_b" in t or "lokr_w1_b" in t:
             out[mod] = int(t.get("lokr_w2_b", t.get("lokr_w1_b")).shape[0])
         else:
-            out[mod] = int((header_ranks or {}).get(mod) or -(-max(t["lokr_w2"].shape) // 2))
+            out[mod] = int((header_ranks or {}).get(mod) or implied_rank(t["lokr_w2"]))
     return out
+
+
+def implied_rank(w2: torch.Tensor) -> int:
+    """The smallest r for which peft keeps a LoKr's w2 whole (r >= max(w2's sides) / 2)."""
+    return -(-max(w2.shape) // 2)
 
 
 def delta(t: dict, scale: float) -> torch.Tensor:

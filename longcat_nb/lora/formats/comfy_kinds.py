@@ -58,7 +58,8 @@ def peft_kinds_to_comfy(state: dict, alphas: dict) -> dict:
         if any(t[p].shape[0] % len(names) for p in split):
             raise LoraError(f"module {module!r}: the {kind}'s {split[0]} has {t[split[0]].shape[0]} rows, not "
                             f"divisible into the {len(names)} projections ComfyUI names ({', '.join(names)}); "
-                            f"export it in the peft layout")
+                            f"export it in the peft layout (at full size, 12288 and 8192 rows give LoKr's w1 96 and 64 rows: "
+                            f"they split)")
         chunks = {p: t[p].chunk(len(names), dim=0) for p in split}
         for j, name in enumerate(names):
             part = {p: (chunks[p][j] if p in chunks else v).clone() for p, v in t.items()}

@@ -84,16 +84,14 @@ def _alphas_from_header(meta: dict, ranks: dict, where: str) -> dict:
     return {m: float(r) for m, r in ranks.items()}
 
 
-def save_lora(path, state: dict, metadata: Optional[dict] = None, alphas: Optional[dict] = None,
-              ranks: Optional[dict] = None) -> Path:
+def save_lora(path, state: dict, metadata: Optional[dict] = None, alphas: Optional[dict] = None) -> Path:
     """Write the PEFT/diffusers layout atomically. ``alphas`` (module -> alpha) default to the
     metadata's ``alpha`` at its ``rank`` (scale alpha/rank for every module), else alpha = rank.
-    DoRA/LoHa/LoKr (lora/kinds.py) keep peft's own keys; ``ranks``: peft's r of each module where the
-    tensors do not tell it (a LoKr with whole factors)."""
+    DoRA/LoHa/LoKr (lora/kinds.py) keep peft's own keys."""
     kind = kinds.adapter_of(state)
     tensors = _peft_state(_peft_modules(state, f"{path}: ")) if kind == "lora" else \
         kinds.peft_state(kinds.modules(state, f"{path}: "))
-    ranks = {**kinds.ranks(state), **(ranks or {})}
+    ranks = kinds.ranks(state)
     meta = dict(metadata or {})
     if alphas is None:
         alphas = _alphas_from_meta(ranks, meta)
