@@ -59,15 +59,12 @@ def modules(state: dict, where: str = "") -> dict:
 
 
 def _check_parts(kind: str, mod: str, t: dict, where: str) -> None:
-    need = {"lora": ADAPTER_PARTS["lora"], "dora": ADAPTER_PARTS["dora"], "loha": ADAPTER_PARTS["loha"],
-            "lokr": ()}[kind]
     if kind == "lokr":
-        w1, w2 = ("lokr_w1" in t) or {"lokr_w1_a", "lokr_w1_b"} <= set(t), ("lokr_w2" in t) or {"lokr_w2_a",
-                                                                                                 "lokr_w2_b"} <= set(t)
-        if not (w1 and w2):
+        whole_or_pair = [f"lokr_w{i}" in t or {f"lokr_w{i}_a", f"lokr_w{i}_b"} <= set(t) for i in (1, 2)]
+        if not all(whole_or_pair):
             raise LoraError(f"{where}LoKr module {mod!r} needs lokr_w1 (or lokr_w1_a and _b) and lokr_w2 (or "
                             f"lokr_w2_a and _b); found {sorted(t)}")
-    elif missing := [p for p in need if p not in t]:
+    elif missing := [p for p in ADAPTER_PARTS[kind] if p not in t]:
         raise LoraError(f"{where}{kind} module {mod!r} lacks {missing}; found {sorted(t)}")
 
 
@@ -137,10 +134,10 @@ def peft_state(mods: dict) -> dict:
 def fold(state: dict, alphas: dict, rank: dict) -> tuple[dict, dict]:
     """(state with the scale alpha/r multiplied into one factor, alphas = r): the same weights at scale 1.
     The DoRA magnitude stays: it is not scaled by alpha."""
-    first = {"lora": "lora_B.weight", "dora": "lora_B.weight", "loha": "hada_w1_a"}
+    first = {"lora": "lora_B.weight", "dora": "lora_B.weight", "loha": "hada_w1_a"}.get(adapter_of(state))
     mods = modules(state)
     for m, t in mods.items():
-        part = first.get(adapter_of(state)) or ("lokr_w1" if "lokr_w1" in t else "lokr_w1_a")
+        part = first or ("lokr_w1" if "lokr_w1" in t else "lokr_w1_a")
         t[part] = t[part] * (float(alphas[m]) / rank[m])
     return peft_state(mods), {m: float(rank[m]) for m in mods}
 
