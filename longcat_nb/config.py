@@ -50,6 +50,7 @@ TIMESTEP_SAMPLING = ("shift", "uniform", "logit_normal", "sigmoid")  # training'
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")  # per-sample loss weights (flow.loss_weights)
 MODES = ("t2v", "i2v", "continuation")  # sampling modes
 OFFLOAD = ("none", "model")  # sampling offload
+ADAPTERS = ("lora", "dora", "lokr", "loha")  # trainable adapter types (peft's configs, lora/kinds.py)
 BASE_FPS = 15  # the model's frame rate: every official stage-1 clip; refinement doubles it
 
 
@@ -216,6 +217,11 @@ class TrainSettings:
     eval_every: int = setting(0, ge=0, help=(
         "every N steps, the loss on the eval samples (dataset entries with role eval, or eval_fraction / "
         "eval_files) at fixed sigmas and fixed noise, so two runs' curves compare; 0 = never"))
+    adapter: str = setting("lora", choices=ADAPTERS, help=(
+        "adapter type, each peft's own: lora (low-rank B·A), dora (LoRA + a learnt magnitude per output row "
+        "of each weight), lokr (Kronecker product of two small factors), loha (Hadamard product of two "
+        "low-rank products). rank and alpha mean what peft means for each (scale alpha/rank); for LoKr and "
+        "LoHa, dropout drops whole rank components. The official export layout takes plain LoRA only"))
 
 
 @dataclass

@@ -60,6 +60,7 @@ class PlanSettings:
     selective: bool = False  # checkpointing also keeps the self-attention outputs (no attention recompute)
     mode: str = "train"  # train | sample
     cfg: bool = True  # sampling with guidance runs batch 2
+    adapter: str = "lora"  # config.ADAPTERS: the trainable parameters counted (lora_params)
 
 
 @dataclass
@@ -88,8 +89,27 @@ def text_encoder_bytes(precision: str = "bf16") -> float:
     return TEXT_ENCODER_PARAMS * WEIGHT_BYTES.get(precision, 2.0)
 
 
-def lora_params(rank: int, targets) -> int:
-    return DEPTH * sum(rank * (i + o) for i, o in (TARGET_SHAPES[t] for t in targets))
+def lora_params(rank: int, targets, adapter: str = "lora") -> int:
+    """Trainable parameters of the adapter (config.ADAPTERS) on the block targets, as peft builds them."""
+    return DEPTH * sum(_adapter_params(adapter, rank, i, o) for i, o in (TARGET_SHAPES[t] for t in targets))
+
+
+def _adapter_params(adapter: str, r: int, i: int, o: int) -> int:
+    if adapter == "dora":  # + the magnitude of each output row
+        return r * (i + o) + o
+    if adapter == "loha":  # two rank-r products
+        return 2 * r * (i + o)
+    if adapter == "lokr":  # w1 whole; w2 = w2_a·w2_b below peft's threshold, else whole (peft's LoKr defaults)
+        (o1, o2), (i1, i2) = _factorization(o), _factorization(i)
+        return o1 * i1 + (r * (o2 + i2) if r < max(o2, i2) / 2 else o2 * i2)
+    return r * (i + o)
+
+
+def _factorization(n: int) -> tuple[int, int]:
+    """peft's LoKr split of a dimension (lokr.layer.factorization, factor -1): the divisor pair m <= n/m
+    with the smallest sum; restated here because the planner imports without torch."""
+    m = max(d for d in range(1, int(n ** 0.5) + 1) if n % d == 0)
+    return m, n // m
 
 
 def plan(s: PlanSettings) -> Plan:
@@ -107,7 +127,7 @@ def plan(s: PlanSettings) -> Plan:
         rows = n * (2 if s.cfg else 1)
         parts["activations"] = (K_SAMPLE_COMPILED if s.compile else K_SAMPLE) * rows * C * 2
     else:
-        p = lora_params(s.rank, s.targets)
+        p = lora_params(s.rank, s.targets, s.adapter)
         parts["lora_and_optimizer"] = p * OPTIMIZER_BYTES.get(s.optimizer, 16.0)
         if s.gradient_checkpointing or s.activation_offload:
             parts["saved_block_inputs"] = 0.0 if s.activation_offload else DEPTH * unit
@@ -157,7 +177,7 @@ def training_plan_settings(train, dataset=None, *, compile: bool, selective: boo
                         batch_size=train.batch_size, optimizer=train.optimizer, targets=plan_targets(train.targets),
                         gradient_checkpointing=train.gradient_checkpointing,
                         activation_offload=train.activation_offload, blocks_to_swap=train.blocks_to_swap,
-                        compile=compile, selective=selective, **size)
+                        compile=compile, selective=selective, adapter=getattr(train, "adapter", "lora"), **size)
 
 
 def sampling_plan_settings(height: int, width: int, num_frames: int, *, guided: bool, precision: str = "auto",

@@ -321,11 +321,11 @@ def resume_latest(ckpt_dir: Path, model, opt, settings: TrainSettings, log: Call
     return None
 
 
-# Settings a checkpoint cannot be resumed under: rank and targets change the LoRA tensors, the optimizer
+# Settings a checkpoint cannot be resumed under: rank, targets and adapter change the LoRA tensors, the optimizer
 # its state (adamw8bit and prodigy keep other tensors than adamw), and alpha the scale alpha/rank that
 # multiplies everything learnt so far (it loads, but the model jumps). Everything else (lr, steps,
 # schedule, batch, seed, precision of the frozen base, dropout, ...) may change between runs.
-RESUME_KEYS = ("rank", "targets", "alpha", "optimizer")
+RESUME_KEYS = ("rank", "targets", "alpha", "optimizer", "adapter")
 
 
 def check_resume(run_dir: str | os.PathLike, settings=None) -> Optional[Path]:

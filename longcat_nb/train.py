@@ -303,7 +303,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     attention = dit.set_attention_backend(cfg.model.attention)
     set_sdpa_preference(default_sdpa_preference())
     torch.manual_seed(s.seed)  # LoRA init
-    lora_lib.add_lora(dit, rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=s.targets)
+    lora_lib.add_lora(dit, rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=s.targets, adapter=s.adapter)
     params = [p for p in dit.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # trainable weights and their optimizer state in fp32

@@ -6,7 +6,8 @@
   table (``formats.LAYOUTS``) for detection, loading and saving; ``state``: the internal (PEFT) layout
   they convert to and from;
 * ``adapters``: stacking saved LoRAs on a model at sampling time, scales, removal, merging;
-* ``export``: the trained adapter as files every consumer loads at the trained scale.
+* ``export``: the trained adapter as files every consumer loads at the trained scale;
+* ``kinds``: the adapter types beside LoRA (DoRA, LoHa, LoKr: peft's configs) and what differs for them.
 """
 from ..config import DEFAULT_TARGETS  # noqa: F401  (lora.DEFAULT_TARGETS is config's one list)
 from .adapters import (activate_adapters, apply_loras, merge_lora_into_base, newest_lora,  # noqa: F401
@@ -18,6 +19,7 @@ from .formats.official import (OFFICIAL_PREFIX, OFFICIAL_RANK, OFFICIAL_SEP, _of
                                official_tensors, official_to_peft, official_usage, pad_rank, peft_to_official,
                                save_official, save_official_padded)
 from .formats.peft import save_lora  # noqa: F401
+from .kinds import ADAPTER_PARTS, adapter_of, merge_to_lora  # noqa: F401
 from .inject import (PRESETS, TOP_LEVEL, add_lora, adapter_names, expand_targets, load_lora_state_dict,  # noqa: F401
                      lora_state_dict, module_ranks_alphas, resolve_target_modules)
 from .state import PEFT_PREFIX, LoraError, LoraInfo, delta_weights  # noqa: F401

@@ -16,11 +16,12 @@ import torch.nn as nn
 
 from .formats import exported_suffixes, load_any_lora
 from .inject import _base, _quiet_peft, _uses_diffusers_peft, adapter_names, load_lora_state_dict
-from .state import PEFT_PREFIX, LoraError, LoraInfo, _lora_config_kwargs, _peft_modules
+from .kinds import config_for, shapes
+from .state import PEFT_PREFIX, LoraError, LoraInfo, _lora_config_kwargs
 
 
 def _check_fits(model: nn.Module, state: dict, path) -> None:
-    for module, t in _peft_modules(state, f"{path}: ").items():
+    for module, got in shapes(state, f"{path}: ").items():
         try:
             layer = _base(model.get_submodule(module))
         except AttributeError:
@@ -29,7 +30,6 @@ def _check_fits(model: nn.Module, state: dict, path) -> None:
         if not isinstance(layer, nn.Linear):
             raise LoraError(f"{path}: module {module!r} is a {type(layer).__name__}, not a Linear layer")
         want = (layer.out_features, layer.in_features)
-        got = (t["B"].shape[0], t["A"].shape[1])
         if got != want:
             raise LoraError(f"{path}: module {module!r} is {want[1]}->{want[0]} in this model, the LoRA is "
                             f"{got[1]}->{got[0]} (a LoRA for another model size?)")
@@ -45,7 +45,12 @@ def _unique_name(model: nn.Module, wanted: str) -> str:
 
 def _load_adapter(model: nn.Module, state: dict, info: LoraInfo, name: str) -> None:
     kwargs = _lora_config_kwargs(info.ranks, info.alphas)
-    if _uses_diffusers_peft(model):
+    if info.adapter != "lora":  # DoRA, LoHa, LoKr: peft's own config for them (kinds.py)
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config_for(state, info.ranks, info.alphas, f"{info.path}: "), model, adapter_name=name)
+        load_lora_state_dict(model, state, adapter_name=name)
+    elif _uses_diffusers_peft(model):
         model.load_lora_adapter(state, prefix="transformer", adapter_name=name,
                                 metadata={PEFT_PREFIX + k: v for k, v in kwargs.items()})
     else:

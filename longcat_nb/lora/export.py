@@ -17,6 +17,8 @@ from typing import Optional
 
 from .formats.peft import save_lora
 from .inject import lora_state_dict, module_ranks_alphas
+from .kinds import adapter_of
+from .kinds import fold as fold_kinds
 from .state import _peft_modules, _peft_state
 
 
@@ -36,14 +38,14 @@ def save_trained(path, model, metadata: Optional[dict] = None, fold: bool = Fals
     """The adapter being trained in ``model`` as a PEFT-layout file whose header holds each module's
     alpha as trained (``fold``: alpha folded into lora_B, header alpha = rank)."""
     state = lora_state_dict(model, adapter_name)
-    _, alphas = module_ranks_alphas(model, adapter_name)
+    ranks, alphas = module_ranks_alphas(model, adapter_name)
     meta = dict(metadata or {})
     for key in ("rank", "alpha"):  # the header's rank/alpha are recomputed from the tensors and alphas
         meta.pop(key, None)
     if fold:
         meta["alpha_folded"] = True
         meta["trained_alphas"] = sorted(set(alphas.values()))
-        state, alphas = fold_alpha(state, alphas)
+        state, alphas = fold_alpha(state, alphas) if adapter_of(state) == "lora" else fold_kinds(state, alphas, ranks)
     return save_lora(path, state, meta, alphas=alphas)
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..config import DEFAULT_TARGETS
+from .kinds import implied_rank, is_adapter_param, peft_config
 from .state import PEFT_PREFIX, LoraError
 
 PRESETS = {
@@ -100,11 +101,11 @@ def _uses_diffusers_peft(model: nn.Module) -> bool:
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
              targets: Iterable[str] = DEFAULT_TARGETS, adapter_name: str = "default",
              init_seed: Optional[int] = None, rank_pattern: Optional[dict] = None,
-             alpha_pattern: Optional[dict] = None) -> list[str]:
-    """Inject a trainable peft LoRA (diffusers ``add_adapter`` on a ModelMixin, peft's
-    ``inject_adapter_in_model`` otherwise), make it the active adapter and freeze everything else.
-    Returns the trainable parameter names."""
-    from peft import LoraConfig, inject_adapter_in_model
+             alpha_pattern: Optional[dict] = None, adapter: str = "lora") -> list[str]:
+    """Inject a trainable peft adapter of type ``adapter`` (lora | dora | lokr | loha, lora/kinds.py;
+    diffusers ``add_adapter`` on a ModelMixin, peft's ``inject_adapter_in_model`` otherwise), make it the
+    active adapter and freeze everything else. Returns the trainable parameter names."""
+    from peft import inject_adapter_in_model
 
     if int(rank) < 1 or float(alpha) <= 0 or not 0.0 <= float(dropout) < 1.0:
         raise LoraError(f"LoRA rank {rank}, alpha {alpha}, dropout {dropout}: need rank >= 1, alpha > 0, "
@@ -113,8 +114,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
         raise LoraError(f"the model already has a LoRA adapter named {adapter_name!r}: pick another "
                         f"adapter_name or remove_loras(model, [{adapter_name!r}]) first")
     modules = resolve_target_modules(model, targets)
-    cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=modules,
-                     init_lora_weights=True, rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
+    cfg = peft_config(adapter, modules, rank, alpha, dropout, rank_pattern, alpha_pattern)
     with _seeded(init_seed), _quiet_peft():
         if _uses_diffusers_peft(model):
             model.add_adapter(cfg, adapter_name=adapter_name)
@@ -122,7 +122,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
             inject_adapter_in_model(cfg, model, adapter_name=adapter_name)
     names = []
     for n, p in model.named_parameters():
-        trainable = f".{adapter_name}." in n and (".lora_A." in n or ".lora_B." in n)
+        trainable = is_adapter_param(n, adapter_name)
         p.requires_grad_(trainable)
         if trainable:
             names.append(n)
@@ -148,31 +148,39 @@ def load_lora_state_dict(model: nn.Module, state: dict, adapter_name: str = "def
         res = set_peft_model_state_dict(model, sd, adapter_name=adapter_name)
     except RuntimeError as e:  # size mismatch
         raise LoraError(f"LoRA weights do not fit adapter {adapter_name!r} (other rank or targets?): {e}") from e
-    unexpected = [k for k in getattr(res, "unexpected_keys", []) if ".lora_" in k]
-    missing = [k for k in getattr(res, "missing_keys", []) if ".lora_" in k and f".{adapter_name}." in k]
+    unexpected = [k for k in getattr(res, "unexpected_keys", []) if ".lora_" in k or ".hada_" in k or ".lokr_" in k]
+    missing = [k for k in getattr(res, "missing_keys", []) if is_adapter_param(k, adapter_name)]
     if unexpected or missing:
         raise LoraError(f"LoRA weights do not match adapter {adapter_name!r}: not in the model {unexpected[:3]}, "
                         f"missing from the weights {missing[:3]} (different targets?)")
 
 
 def module_ranks_alphas(model: nn.Module, adapter_name: str = "default") -> tuple[dict, dict]:
-    """Per-module rank and alpha (scale = alpha / rank) of an injected adapter."""
-    from peft.tuners.lora import LoraLayer
-
+    """Per-module rank and alpha (scale = alpha / rank) of an injected adapter (any type). A LoKr module
+    whose factors are all whole has no rank in its tensors: it is given as the rank its tensors imply
+    (kinds.ranks) with alpha rescaled to keep alpha / rank, so files never need the rank to load."""
     ranks, alphas = {}, {}
-    for n, m in model.named_modules():
-        if isinstance(m, LoraLayer) and adapter_name in m.r:
+    for n, m in _adapter_layers(model):
+        if adapter_name in m.r:
             ranks[n] = int(m.r[adapter_name])
-            alphas[n] = float(m.lora_alpha[adapter_name])
+            alphas[n] = float(getattr(m, "lora_alpha", getattr(m, "alpha", None))[adapter_name])
+            if getattr(m, "lokr_w2", {}).get(adapter_name) is not None and adapter_name not in m.lokr_w1_b:
+                implied = implied_rank(m.lokr_w2[adapter_name])
+                ranks[n], alphas[n] = implied, alphas[n] * implied / ranks[n]
     return ranks, alphas
 
 
-def adapter_names(model: nn.Module) -> list[str]:
-    """Names of the LoRA adapters present in the model."""
+def _adapter_layers(model: nn.Module):
+    """(name, layer) of peft's LoRA/DoRA and LyCORIS (LoHa, LoKr) layers."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
 
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, LycorisLayer))]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the LoRA (DoRA, LoHa, LoKr) adapters present in the model."""
     names: dict = {}
-    for m in model.modules():
-        if isinstance(m, LoraLayer):
-            names.update(dict.fromkeys(m.r.keys()))
+    for _, m in _adapter_layers(model):
+        names.update(dict.fromkeys(m.r.keys()))
     return list(names)

@@ -25,6 +25,7 @@ class LoraInfo:
     alphas: dict = field(default_factory=dict)  # module path -> alpha (PEFT meaning: scale = alpha/rank)
     metadata: dict = field(default_factory=dict)  # the raw safetensors header (JSON strings)
     path: str = ""
+    adapter: str = "lora"  # lora | dora | loha | lokr (lora/kinds.py)
 
     def value(self, key: str, default=None):
         """A header entry decoded from JSON (plain strings come back as they are)."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..state import LoraError, LoraInfo, _ranks
+from .. import kinds
+from ..state import LoraError, LoraInfo
 from . import comfy, official, peft
 
 # layout name -> module; detection asks them in this order (peft last: comfy files may use lora_A/lora_B)
@@ -58,7 +59,8 @@ def load_lora_file(path) -> tuple[dict, LoraInfo]:
 
 def _to_internal(path, state: dict, meta: dict, layout: str) -> tuple[dict, LoraInfo]:
     state, alphas = LAYOUTS[layout].to_internal(state, f"{path}: ", meta)
-    return state, LoraInfo(layout, _ranks(state), alphas, meta, str(path))
+    rank = kinds.ranks(state, peft.header_ranks(meta, state) if layout == "peft" else None)
+    return state, LoraInfo(layout, rank, alphas, meta, str(path), kinds.adapter_of(state))
 
 
 def save_as(layout: str, path, state: dict, metadata: Optional[dict] = None, alphas: Optional[dict] = None,

@@ -27,7 +27,10 @@ from typing import Optional
 import torch
 
 from ...io import atomic_save_safetensors
-from ..state import LoraError, _alphas_from_meta, _group_keys, _json_header, _peft_modules, _peft_state, _ranks
+from ..kinds import adapter_of
+from ..kinds import ranks as adapter_ranks
+from ..state import LoraError, _alphas_from_meta, _group_keys, _json_header, _peft_modules, _peft_state
+from .comfy_kinds import comfy_kinds_to_peft, is_comfy_kind, peft_kinds_to_comfy
 
 COMFY_PREFIX = "diffusion_model."
 FILE_SUFFIX = "-comfy"
@@ -69,6 +72,8 @@ def detect(state: dict) -> bool:
 
 def to_internal(state: dict, where: str = "", meta: Optional[dict] = None) -> tuple[dict, dict]:
     """(PEFT state, alphas); the header plays no part (``.alpha`` is a tensor)."""
+    if is_comfy_kind(state):
+        return comfy_kinds_to_peft(state, where)
     return comfy_to_peft(state, where)
 
 
@@ -188,11 +193,11 @@ def comfy_to_peft(state: dict, where: str = "") -> tuple[dict, dict]:
 
 
 def save_comfy(path, state: dict, metadata: Optional[dict] = None, alphas: Optional[dict] = None) -> Path:
-    """ComfyUI-WanVideoWrapper layout (see the module docstring)."""
-    ranks = _ranks(state)
+    """ComfyUI-WanVideoWrapper layout (see the module docstring; DoRA/LoHa/LoKr: comfy_kinds.py)."""
+    ranks = adapter_ranks(state)
     alphas = alphas or _alphas_from_meta(ranks, dict(metadata or {}))
     try:
-        tensors = peft_to_comfy(state, alphas)
+        tensors = (peft_to_comfy if adapter_of(state) == "lora" else peft_kinds_to_comfy)(state, alphas)
     except LoraError as e:
         raise LoraError(f"{path}: {e}") from e
     header = {k: v for k, v in _json_header(metadata).items() if k not in ("format", "rank", "alpha")}

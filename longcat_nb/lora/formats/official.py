@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from ...io import atomic_save_safetensors
+from ..kinds import require_lora
 from ..state import LoraError, _alphas_from_meta, _peft_modules, _peft_state, _ranks
 
 OFFICIAL_SEP = "___lorahyphen___"
@@ -96,6 +97,7 @@ def peft_to_official(state: dict, alphas: dict, network_rank: Optional[int] = No
     """PEFT layout -> official layout: lora_down = A, lora_up = B (n = 1), alpha_scale = alpha/r as a
     0-d float32. With ``network_rank`` R, a module of rank n·R whose B is exactly block-diagonal is
     written n-split (``lora_up.blocks.j``) so every module has the one rank the official loader takes."""
+    require_lora(state, "official")
     out = {}
     for module, t in _peft_modules(state).items():
         name, r2 = _official_name(module), t["A"].shape[0]
@@ -168,6 +170,7 @@ def save_official(path, state: dict, metadata: Optional[dict] = None, alphas: Op
     """Official layout, loadable with ``dit.load_lora(path, key, lora_network_dim=<rank>)`` (the rank
     is in the header; alpha_scale is in the file and overrides the loader's alpha). ``network_rank``
     (e.g. OFFICIAL_RANK, the demos' default 128): every module padded to that one rank."""
+    require_lora(state, "official", f"{path}: ")
     ranks = _ranks(state)
     alphas = alphas or _alphas_from_meta(ranks, dict(metadata or {}))
     if network_rank is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ...io import atomic_save_safetensors
+from .. import kinds
 from ..state import (PEFT_PREFIX, LoraError, _alphas_from_meta, _json_header, _lora_config_kwargs, _peft_modules,
                      _peft_state, _rank_alpha_patterns)
 
@@ -23,14 +24,26 @@ FILE_SUFFIX = ""  # lora-stepN.safetensors
 
 
 def detect(state: dict) -> bool:
-    return any(".lora_A." in k or ".lora_B." in k for k in state)
+    return any(".lora_A." in k or ".lora_B." in k or ".hada_w" in k or ".lokr_w" in k for k in state)
 
 
 def to_internal(state: dict, where: str = "", meta: Optional[dict] = None) -> tuple[dict, dict]:
     """(PEFT state, alphas): the alphas come from the header (``meta``)."""
+    if kinds.adapter_of(state) != "lora":
+        ranks = kinds.ranks(state, header_ranks(meta or {}, state), where)
+        return kinds.peft_state(kinds.modules(state, where)), _alphas_from_header(meta or {}, ranks, where)
     mods = _peft_modules(state, where)
     ranks = {m: int(t["A"].shape[0]) for m, t in mods.items()}
     return _peft_state(mods), _alphas_from_header(meta or {}, ranks, where)
+
+
+def header_ranks(meta: dict, state: dict) -> dict:
+    """module -> rank as the header gives it (a LoKr with whole factors has none in its tensors)."""
+    try:
+        rank, pattern = json.loads(meta.get("rank", "null")), json.loads(meta.get("rank_pattern", "{}"))
+    except ValueError:
+        return {}
+    return {m: int(_pattern_value(pattern, m, rank)) for m in kinds.modules(state)} if rank else {}
 
 
 def from_internal(state: dict, alphas: Optional[dict] = None) -> dict:
@@ -73,9 +86,12 @@ def _alphas_from_header(meta: dict, ranks: dict, where: str) -> dict:
 
 def save_lora(path, state: dict, metadata: Optional[dict] = None, alphas: Optional[dict] = None) -> Path:
     """Write the PEFT/diffusers layout atomically. ``alphas`` (module -> alpha) default to the
-    metadata's ``alpha`` at its ``rank`` (scale alpha/rank for every module), else alpha = rank."""
-    mods = _peft_modules(state, f"{path}: ")
-    ranks = {m: int(t["A"].shape[0]) for m, t in mods.items()}
+    metadata's ``alpha`` at its ``rank`` (scale alpha/rank for every module), else alpha = rank.
+    DoRA/LoHa/LoKr (lora/kinds.py) keep peft's own keys."""
+    kind = kinds.adapter_of(state)
+    tensors = _peft_state(_peft_modules(state, f"{path}: ")) if kind == "lora" else \
+        kinds.peft_state(kinds.modules(state, f"{path}: "))
+    ranks = kinds.ranks(state)
     meta = dict(metadata or {})
     if alphas is None:
         alphas = _alphas_from_meta(ranks, meta)
@@ -87,14 +103,15 @@ def save_lora(path, state: dict, metadata: Optional[dict] = None, alphas: Option
         meta.pop(key, None)
     meta.setdefault("targets", sorted({m.split(".", 2)[2] if m.startswith("blocks.") else m for m in ranks}))
     header = _json_header(meta)
-    header.update(format="pt", lora_layout="peft", rank=json.dumps(r), alpha=json.dumps(a),
-                  lora_adapter_metadata=json.dumps(
-                      {PEFT_PREFIX + k: v for k, v in _lora_config_kwargs(ranks, alphas).items()}, sort_keys=True))
+    header.update(format="pt", lora_layout="peft", adapter=kind, rank=json.dumps(r), alpha=json.dumps(a))
+    if kind in ("lora", "dora"):  # diffusers' load_lora_adapter reads LoRA and DoRA, not LoHa/LoKr
+        config = {**_lora_config_kwargs(ranks, alphas), "use_dora": kind == "dora"}
+        header["lora_adapter_metadata"] = json.dumps({PEFT_PREFIX + k: v for k, v in config.items()}, sort_keys=True)
     if rank_pattern:
         header["rank_pattern"] = json.dumps(rank_pattern)
     if alpha_pattern:
         header["alpha_pattern"] = json.dumps(alpha_pattern)
-    return atomic_save_safetensors(path, _peft_state(mods), metadata=header)
+    return atomic_save_safetensors(path, tensors, metadata=header)
 
 
 save = save_lora
