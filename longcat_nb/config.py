@@ -212,7 +212,7 @@ class TrainSettings:
         "image relative to the file). Relative to the run folder, or absolute; \"\" = none"))
     validation_distilled: bool = setting(False, help=(
         "sample validation clips with the checkpoint's distill LoRA (lora/cfg_step_lora.safetensors) stacked under "
-        "the LoRA being trained: 16 steps without guidance, about 5x cheaper than 40 CFG steps (validation_steps "
+        "the LoRA being trained: 16 steps without guidance, 5x fewer DiT passes than 40 CFG steps (validation_steps "
         "and validation_guidance are then not used); the clips show the LoRA through the distilled model"))
     eval_every: int = setting(0, ge=0, help=(
         "every N steps, the loss on the eval samples (dataset entries with role eval, or eval_fraction / "
