@@ -217,6 +217,12 @@ class TrainSettings:
     eval_every: int = setting(0, ge=0, help=(
         "every N steps, the loss on the eval samples (dataset entries with role eval, or eval_fraction / "
         "eval_files) at fixed sigmas and fixed noise, so two runs' curves compare; 0 = never"))
+    validation_from_eval: int = setting(0, ge=0, help=(
+        "also validate on up to N held-out eval samples (dataset entries with role eval): their captions as "
+        "prompts, their conditioning image (if any) as the image-to-video input; 0 = none"))
+    validation_eval_i2v: bool = setting(False, help=(
+        "validation_from_eval: an eval clip without a conditioning image is validated as image-to-video from its "
+        "own first frame (else text-to-video from its caption)"))
     adapter: str = setting("lora", choices=ADAPTERS, help=(
         "adapter type, each peft's own: lora (low-rank B·A), dora (LoRA + a learnt magnitude per output row "
         "of each weight), lokr (Kronecker product of two small factors), loha (Hadamard product of two "

@@ -23,6 +23,7 @@ from .config import TrainSettings, load_config
 from .ema import checkpoint_files, make_ema, maybe_applied
 from .loggers import RunLoggers
 from .prompts_file import with_prompts_file
+from .validation_set import with_eval_prompts
 from .flow import flow_matching_loss, sample_sigmas, train_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
 from .paths import resolve_path
 from .train_data import batch_weights, eval_loss_for, training_groups
@@ -262,7 +263,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     from .memory import QUANTIZED, apply_base_precision, apply_block_swap, apply_gradient_checkpointing, compute_dtype
     from .speed import apply_compile, compile_wanted, default_sdpa_preference, set_sdpa_preference
 
-    s = cfg.train = with_prompts_file(run_dir, cfg.train)  # checked before anything loads
+    s = cfg.train = with_eval_prompts(run_dir, with_prompts_file(run_dir, cfg.train))  # checked before anything loads
     device = dist.device if dist.enabled else pick_device(cfg.model.device)
     quantized = s.base_precision in QUANTIZED
     if dist.enabled:
