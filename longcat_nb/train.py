@@ -259,8 +259,8 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     from . import distributed
     from .cache import CacheError, CachedDataset, load_negative, no_entries_cause, read_manifest
     from .checkpoint import load_dit, pick_device
-    from .memory import QUANTIZED, apply_base_precision, apply_block_swap, apply_gradient_checkpointing, compute_dtype
-    from .speed import apply_compile, compile_wanted, default_sdpa_preference, set_sdpa_preference
+    from .memory import QUANTIZED, compute_dtype
+    from .prepare import prepare_for_training
 
     s = cfg.train = with_prompts_file(run_dir, cfg.train)  # checked before anything loads
     device = dist.device if dist.enabled else pick_device(cfg.model.device)
@@ -290,35 +290,9 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     dit = components.dit if components is not None and components.dit is not None else \
         load_dit(cfg.model.checkpoint, device if direct else "cpu",
                  "float32" if dtype == torch.float32 else "bfloat16")
-    # sharded: a model loaded on the CPU is cast there and fully_shard moves each rank's shard to its
-    # GPU; one already on this rank's device (built there) stays and is sharded in place. Swapped: cast
-    # on the CPU too, and only the resident part goes to the GPU (as memory.apply_inference_memory):
-    # the whole bf16 model (25 GiB) never passes through a 16 or 24 GiB card
-    on_device = next(dit.parameters()).device == torch.device(device)
-    swapping = bool(s.blocks_to_swap) and device.type == "cuda"
-    base_device = "cpu" if (dist.enabled or swapping) and not quantized and not on_device else device
-    dit = apply_base_precision(dit, s.base_precision, base_device, log=log)
     checkpointing = checkpointing_mode(s, device, cfg.dataset)
-    apply_gradient_checkpointing(dit, checkpointing)
-    attention = dit.set_attention_backend(cfg.model.attention)
-    set_sdpa_preference(default_sdpa_preference())
-    torch.manual_seed(s.seed)  # LoRA init
-    lora_lib.add_lora(dit, rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=s.targets, adapter=s.adapter)
-    params = [p for p in dit.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # trainable weights and their optimizer state in fp32
-    if dist.enabled:
-        distributed.shard_frozen_base(dit, dist, params, quantized)
-        for p in params:
-            p.data = p.data.to(device)
-        distributed.sync_lora(params, dist)
-    swap = apply_block_swap(dit, s.blocks_to_swap, device) if swapping else None
-    if swap is not None and base_device == "cpu":
-        swap.move_resident(device)  # the swapped blocks' base weights stay in pinned host memory
-    compiled = compile_wanted(s.compile, device, log)
-    if compiled:
-        apply_compile(dit, scope="blocks")
-    log(f"checkpointing: {checkpointing}; compiled blocks: {compiled}")
+    prep = prepare_for_training(dit, s, device, dist, cfg.model.attention, checkpointing, log)
+    dit, params, swap, attention = prep.model, prep.params, prep.swap, prep.attention
     dit.train()
     opt = build_optimizer(params, s)
     base_lrs = [g["lr"] for g in opt.param_groups]
