@@ -568,11 +568,7 @@ def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: i
     stem = f"lora-step{step:06d}{suffix}"
     path = lora_lib.save_trained(out_dir / f"{stem}.safetensors", model, meta, fold=fold_alpha)
     state, (_, alphas) = lora_lib.lora_state_dict(model), lora_lib.module_ranks_alphas(model)
-    if "official" in formats:
-        lora_lib.save_official(out_dir / f"{stem}-official.safetensors", state, alphas=alphas,
-                               network_rank=official_rank)
-    if "comfy" in formats:
-        lora_lib.save_comfy(out_dir / f"{stem}-comfy.safetensors", state, meta, alphas=alphas)
+    lora_lib.save_layouts(path, state, alphas, formats, meta, official_rank)
     if ema is not None:
         with ema.applied():
             export_lora(run_dir, model, s, base_model, step, formats, official_rank, fold_alpha, suffix="_ema")
