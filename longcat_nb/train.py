@@ -257,7 +257,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
 def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_steps, log, dataset,
            negative, verify_cache: bool) -> TrainResult:
     """The run, in four steps: data, model, loop, finish."""
-    from .checkpoint import pick_device
+    from .model_files import pick_device
 
     s = cfg.train = with_prompts_file(run_dir, cfg.train)  # checked before anything loads
     device = dist.device if dist.enabled else pick_device(cfg.model.device)
@@ -297,7 +297,7 @@ def _data(run_dir: Path, dataset, negative, verify_cache: bool) -> tuple:
 
 # -- model: frozen base in the chosen precision, LoRA on top (prepare.py) --------------------------
 def _model(cfg, dist, device, components, log):
-    from .checkpoint import load_dit
+    from .model_files import load_dit
     from .memory import QUANTIZED, compute_dtype
     from .prepare import prepare_for_training
 

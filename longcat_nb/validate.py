@@ -14,7 +14,7 @@ class Validator:
     the VAE is loaded only to decode."""
 
     def __init__(self, run_dir: Path, cfg, save: bool = True):
-        from .checkpoint import (list_checkpoint_loras, load_scheduler, load_text_encoder, load_tokenizer, pick_device,
+        from .model_files import (list_checkpoint_loras, load_scheduler, load_text_encoder, load_tokenizer, pick_device,
                                  pick_dtype, resolve_checkpoint)
         from .sampling.request import DISTILL_LORA
         from .text import encode_prompts, named_encoder, run_text_encoder
@@ -48,7 +48,7 @@ class Validator:
                 "validation_distilled=False")
 
     def __call__(self, step: int, model) -> dict:
-        from .checkpoint import Components, load_vae, resolve_checkpoint
+        from .model_files import Components, load_vae, resolve_checkpoint
         from .sampling import SampleRequest, generate, save_sample
 
         s = self.cfg.train

@@ -92,7 +92,7 @@ def _memory(components) -> dict:
 # loading with the memory options
 # ---------------------------------------------------------------------------------------------
 _DTYPE_PRECISION = {"auto": "auto", "": "auto", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32",
-                    "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}  # checkpoint._DTYPES' names
+                    "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}  # model_files._DTYPES' names
 
 
 def base_precision(precision: str, dit_dtype: str = "auto") -> str:
@@ -121,7 +121,7 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
     to pinned CPU memory. LoRAs (yours, cfg_step_lora, refinement_lora) are applied per call on
     top of the quantized weights and stream in with their swapped block. ``compile`` (auto | on |
     off, speed.compile_wanted) compiles each DiT block on CUDA: the first call compiles."""
-    from ..checkpoint import PARTS, load_components, load_dit, pick_device, pick_dtype
+    from ..model_files import PARTS, load_components, load_dit, pick_device, pick_dtype
     from ..memory import QUANTIZED, compute_dtype
     from ..prepare import prepare_for_sampling
 
