@@ -166,7 +166,7 @@ class TrainResult:
 
 
 class OutOfMemory(RuntimeError):
-    """Training ran out of GPU memory; the last checkpoint is kept."""
+    """Training ran out of GPU memory; the last training checkpoint is kept."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -223,7 +223,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
           log: Callable[[str], None] = print, dataset=None, negative: Optional[tuple] = None,
           verify_cache: bool = False) -> TrainResult:
     """Train the LoRA described by ``run_dir/config.json`` on ``run_dir/cache``; resumes from the
-    newest checkpoint. ``max_steps`` stops early (the schedule still follows ``train.steps``).
+    newest training checkpoint. ``max_steps`` stops early (the schedule still follows ``train.steps``).
 
     Under ``torchrun --nproc_per_node N`` (see ``python -m longcat_nb train``) the frozen base is
     sharded over the N processes with FSDP2 and each takes its own micro-batches (distributed.py);
@@ -393,7 +393,7 @@ def _loop(run: _Run, on_step, on_validation) -> None:
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory(
             f"out of GPU memory at step {run.step + 1}: {_suggest_for_oom(run.s, run.prep.checkpointing)}. "
-            f"The last checkpoint ({latest_checkpoint(run.ckpt_dir)}) is kept; re-run to resume."
+            f"The last training checkpoint ({latest_checkpoint(run.ckpt_dir)}) is kept; re-run to resume."
         ) from e
     finally:
         if run.loggers is not None:
@@ -543,7 +543,7 @@ def _diverged(what: str, step: int, lr: float, ckpt_dir: Path) -> TrainingDiverg
 
 
 def _check_weights(model, step: int, lr: float, ckpt_dir: Path) -> None:
-    """Before a checkpoint or an export: an update with finite gradients can still overflow the weights."""
+    """Before a training checkpoint or an export: an update with finite gradients can still overflow the weights."""
     bad = nonfinite(lora_lib.lora_state_dict(model))
     if bad:
         raise _diverged(f"the LoRA weights after the update ({', '.join(bad[:3])})", step, lr, ckpt_dir)
