@@ -68,7 +68,7 @@ def main() -> None:
     local = int(os.environ.get("LOCAL_RANK", 0))
     run = Path(args.run_dir)
     if args.tiny:
-        from longcat_nb.checkpoint import load_dit, resolve_checkpoint
+        from longcat_nb.model_files import load_dit, resolve_checkpoint
 
         dit = load_dit(resolve_checkpoint(""), "cpu", "float32")
         dataset = RandomCache(8, (16, 3, 8, 8), 16, dit.config.caption_channels)

@@ -230,10 +230,10 @@ def _defaults_sample(model):
     """What 04 (sampling.load_sampling_components) applies with the default settings: the default
     attention backend, compile=auto and the SDPA preference."""
     from longcat_nb.config import ModelSettings, SampleSettings
-    from longcat_nb.sampling.load import _compile_dit
+    from longcat_nb.prepare import apply_attention, apply_compile_choice
 
-    model.set_attention_backend(ModelSettings().attention)
-    _compile_dit(model, SampleSettings().compile, Ctx.device)
+    apply_attention(model, ModelSettings().attention, Ctx.device)
+    apply_compile_choice(model, SampleSettings().compile, Ctx.device, print)
 
 
 # name -> setup(model) -> None | callable   (see the module docstring)

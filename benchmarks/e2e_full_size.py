@@ -97,7 +97,7 @@ def write_checkpoint(folder: Path, tiny: bool, device: str) -> dict:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from longcat_nb.checkpoint import TINY_DIT, TINY_TEXT, TINY_VAE, build_tiny_tokenizer
+    from longcat_nb.model_files import TINY_DIT, TINY_TEXT, TINY_VAE, build_tiny_tokenizer
     from longcat_nb.models import LongCatVideoTransformer3DModel
 
     tmp = folder.with_name(folder.name + ".partial")
@@ -212,7 +212,7 @@ def run_cli(stage: str, run_dir: Path, params: dict, env: dict, log_path: Path) 
 
 LOAD_PROBE = r"""
 import json, sys, time, torch
-from longcat_nb.checkpoint import load_dit, load_text_encoder
+from longcat_nb.model_files import load_dit, load_text_encoder
 from longcat_nb.stages import host_rss_peak_gib
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 out = {}

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         print(json.dumps({"run_dir": args.run_dir, "executed": [str(o) for o in outs]}, indent=2))
         return 0
     if args.cmd == "tiny-checkpoint":
-        from .checkpoint import build_tiny_checkpoint
+        from .model_files import build_tiny_checkpoint
 
         path = build_tiny_checkpoint(args.dir, seed=args.seed, overwrite=args.overwrite)
         print(path)

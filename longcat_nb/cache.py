@@ -107,7 +107,7 @@ def folder_identity(folder: Path) -> str:
 
 def model_identity(folder: Path, settings) -> dict:
     """What the cached tensors depend on in the model: VAE, text encoder, and the DiT's text width."""
-    from .checkpoint import check_checkpoint
+    from .model_files import check_checkpoint
 
     folder = check_checkpoint(folder, ["dit", "vae"] + (["text_encoder"] if settings.text_encoder == "umt5" else []))
     dit_cfg = json.loads((folder / "dit" / "config.json").read_text())
@@ -340,7 +340,7 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
     """
     from .cache_encode import _load_text_encoder, encode_record
     from .cache_manifest import ManifestWriter
-    from .checkpoint import pick_device, resolve_checkpoint
+    from .model_files import pick_device, resolve_checkpoint
     from .data.scan import require_samples
 
     t0 = time.time()
@@ -453,7 +453,7 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
 
         # -- phase 2: latents (the VAE only now, and only if something needs encoding) --------------
         if latent_todo:
-            from .checkpoint import load_vae
+            from .model_files import load_vae
             from .vae import set_tiling
 
             vae = load_vae(folder, dev, cfg.model.vae_dtype)

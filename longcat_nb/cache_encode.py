@@ -13,7 +13,7 @@ from .cache import MAX_TEXT_TOKENS, QWEN_DEFAULT, CacheError, _seed
 # ---------------------------------------------------------------------------------------------
 def _load_text_encoder(cfg, cs, folder: Path, dev: torch.device, identity: dict) -> Callable:
     """Returns encode(caption) -> (embeddings [L, C] float, mask [L] int64), L = 512."""
-    from .checkpoint import load_text_encoder, load_tokenizer, pick_dtype
+    from .model_files import load_text_encoder, load_tokenizer, pick_dtype
     from .text import encode_prompts
 
     if cs.text_encoder == "umt5":

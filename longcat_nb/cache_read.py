@@ -125,7 +125,7 @@ class CachedDataset:
 
 def check_manifest(run_dir, m: dict) -> None:
     """Refuse a cache that does not match the run's settings (never mix encoders, dtypes or models)."""
-    from .checkpoint import resolve_checkpoint
+    from .model_files import resolve_checkpoint
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
@@ -208,7 +208,7 @@ def decode_check(run_dir, index: int = 0, device: Optional[str] = None) -> dict:
     and for I2V entries ``cond_source`` / ``cond_decoded`` [1, H, W, 3]."""
     import numpy as np
 
-    from .checkpoint import load_vae, pick_device, resolve_checkpoint
+    from .model_files import load_vae, pick_device, resolve_checkpoint
     from .data.video import load_condition_image, load_sample_frames
     from .vae import decode_latents, set_tiling, to_uint8_frames
 

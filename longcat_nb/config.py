@@ -40,7 +40,7 @@ def setting(default: Any, **rules: Any) -> Any:
 
 
 AUTO_ON_OFF = ("auto", "on", "off")
-DTYPES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")  # checkpoint.pick_dtype's names
+DTYPES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")  # model_files.pick_dtype's names
 # The kit's shared choices, defined here once because this module imports no torch: memory, planner,
 # lora, sample and flow import them.
 QUANTIZED = ("int8", "int4", "fp8", "fp8_rowwise", "nf4")  # base precisions that replace the big Linears

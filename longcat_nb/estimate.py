@@ -21,7 +21,7 @@ TRAIN_MEMORY_FIELDS = ("base_precision", "gradient_checkpointing", "keep_attenti
                        "blocks_to_swap", "compile")
 SAMPLE_MEMORY_FIELDS = ("precision", "offload", "blocks_to_swap", "compile")
 
-# Calibration: full-size DiT, 480x832x93 = 37,440 tokens, compiled blocks (README "Speed", H200 run 18).
+# Calibration: full-size DiT, 480x832x93 = 37,440 tokens, compiled blocks, on an H200 (README "Speed", docs/benchmarks.md).
 REF_TOKENS = 37_440
 TRAIN_STEP_S = 12.3  # LoRA step, checkpointing keeps attention (selective)
 SAMPLE_STEP_S = 6.8  # one CFG step (batch 2)

@@ -397,35 +397,6 @@ def block_swap_of(model: nn.Module) -> Optional[BlockSwap]:
     return getattr(model, "_block_swap", None)
 
 
-def apply_inference_memory(model: nn.Module, precision: str, blocks_to_swap: int, device: torch.device | str,
-                           home: torch.device | str | None = None,
-                           log: Callable[[str], None] = logger.info) -> Optional[BlockSwap]:
-    """The frozen DiT for sampling, the pieces in the order that keeps the GPU small: base precision
-    (quantized block by block on ``device``), then block swap (the last ``blocks_to_swap`` blocks'
-    weights to pinned CPU memory), then the rest to ``home`` (``device``, or the CPU for the
-    model-level offload, where sampling moves it to ``device`` only while it runs).
-
-    An unquantized model is cast where it was loaded (the CPU) and only its resident part ever
-    reaches the GPU, so bf16 with 24 swapped blocks loads within 24 GiB. LoRAs applied later for a
-    call (lora.apply_loras) land next to their base weights; ``BlockSwap.sync`` takes them in."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"base precision {precision!r}: choose one of {PRECISIONS}")
-    if isinstance(blocks_to_swap, bool) or not isinstance(blocks_to_swap, int) or blocks_to_swap < 0:
-        raise ValueError(f"blocks_to_swap={blocks_to_swap!r}: use a whole number from 0 to the block count")
-    device = torch.device(device)
-    home = torch.device(home) if home is not None else device
-    if precision in QUANTIZED:
-        apply_base_precision(model, precision, device, log=log, backward=False)
-    else:
-        model.requires_grad_(False).to(dtype=compute_dtype(precision, device))
-    swap = apply_block_swap(model, blocks_to_swap, device)
-    if swap is not None:
-        swap.move_resident(home)
-    else:
-        model.to(home)
-    return swap
-
-
 # ---------------------------------------------------------------------------------------------
 # activation checkpointing: what each block keeps for the backward
 # ---------------------------------------------------------------------------------------------

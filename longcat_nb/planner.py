@@ -36,7 +36,7 @@ WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8": 1.0, "fp8": 1.0, 
 K_TRAIN_BLOCK = 50.0  # one block's recompute + backward working set (measured 14.4 GiB at N=37,440)
 K_TRAIN_BLOCK_COMPILED = 42.0  # with the fp32 glue compiled (51.6 vs 53.9 GiB)
 K_SAMPLE = 15.4  # inference working set per token row (8.8 GiB for CFG batch 2 at N=37,440)
-K_SAMPLE_COMPILED = 9.2  # with compiled blocks (H200, run 12: 30.6 GiB bf16, 18.9 GiB fp8_rowwise)
+K_SAMPLE_COMPILED = 9.2  # with compiled blocks (H200, docs/benchmarks.md: 30.6 GiB bf16, 18.9 GiB fp8_rowwise)
 OPTIMIZER_BYTES = {"adamw": 16.0, "adamw8bit": 10.0, "prodigy": 24.0}  # per LoRA param: w, g, states
 CONTEXT_GIB = 0.0  # max_memory_allocated excludes the CUDA context; keep predictions comparable
 HOST_BASE_GIB = 4.0  # Python, torch, CUDA's host side and the cache reader, beside the model's own bytes

@@ -1,8 +1,8 @@
-"""Training state on disk: checkpoints (write, verify, find, load, prune) and the run folder's lock.
+"""Training state on disk: training checkpoints (write, verify, find, load, prune) and the run folder's lock.
 
 ``checkpoints/step-N/`` holds lora.safetensors, optimizer.safetensors and rng.safetensors (tensors)
 and state.json (step, data position, losses, the optimizer's structure, the settings, and the size and
-sha256 of each tensor file). A checkpoint is written as ``.step-N.tmp`` and renamed; an old one is
+sha256 of each tensor file). A training checkpoint is written as ``.step-N.tmp`` and renamed; an old one is
 renamed to ``.step-N.del`` before it is deleted, so a ``step-N`` folder with state.json is always
 whole, and what a killed run leaves behind is removed at the next start. Never pickle.
 """

@@ -2,7 +2,7 @@
 
 * ``apply_compile``: ``torch.compile`` of each whole block's forward (one graph shared by the 48
   identical blocks), or only of the float32 element-wise glue. Module hooks (block swap) stay outside
-  the compiled code, and the kit's own checkpointing (:func:`.memory.apply_gradient_checkpointing`)
+  the compiled code, and the kit's own activation checkpointing (:func:`.memory.apply_gradient_checkpointing`)
   runs compiled blocks in both passes, so whole blocks compile for training too. (torch's own
   ``checkpoint`` around a compiled block fails its recompute check: the no-grad and training graphs
   save different tensors.)

@@ -25,8 +25,8 @@ from .loggers import RunLoggers
 from .prompts_file import with_prompts_file
 from .validation_set import with_eval_prompts
 from .flow import flow_matching_loss, sample_sigmas, train_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
-from .paths import resolve_path
 from .train_data import batch_weights, eval_loss_for, training_groups
+from .validate import Validator
 from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
                      interrupt_held, latest_checkpoint, load_checkpoint, nonfinite, resume_latest, rng_state,
                      run_lock, save_checkpoint)
@@ -167,7 +167,7 @@ class TrainResult:
 
 
 class OutOfMemory(RuntimeError):
-    """Training ran out of GPU memory; the last checkpoint is kept."""
+    """Training ran out of GPU memory; the last training checkpoint is kept."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -224,7 +224,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
           log: Callable[[str], None] = print, dataset=None, negative: Optional[tuple] = None,
           verify_cache: bool = False) -> TrainResult:
     """Train the LoRA described by ``run_dir/config.json`` on ``run_dir/cache``; resumes from the
-    newest checkpoint. ``max_steps`` stops early (the schedule still follows ``train.steps``).
+    newest training checkpoint. ``max_steps`` stops early (the schedule still follows ``train.steps``).
 
     Under ``torchrun --nproc_per_node N`` (see ``python -m longcat_nb train``) the frozen base is
     sharded over the N processes with FSDP2 and each takes its own micro-batches (distributed.py);
@@ -257,23 +257,35 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
 
 def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_steps, log, dataset,
            negative, verify_cache: bool) -> TrainResult:
-    from . import distributed
-    from .cache import CacheError, CachedDataset, load_negative, no_entries_cause, read_manifest
-    from .checkpoint import load_dit, pick_device
-    from .memory import QUANTIZED, apply_base_precision, apply_block_swap, apply_gradient_checkpointing, compute_dtype
-    from .speed import apply_compile, compile_wanted, default_sdpa_preference, set_sdpa_preference
+    """The run, in four steps: data, model, loop, finish."""
+    from .model_files import pick_device
 
     s = cfg.train = with_eval_prompts(run_dir, with_prompts_file(run_dir, cfg.train))  # checked before anything loads
     device = dist.device if dist.enabled else pick_device(cfg.model.device)
-    quantized = s.base_precision in QUANTIZED
-    if dist.enabled:
-        if s.blocks_to_swap:
-            raise ValueError(f"blocks_to_swap={s.blocks_to_swap} with {dist.world} processes: block swap is "
-                             "single-GPU; with several GPUs the base is sharded instead, set blocks_to_swap=0")
-        if s.activation_offload:
-            raise ValueError("activation_offload is single-GPU: with several GPUs set activation_offload=False "
-                             "(gradient checkpointing stays on)")
-    dtype = compute_dtype(s.base_precision, device)
+    _check_single_gpu_options(s, dist)
+    dataset, negative = _data(run_dir, dataset, negative, verify_cache)
+    validator = Validator(run_dir, cfg, save=dist.is_main) if s.validate_every and s.validation_prompts else None
+    prep = _model(cfg, dist, device, components, log)
+    run = _start(run_dir, cfg, dist, device, prep, dataset, negative, validator, max_steps, log)
+    _loop(run, on_step, on_validation)
+    return _finish(run)
+
+
+def _check_single_gpu_options(s: TrainSettings, dist) -> None:
+    if not dist.enabled:
+        return
+    if s.blocks_to_swap:
+        raise ValueError(f"blocks_to_swap={s.blocks_to_swap} with {dist.world} processes: block swap is "
+                         "single-GPU; with several GPUs the base is sharded instead, set blocks_to_swap=0")
+    if s.activation_offload:
+        raise ValueError("activation_offload is single-GPU: with several GPUs set activation_offload=False "
+                         "(gradient checkpointing stays on)")
+
+
+# -- data: the cached samples and the embedding of "" (caption dropout) ----------------------------
+def _data(run_dir: Path, dataset, negative, verify_cache: bool) -> tuple:
+    from .cache import CacheError, CachedDataset, load_negative, no_entries_cause, read_manifest
+
     if dataset is None:
         m = read_manifest(run_dir)
         if m is None or not m.get("entries"):  # say why: often 01_dataset found no usable clip
@@ -281,54 +293,76 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
         dataset = CachedDataset(run_dir, check_hashes=verify_cache)  # sizes + headers; sha256 when asked
     if len(dataset) == 0:
         raise CacheError(f"nothing to train on: {no_entries_cause(run_dir)}")
-    neg_text, neg_mask = negative if negative is not None else load_negative(run_dir)
-    validator = Validator(run_dir, cfg, save=dist.is_main) if s.validate_every and s.validation_prompts else None
+    return dataset, negative if negative is not None else load_negative(run_dir)
 
-    # -- model: frozen base in the chosen precision, LoRA on top --------------------------------
+
+# -- model: frozen base in the chosen precision, LoRA on top (prepare.py) --------------------------
+def _model(cfg, dist, device, components, log):
+    from .model_files import load_dit
+    from .memory import QUANTIZED, compute_dtype
+    from .prepare import prepare_for_training
+
+    s = cfg.train
+    dtype = compute_dtype(s.base_precision, device)
     # straight onto the GPU where it stays whole there (host RAM then holds one shard at a time);
     # through host memory where it is quantized, swapped or sharded block by block
-    direct = device.type == "cuda" and not quantized and not s.blocks_to_swap and not dist.enabled
+    direct = device.type == "cuda" and s.base_precision not in QUANTIZED and not s.blocks_to_swap \
+        and not dist.enabled
     dit = components.dit if components is not None and components.dit is not None else \
         load_dit(cfg.model.checkpoint, device if direct else "cpu",
                  "float32" if dtype == torch.float32 else "bfloat16")
-    # sharded: a model loaded on the CPU is cast there and fully_shard moves each rank's shard to its
-    # GPU; one already on this rank's device (built there) stays and is sharded in place. Swapped: cast
-    # on the CPU too, and only the resident part goes to the GPU (as memory.apply_inference_memory):
-    # the whole bf16 model (25 GiB) never passes through a 16 or 24 GiB card
-    on_device = next(dit.parameters()).device == torch.device(device)
-    swapping = bool(s.blocks_to_swap) and device.type == "cuda"
-    base_device = "cpu" if (dist.enabled or swapping) and not quantized and not on_device else device
-    dit = apply_base_precision(dit, s.base_precision, base_device, log=log)
     checkpointing = checkpointing_mode(s, device, cfg.dataset)
-    apply_gradient_checkpointing(dit, checkpointing)
-    attention = dit.set_attention_backend(cfg.model.attention)
-    set_sdpa_preference(default_sdpa_preference())
-    torch.manual_seed(s.seed)  # LoRA init
-    lora_lib.add_lora(dit, rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=s.targets, adapter=s.adapter)
-    params = [p for p in dit.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # trainable weights and their optimizer state in fp32
-    if dist.enabled:
-        distributed.shard_frozen_base(dit, dist, params, quantized)
-        for p in params:
-            p.data = p.data.to(device)
-        distributed.sync_lora(params, dist)
-    swap = apply_block_swap(dit, s.blocks_to_swap, device) if swapping else None
-    if swap is not None and base_device == "cpu":
-        swap.move_resident(device)  # the swapped blocks' base weights stay in pinned host memory
-    compiled = compile_wanted(s.compile, device, log)
-    if compiled:
-        apply_compile(dit, scope="blocks")
-    log(f"checkpointing: {checkpointing}; compiled blocks: {compiled}")
-    dit.train()
-    opt = build_optimizer(params, s)
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    prep = prepare_for_training(dit, s, device, dist, cfg.model.attention, checkpointing, log)
+    prep.model.train()
+    return prep
 
+
+# -- the state the loop reads and moves -------------------------------------------------------------
+@dataclass
+class _Run:
+    run_dir: Path
+    s: TrainSettings
+    dist: object
+    device: torch.device
+    dtype: torch.dtype
+    prep: object  # prepare.Prepared
+    opt: object
+    base_lrs: list
+    stream: MicroBatches
+    dataset: object
+    negative: tuple
+    validator: Optional[Validator]
+    evaluate: Optional[Callable]
+    ema: object
+    loggers: Optional[RunLoggers]
+    base_model: str
+    step: int
+    position: dict
+    losses: list
+    stop: int
+    saved_step: int = 0
+    rng_at_step: Optional[dict] = None  # the generators as the unfinished step began (None between steps)
+    t_start: float = field(default_factory=time.time)
+    step_start: int = 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def dit(self):
+        return self.prep.model
+
+
+def _start(run_dir: Path, cfg, dist, device, prep, dataset, negative, validator, max_steps, log) -> _Run:
+    """Optimizer, data order, the newest intact training checkpoint (resumed), EMA and loggers."""
+    from .memory import QUANTIZED, compute_dtype
+
+    s, dit = cfg.train, prep.model
+    opt = build_optimizer(prep.params, s)
     stream = MicroBatches(training_groups(dataset, group_by_shape(dataset)), s.batch_size, s.seed)  # repeats, no eval
-    evaluate = eval_loss_for(dataset, s.eval_every, log)
     step, position, losses = 0, {"epoch": 0, "batch": 0}, []
-    ckpt_dir = run_dir / "checkpoints"
-    resumed = resume_latest(ckpt_dir, dit, opt, s, log, set_aside=dist.is_main)  # the newest intact one
+    resumed = resume_latest(run_dir / "checkpoints", dit, opt, s, log, set_aside=dist.is_main)
     if resumed is not None:
         last, st = resumed
         step, position, losses = st["step"], st["position"], st["losses"]
@@ -336,114 +370,150 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
         log(f"resumed from {last.name} (step {step})" +
             (f", written by {was} process(es), continuing on {dist.world}" if was != dist.world else ""))
     ema = make_ema(dit, s.ema_decay, resumed[1].get("extra", {}) if resumed else None, log)
-
     loggers = RunLoggers(run_dir, cfg.to_dict(), log) if dist.is_main else None  # train.jsonl, TensorBoard, wandb
-    n_params = sum(p.numel() for p in params)
+    n_params = sum(p.numel() for p in prep.params)
     log(f"training {n_params / 1e6:.2f}M LoRA parameters on {len(dataset)} cached samples, "
-        f"{len(stream.groups)} bucket(s), device {device}, base {s.base_precision}, attention {attention}" +
-        (f", {dist.world} processes (FSDP2, {'replicated quantized' if quantized else 'sharded'} base)"
-         if dist.enabled else ""))
+        f"{len(stream.groups)} bucket(s), device {device}, base {s.base_precision}, attention {prep.attention}" +
+        (f", {dist.world} processes (FSDP2, "
+         f"{'replicated quantized' if s.base_precision in QUANTIZED else 'sharded'} base)" if dist.enabled else ""))
+    return _Run(run_dir=run_dir, s=s, dist=dist, device=device, dtype=compute_dtype(s.base_precision, device),
+                prep=prep, opt=opt, base_lrs=[g["lr"] for g in opt.param_groups], stream=stream, dataset=dataset,
+                negative=negative, validator=validator, evaluate=eval_loss_for(dataset, s.eval_every, log), ema=ema,
+                loggers=loggers, base_model=cfg.model.checkpoint, step=step, position=position, losses=losses,
+                stop=min(s.steps, max_steps) if max_steps else s.steps, saved_step=step, step_start=step)
 
-    stop = min(s.steps, max_steps) if max_steps else s.steps
-    t_start, step_start, saved_step = time.time(), step, step
-    rng_at_step = None  # the generators as the unfinished step began (None between steps)
+
+# -- the loop ---------------------------------------------------------------------------------------
+def _loop(run: _Run, on_step, on_validation) -> None:
     try:
-        while step < stop:
-            t0 = time.time()
-            rng_at_step = rng_state()
-            lr = set_lr(opt, step, s, base_lrs)
-            loss_sum, nxt = 0.0, position  # position moves on only with the update
-            for _ in range(s.grad_accum):
-                here, idx = stream.at(nxt, dist.rank)
-                nxt = stream.normalize({"epoch": nxt["epoch"], "batch": nxt["batch"] + dist.world})
-                items = [dataset[i] for i in idx]
-                gen = batch_generator(s.seed, here)
-                x0, text, mask, n_cond = collate(items, device, dtype)
-                drop = torch.rand(len(items), generator=gen) < s.caption_dropout
-                if drop.any():
-                    text[drop] = neg_text.to(device, dtype)
-                    mask[drop] = neg_mask.to(device)
-                sigma = train_sigmas(len(items), gen, s)
-                noise = torch.randn(x0.shape, generator=gen).to(device)
-                with _tf32(device.type == "cuda"):
-                    loss = flow_matching_loss(dit, x0, text, mask, sigma.to(device), noise, n_cond,
-                                              weighting=s.loss_weighting, **batch_weights(items, device))
-                    (loss / s.grad_accum).backward()
-                loss_sum += loss.item() / s.grad_accum
-            distributed.average_gradients(params, dist)
-            loss_sum = dist.mean(loss_sum)
-            grad_norm = _grad_norm(params, s.max_grad_norm)
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # same on every rank (averaged)
-                raise _diverged(f"the loss ({loss_sum}) or the gradient norm ({grad_norm})", step + 1, lr, ckpt_dir)
-            with interrupt_held():  # the update and its bookkeeping happen together or not at all
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update()
-                step, position, rng_at_step = step + 1, nxt, None
-                losses.append(loss_sum)
-            rec = {
-                "step": step, "loss": loss_sum, "lr": lr, "sec": time.time() - t0, "grad_norm": grad_norm,
-                "it_s": (step - step_start) / max(1e-9, time.time() - t_start),
-                "eta_s": (stop - step) * (time.time() - t_start) / max(1, step - step_start),
-            }
-            if evaluate is not None and step % s.eval_every == 0:
-                rec["eval_loss"] = evaluate(dit, device, dtype)
-            if device.type == "cuda":
-                rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if dist.enabled:
-                    rec["mem_gib_per_gpu"] = dist.gather_floats(rec["mem_gib"])
-                    rec["mem_gib"] = max(rec["mem_gib_per_gpu"])
-            if dist.enabled:
-                rec["processes"] = dist.world
-            if dist.is_main:
-                loggers.write(rec)
-                if on_step is not None:
-                    on_step(rec)
-            if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == stop):
-                if dist.is_main:
-                    _check_weights(dit, step, lr, ckpt_dir)
-                    save_checkpoint(ckpt_dir, step, dit, opt, dict(position), losses, s, s.keep_checkpoints,
-                                    world=dist.world, extra=checkpoint_files(ema))
-                    saved_step = step
-                dist.barrier()
-            if validator is not None and step % s.validate_every == 0:
-                dit.eval()
-                with maybe_applied(ema, s.validation_weights == "ema"):
-                    videos = validator(step, dit)  # every rank runs the sharded model; rank 0 writes
-                dit.train()
-                if on_validation is not None and dist.is_main:
-                    on_validation(step, videos)
+        while run.step < run.stop:
+            rec = _train_step(run)
+            _after_step(run, rec, on_step, on_validation)
     except KeyboardInterrupt:
-        if not dist.is_main:
-            raise TrainingInterrupted(f"interrupted at step {step}") from None
-        if step == saved_step:
-            last = latest_checkpoint(ckpt_dir)
-            raise TrainingInterrupted(f"interrupted at step {step}, no step since " + (
-                f"{last} (kept as it is); re-run to resume from it" if last else "the start: nothing to save")) from None
-        _check_weights(dit, step, s.lr, ckpt_dir)
-        path = save_checkpoint(ckpt_dir, step, dit, opt, dict(position), losses, s, s.keep_checkpoints,
-                               world=dist.world, rng=rng_at_step, extra=checkpoint_files(ema))
-        raise TrainingInterrupted(f"interrupted at step {step}: saved {path}; re-run to resume from it") from None
+        _save_interrupted(run)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory(
-            f"out of GPU memory at step {step + 1}: {_suggest_for_oom(s, checkpointing)}. The last checkpoint "
-            f"({latest_checkpoint(ckpt_dir)}) is kept; re-run to resume."
+            f"out of GPU memory at step {run.step + 1}: {_suggest_for_oom(run.s, run.prep.checkpointing)}. "
+            f"The last training checkpoint ({latest_checkpoint(run.ckpt_dir)}) is kept; re-run to resume."
         ) from e
     finally:
-        if loggers is not None:
-            loggers.close()
-        if swap is not None:
-            swap.remove()
+        if run.loggers is not None:
+            run.loggers.close()
+        if run.prep.swap is not None:
+            run.prep.swap.remove()
 
-    dit.eval()
-    _check_weights(dit, step, s.lr, ckpt_dir)
-    result = TrainResult(run_dir=run_dir, steps=step, losses=losses, checkpoint=latest_checkpoint(ckpt_dir))
+
+def _train_step(run: _Run) -> dict:
+    """One optimizer step over grad_accum micro-batches per process; returns its log record."""
+    from . import distributed
+
+    s, dist, params = run.s, run.dist, run.prep.params
+    t0 = time.time()
+    run.rng_at_step = rng_state()
+    lr = set_lr(run.opt, run.step, s, run.base_lrs)
+    loss_sum, nxt = 0.0, run.position  # position moves on only with the update
+    for _ in range(s.grad_accum):
+        here, idx = run.stream.at(nxt, dist.rank)
+        nxt = run.stream.normalize({"epoch": nxt["epoch"], "batch": nxt["batch"] + dist.world})
+        loss_sum += _micro_batch_loss(run, here, [run.dataset[i] for i in idx]) / s.grad_accum
+    distributed.average_gradients(params, dist)
+    loss_sum = dist.mean(loss_sum)
+    grad_norm = _grad_norm(params, s.max_grad_norm)
+    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # same on every rank (averaged)
+        raise _diverged(f"the loss ({loss_sum}) or the gradient norm ({grad_norm})", run.step + 1, lr, run.ckpt_dir)
+    with interrupt_held():  # the update and its bookkeeping happen together or not at all
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update()
+        run.step, run.position, run.rng_at_step = run.step + 1, nxt, None
+        run.losses.append(loss_sum)
+    step, elapsed = run.step, time.time() - run.t_start
+    return {"step": step, "loss": loss_sum, "lr": lr, "sec": time.time() - t0, "grad_norm": grad_norm,
+            "it_s": (step - run.step_start) / max(1e-9, elapsed),
+            "eta_s": (run.stop - step) * elapsed / max(1, step - run.step_start)}
+
+
+def _micro_batch_loss(run: _Run, here: dict, items: list) -> float:
+    """Forward and backward of one micro-batch (scaled for accumulation); returns its loss."""
+    s, device, dtype = run.s, run.device, run.dtype
+    gen = batch_generator(s.seed, here)
+    x0, text, mask, n_cond = collate(items, device, dtype)
+    drop = torch.rand(len(items), generator=gen) < s.caption_dropout
+    if drop.any():
+        text[drop] = run.negative[0].to(device, dtype)
+        mask[drop] = run.negative[1].to(device)
+    sigma = train_sigmas(len(items), gen, s)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    with _tf32(device.type == "cuda"):
+        loss = flow_matching_loss(run.dit, x0, text, mask, sigma.to(device), noise, n_cond,
+                                  weighting=s.loss_weighting, **batch_weights(items, device))
+        (loss / s.grad_accum).backward()
+    return loss.item()
+
+
+def _after_step(run: _Run, rec: dict, on_step, on_validation) -> None:
+    """Eval loss and memory into the record, the record logged, then a training checkpoint and the
+    validation clips when due."""
+    s, dist, device, step = run.s, run.dist, run.device, run.step
+    if run.evaluate is not None and step % s.eval_every == 0:
+        rec["eval_loss"] = run.evaluate(run.dit, device, run.dtype)
+    if device.type == "cuda":
+        rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if dist.enabled:
+            rec["mem_gib_per_gpu"] = dist.gather_floats(rec["mem_gib"])
+            rec["mem_gib"] = max(rec["mem_gib_per_gpu"])
+    if dist.enabled:
+        rec["processes"] = dist.world
     if dist.is_main:
-        result.lora_path = export_lora(run_dir, dit, s, cfg.model.checkpoint, step, ema=ema)
-    dist.barrier()
-    result.model = dit  # type: ignore[attr-defined]
-    result.ema = ema  # type: ignore[attr-defined]
+        run.loggers.write(rec)
+        if on_step is not None:
+            on_step(rec)
+    if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == run.stop):
+        if dist.is_main:
+            _check_weights(run.dit, step, rec["lr"], run.ckpt_dir)
+            _save(run)
+            run.saved_step = step
+        dist.barrier()
+    if run.validator is not None and step % s.validate_every == 0:
+        run.dit.eval()
+        with maybe_applied(run.ema, s.validation_weights == "ema"):
+            videos = run.validator(step, run.dit)  # every rank runs the sharded model; rank 0 writes
+        run.dit.train()
+        if on_validation is not None and dist.is_main:
+            on_validation(step, videos)
+
+
+def _save(run: _Run, rng=None) -> Path:
+    return save_checkpoint(run.ckpt_dir, run.step, run.dit, run.opt, dict(run.position), run.losses, run.s,
+                           run.s.keep_checkpoints, world=run.dist.world, rng=rng, extra=checkpoint_files(run.ema))
+
+
+def _save_interrupted(run: _Run) -> None:
+    """Ctrl-C: the step reached saved as a training checkpoint (none when nothing moved since the last)."""
+    step = run.step
+    if not run.dist.is_main:
+        raise TrainingInterrupted(f"interrupted at step {step}") from None
+    if step == run.saved_step:
+        last = latest_checkpoint(run.ckpt_dir)
+        raise TrainingInterrupted(f"interrupted at step {step}, no step since " + (
+            f"{last} (kept as it is); re-run to resume from it" if last else "the start: nothing to save")) from None
+    _check_weights(run.dit, step, run.s.lr, run.ckpt_dir)
+    path = _save(run, rng=run.rng_at_step)
+    raise TrainingInterrupted(f"interrupted at step {step}: saved {path}; re-run to resume from it") from None
+
+
+# -- finish: the LoRA file and the result -----------------------------------------------------------
+def _finish(run: _Run) -> TrainResult:
+    run.dit.eval()
+    _check_weights(run.dit, run.step, run.s.lr, run.ckpt_dir)
+    result = TrainResult(run_dir=run.run_dir, steps=run.step, losses=run.losses,
+                         checkpoint=latest_checkpoint(run.ckpt_dir))
+    if run.dist.is_main:
+        result.lora_path = export_lora(run.run_dir, run.dit, run.s, run.base_model, run.step, ema=run.ema)
+    run.dist.barrier()
+    result.model = run.dit  # type: ignore[attr-defined]
+    result.ema = run.ema  # type: ignore[attr-defined]
     return result
 
 
@@ -474,7 +544,7 @@ def _diverged(what: str, step: int, lr: float, ckpt_dir: Path) -> TrainingDiverg
 
 
 def _check_weights(model, step: int, lr: float, ckpt_dir: Path) -> None:
-    """Before a checkpoint or an export: an update with finite gradients can still overflow the weights."""
+    """Before a training checkpoint or an export: an update with finite gradients can still overflow the weights."""
     bad = nonfinite(lora_lib.lora_state_dict(model))
     if bad:
         raise _diverged(f"the LoRA weights after the update ({', '.join(bad[:3])})", step, lr, ckpt_dir)
@@ -482,74 +552,6 @@ def _check_weights(model, step: int, lr: float, ckpt_dir: Path) -> None:
 
 def _quiet(msg: str) -> None:
     """log() of ranks other than 0."""
-
-
-class Validator:
-    """Samples the validation prompts with the model being trained, through the kit's sampler.
-    Prompts are encoded once up front, with the text encoder the cache was built with (the checkpoint's
-    UMT5, or Qwen2.5-VL; refused with the reason when that cannot be loaded), and the encoder freed;
-    the VAE is loaded only to decode."""
-
-    def __init__(self, run_dir: Path, cfg, save: bool = True):
-        from .checkpoint import (list_checkpoint_loras, load_scheduler, load_text_encoder, load_tokenizer, pick_device,
-                                 pick_dtype, resolve_checkpoint)
-        from .sampling.request import DISTILL_LORA
-        from .text import encode_prompts, named_encoder, run_text_encoder
-
-        self.run_dir, self.cfg, self.save, s = Path(run_dir), cfg, save, cfg.train
-        # checked now, not at the first validation step hours later
-        given = [str(x or "") for x in list(s.validation_images) + [""] * len(s.validation_prompts)]
-        self.images = [str(resolve_path(x)) if x else "" for x in given]  # relative: under the workspace root
-        for i, image in enumerate(self.images[:len(s.validation_prompts)]):
-            if image and not Path(image).is_file():
-                raise FileNotFoundError(f"validation_images[{i}] = {given[i]!r} does not exist ({image}): give an "
-                                        "image file (png/jpg) for an image-to-video validation prompt, or \"\" for "
-                                        "text-to-video")
-        dev = pick_device(cfg.model.device)
-        self.text_encoder = run_text_encoder(self.run_dir)
-        if self.text_encoder is None:
-            tok = load_tokenizer(cfg.model.checkpoint)
-            enc = load_text_encoder(cfg.model.checkpoint, dev)
-            self.texts = [encode_prompts(tok, enc, ["", p], device="cpu") for p in s.validation_prompts]
-        else:  # the LoRA learns on these embeddings: validation prompts must be encoded the same way
-            enc = named_encoder(self.text_encoder, dev, pick_dtype(cfg.model.text_encoder_dtype, dev),
-                                f"validation (validate_every=0 trains without it), run {self.run_dir}")
-            self.texts = [enc(["", p]) for p in s.validation_prompts]
-        del enc
-        self.scheduler = load_scheduler(cfg.model.checkpoint)
-        self.loras = list_checkpoint_loras(resolve_checkpoint(cfg.model.checkpoint))
-        if s.validation_distilled and DISTILL_LORA not in self.loras:  # now, not at the first validation
-            raise FileNotFoundError(
-                f"validation_distilled=True needs {resolve_checkpoint(cfg.model.checkpoint)}/lora/{DISTILL_LORA}"
-                ".safetensors (the lora/ folder of meituan-longcat/LongCat-Video): download it, or set "
-                "validation_distilled=False")
-
-    def __call__(self, step: int, model) -> dict:
-        from .checkpoint import Components, load_vae, resolve_checkpoint
-        from .sampling import SampleRequest, generate, save_sample
-
-        s = self.cfg.train
-        vae = load_vae(self.cfg.model.checkpoint, next(model.parameters()).device)
-        # the record's 'checkpoint' is the model the LoRA is trained on; the LoRA is this run's at `step`
-        comps = Components(folder=resolve_checkpoint(self.cfg.model.checkpoint), dit=model, vae=vae,
-                           scheduler=self.scheduler, loras=self.loras)
-        # distilled: the checkpoint's distill LoRA stacked under the one being trained, its own steps, no CFG
-        fast = dict(distilled=True) if s.validation_distilled else \
-            dict(steps=s.validation_steps, guidance=s.validation_guidance)
-        saved = self.run_dir / "checkpoints" / f"step-{step:07d}"
-        out = {}
-        for i, (prompt, text, image) in enumerate(zip(s.validation_prompts, self.texts, self.images)):
-            req = SampleRequest(prompt=prompt, mode="i2v" if image else "t2v", image=image or None,
-                                height=s.validation_height, width=s.validation_width,
-                                num_frames=s.validation_frames, seed=s.seed + i, **fast)
-            res = generate(comps, req, text=text, progress=False)
-            res.settings.update(lora_step=step, lora_run=str(self.run_dir),
-                                text_encoder=(self.text_encoder or {"name": "umt5"})["name"],
-                                lora_checkpoint=str(saved) if (saved / "state.json").exists() else "")
-            path = save_sample(res, self.run_dir, f"validation/step{step:06d}_{i}") if self.save else None
-            out[f"{i}: {prompt}"] = (path, res.video)
-        del vae
-        return out
 
 
 def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: int,
@@ -567,11 +569,7 @@ def export_lora(run_dir: Path, model, s: TrainSettings, base_model: str, step: i
     stem = f"lora-step{step:06d}{suffix}"
     path = lora_lib.save_trained(out_dir / f"{stem}.safetensors", model, meta, fold=fold_alpha)
     state, (_, alphas) = lora_lib.lora_state_dict(model), lora_lib.module_ranks_alphas(model)
-    if "official" in formats:
-        lora_lib.save_official(out_dir / f"{stem}-official.safetensors", state, alphas=alphas,
-                               network_rank=official_rank)
-    if "comfy" in formats:
-        lora_lib.save_comfy(out_dir / f"{stem}-comfy.safetensors", state, meta, alphas=alphas)
+    lora_lib.save_layouts(path, state, alphas, formats, meta, official_rank)
     if ema is not None:
         with ema.applied():
             export_lora(run_dir, model, s, base_model, step, formats, official_rank, fold_alpha, suffix="_ema")

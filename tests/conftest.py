@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_ckpt() -> Path:
-    from longcat_nb.checkpoint import resolve_checkpoint
+    from longcat_nb.model_files import resolve_checkpoint
 
     return resolve_checkpoint("")
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from longcat_nb.checkpoint import load_tokenizer
+from longcat_nb.model_files import load_tokenizer
 from longcat_nb.config import update_section
 from longcat_nb.data import scan_dataset, write_dataset_jsonl
 

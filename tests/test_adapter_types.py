@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 import longcat_nb.train as T
 from longcat_nb import lora as L
 from longcat_nb.cache import CachedDataset
-from longcat_nb.checkpoint import load_components
+from longcat_nb.model_files import load_components
 from longcat_nb.config import update_section
 from helpers import fresh_copy, one_clip_run
 from test_lora import run as run_tiny

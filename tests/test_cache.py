@@ -48,7 +48,7 @@ def run(tmp_path, tiny_ckpt):
 
 
 def test_hit_then_items_as_the_trainer_reads_them(run, tiny_ckpt):
-    from longcat_nb.checkpoint import load_text_encoder, load_tokenizer
+    from longcat_nb.model_files import load_text_encoder, load_tokenizer
     from longcat_nb.text import encode_prompts
 
     r1 = build_cache(run, **QUIET)
@@ -246,7 +246,7 @@ def _tiny_qwen(path, tokenizer):
 
 
 def test_encoders_are_never_mixed(run, tmp_path, tiny_ckpt):
-    from longcat_nb.checkpoint import load_tokenizer
+    from longcat_nb.model_files import load_tokenizer
 
     build_cache(run, **QUIET)
     latents = tables(run)["files"]["latents"]
@@ -272,7 +272,7 @@ def test_encoders_are_never_mixed(run, tmp_path, tiny_ckpt):
 
 
 def test_decode_back_matches_the_vae_and_i2v_layout(run, tiny_ckpt):
-    from longcat_nb.checkpoint import load_vae
+    from longcat_nb.model_files import load_vae
     from longcat_nb.data import load_condition_image, load_sample_frames
     from longcat_nb.vae import decode_latents, encode_video, from_uint8_frames, to_uint8_frames
 

@@ -81,7 +81,7 @@ def test_a_qwen_cached_run_validates_and_samples_with_qwen_or_refuses(run, tmp_p
     from longcat_nb import lora as L
     from longcat_nb.lora import export as lora_export
     from longcat_nb.cache import load_negative
-    from longcat_nb.checkpoint import load_components, load_dit, load_tokenizer
+    from longcat_nb.model_files import load_components, load_dit, load_tokenizer
     from longcat_nb.config import load_config
     from longcat_nb.sampling import SampleRequest, compare_base_and_lora, encode_text, generate
     from longcat_nb.text import TextEncoderError, named_encoder

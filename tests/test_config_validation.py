@@ -229,7 +229,7 @@ def broken_ckpt(tmp_path, tiny_ckpt):
 
 
 def test_checkpoint_check_lists_every_missing_part_and_the_download(broken_ckpt):
-    from longcat_nb.checkpoint import CheckpointError, check_checkpoint, load_components, load_scheduler
+    from longcat_nb.model_files import CheckpointError, check_checkpoint, load_components, load_scheduler
 
     for call in (lambda: check_checkpoint(broken_ckpt), lambda: load_components(broken_ckpt, device="cpu")):
         with pytest.raises(CheckpointError) as err:
@@ -244,7 +244,7 @@ def test_checkpoint_check_lists_every_missing_part_and_the_download(broken_ckpt)
 
 
 def test_a_shard_named_in_the_index_but_absent_is_listed(tmp_path, tiny_ckpt):
-    from longcat_nb.checkpoint import CheckpointError, check_checkpoint, load_dit
+    from longcat_nb.model_files import CheckpointError, check_checkpoint, load_dit
 
     ck = tmp_path / "ck"
     shutil.copytree(tiny_ckpt, ck)
@@ -257,7 +257,7 @@ def test_a_shard_named_in_the_index_but_absent_is_listed(tmp_path, tiny_ckpt):
 
 
 def test_missing_folder_names_hf_download(tmp_path):
-    from longcat_nb.checkpoint import CheckpointError, resolve_checkpoint
+    from longcat_nb.model_files import CheckpointError, resolve_checkpoint
 
     with pytest.raises(CheckpointError) as err:
         resolve_checkpoint(tmp_path / "nowhere")
@@ -294,7 +294,7 @@ def test_training_on_a_checkpoint_without_dit_names_what_is_missing(tmp_path, ti
     bare FileNotFoundError."""
     from helpers import one_clip_run
 
-    from longcat_nb.checkpoint import CheckpointError
+    from longcat_nb.model_files import CheckpointError
     from longcat_nb.train import train
 
     ck = tmp_path / "ck"

@@ -70,7 +70,7 @@ def mixed(tmp_path_factory):
 
 
 def test_every_problem_kind_named_with_file_and_fix(mixed, tiny_ckpt):
-    from longcat_nb.checkpoint import load_tokenizer
+    from longcat_nb.model_files import load_tokenizer
 
     before = folder_digest(mixed)
     rep = scan_dataset(mixed, DatasetSettings(num_frames=9, resolution="64x64"), load_tokenizer(tiny_ckpt))
@@ -94,7 +94,7 @@ def test_every_problem_kind_named_with_file_and_fix(mixed, tiny_ckpt):
 
 
 def test_samples_folder_scans_clean_with_i2v_image(tiny_ckpt):
-    from longcat_nb.checkpoint import load_tokenizer
+    from longcat_nb.model_files import load_tokenizer
 
     rep = scan_dataset(SAMPLES, DatasetSettings(num_frames=9, resolution="64x64"), load_tokenizer(tiny_ckpt))
     assert not rep.problems and len(rep.records) == 4

@@ -16,7 +16,7 @@ import torch
 
 import longcat_nb.train as T
 from longcat_nb.cache import CachedDataset, build_cache
-from longcat_nb.checkpoint import load_dit, load_tokenizer
+from longcat_nb.model_files import load_dit, load_tokenizer
 from longcat_nb.config import ConfigError, update_section
 from longcat_nb.data import write_dataset_jsonl
 from longcat_nb.data.datasets import dataset_entries, largest_settings, scan_datasets

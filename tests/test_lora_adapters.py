@@ -2,7 +2,7 @@
 import torch
 
 from longcat_nb import lora as L
-from longcat_nb.checkpoint import load_components
+from longcat_nb.model_files import load_components
 from longcat_nb.lora.adapters import temporary_loras
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 import longcat_nb.train as T
 from longcat_nb import lora as lora_lib
 from longcat_nb.cache import CachedDataset, build_cache, latent_key
-from longcat_nb.checkpoint import load_dit
+from longcat_nb.model_files import load_dit
 from longcat_nb.config import CacheSettings, update_section
 from longcat_nb.data.masks import to_latent_grid
 from longcat_nb.train_data import batch_weights

@@ -50,7 +50,7 @@ def test_absolute_home_and_empty(tmp_path, monkeypatch):
 def test_relative_checkpoint_and_dataset_resolve_under_the_root(tmp_path, monkeypatch, tiny_ckpt):
     import shutil
 
-    from longcat_nb.checkpoint import CheckpointError, resolve_checkpoint
+    from longcat_nb.model_files import CheckpointError, resolve_checkpoint
     from longcat_nb.config import DatasetSettings
     from longcat_nb.data import scan_dataset
 

@@ -7,7 +7,7 @@ import stat
 import torch
 
 from longcat_nb import lora as L
-from longcat_nb.checkpoint import build_tiny_checkpoint, load_components
+from longcat_nb.model_files import build_tiny_checkpoint, load_components
 from longcat_nb.config import TrainSettings, update_section
 from longcat_nb.data.video import write_mp4
 from longcat_nb.report import write_report

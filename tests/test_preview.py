@@ -36,7 +36,7 @@ def test_preview_every_n_steps_only():
 
 
 def test_sampling_shows_the_clean_estimate_every_n_steps():
-    from longcat_nb.checkpoint import load_components
+    from longcat_nb.model_files import load_components
     from longcat_nb.sampling import SampleRequest, generate
 
     comps = load_components("", device="cpu")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import SAMPLES
-from longcat_nb.checkpoint import load_components
+from longcat_nb.model_files import load_components
 from longcat_nb.flow import base_sigmas
 from longcat_nb.resolution import i2v_bucket, nearest_bucket, refine_bucket
 from longcat_nb.sampling import (SampleError, SampleRequest, cfg_zero_star, compare_base_and_lora, generate,

@@ -7,7 +7,7 @@ import torch
 
 import longcat_nb.train as T
 from longcat_nb.cache import CachedDataset
-from longcat_nb.checkpoint import load_components
+from longcat_nb.model_files import load_components
 from longcat_nb.config import update_section
 from longcat_nb.sampling import SampleRequest, generate
 from helpers import fresh_copy, one_clip_run

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import longcat_nb.train as T
-from longcat_nb.checkpoint import load_components
+from longcat_nb.model_files import load_components
 from longcat_nb.config import update_section
 from longcat_nb.lora import add_lora
 from helpers import one_clip_run

@@ -12,7 +12,7 @@
 from ..config import DEFAULT_TARGETS  # noqa: F401  (lora.DEFAULT_TARGETS is config's one list)
 from .adapters import (activate_adapters, apply_loras, merge_lora_into_base, newest_lora,  # noqa: F401
                        remove_loras, set_lora_scales)
-from .export import fold_alpha, run_metadata, save_trained, usage_of  # noqa: F401
+from .export import fold_alpha, run_metadata, save_layouts, save_trained, usage_of  # noqa: F401
 from .formats import LAYOUTS, detect_layout, load_any_lora, load_lora_file, save_as  # noqa: F401
 from .formats.comfy import COMFY_BLOCK_NAMES, COMFY_PREFIX, COMFY_TOP_NAMES, comfy_to_peft, peft_to_comfy, save_comfy  # noqa: F401
 from .formats.official import (OFFICIAL_PREFIX, OFFICIAL_RANK, OFFICIAL_SEP, _official_name,  # noqa: F401

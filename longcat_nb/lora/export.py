@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from .formats import LAYOUTS, save_as
+from .formats.official import OFFICIAL_RANK
 from .formats.peft import save_lora
 from .inject import lora_state_dict, module_ranks_alphas
 from .kinds import adapter_of
@@ -47,6 +49,22 @@ def save_trained(path, model, metadata: Optional[dict] = None, fold: bool = Fals
         meta["trained_alphas"] = sorted(set(alphas.values()))
         state, alphas = fold_alpha(state, alphas) if adapter_of(state) == "lora" else fold_kinds(state, alphas, ranks)
     return save_lora(path, state, meta, alphas=alphas)
+
+
+def save_layouts(peft_path, state: dict, alphas: dict, formats, metadata: Optional[dict] = None,
+                 official_rank: Optional[int] = OFFICIAL_RANK) -> dict:
+    """The extra layouts of ``formats`` (official, comfy; 'peft' is ``peft_path`` itself) of a PEFT-layout
+    ``state`` beside ``peft_path``, named by the layout table's suffixes: the one place a run's export
+    writes them. 'official' is padded to ``official_rank`` (None = the trained rank). Returns
+    {layout: path} of the files written."""
+    peft_path, written = Path(peft_path), {}
+    for layout in formats:
+        if layout == "peft":
+            continue
+        options = {"network_rank": official_rank} if layout == "official" else {}
+        path = peft_path.with_name(peft_path.stem + LAYOUTS[layout].FILE_SUFFIX + ".safetensors")
+        written[layout] = save_as(layout, path, state, metadata, alphas=alphas, **options)
+    return written
 
 
 def run_metadata(run_dir, step: int) -> dict:

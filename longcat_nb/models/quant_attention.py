@@ -6,9 +6,9 @@ they already run at the bf16 kernel's roof (cuDNN, docs/benchmarks.md); 8-bit te
 twice the rate. :func:`quant8_attention` is differentiable: a training step runs this forward and a
 bf16 backward, either cuDNN's fused one fed this forward's output and log-sum-exp (``backward="cudnn"``:
 0.96x cuDNN's own forward+backward at the kernel level, its gradients as accurate) or our Triton one
-(``"triton"``: correct, more accurate in dQ, but slower; docs/benchmarks.md, runs 13-14). In the DiT
-the cudnn one's gradients were wrong until its operands got layouts of their own (run 16:
-:func:`_private_layout`; checked on an H200 in run 17). It pays only on long clips, so the DiT trains
+(``"triton"``: correct, more accurate in dQ, but slower; docs/benchmarks.md). In the DiT the cudnn
+one's gradients were wrong until its operands got layouts of their own (:func:`_private_layout`;
+checked on an H200, docs/benchmarks.md). It pays only on long clips, so the DiT trains
 through SDPA unless asked (attention.set_quant8_training).
 
 Quantization (one Triton pass, :func:`quantize`), chosen so the rounding stays small where it matters:
@@ -52,7 +52,7 @@ _LOG2E = 1.4426950408889634
 # Launch parameters (block_m and block_n divide QUANT_BLOCK); ``tma`` loads the tiles through
 # Hopper's tensor memory accelerator; ``pv`` = bf16 keeps P·V in bf16 (int8 Q·Kᵀ only: more accurate
 # on unstructured inputs, but slower than cuDNN). Chosen on an H200 with
-# ``benchmarks/bench_dit.py --cases attention8`` (docs/benchmarks.md, run 12): at 2x37440 tokens, 32
+# ``benchmarks/bench_dit.py --cases attention8`` (docs/benchmarks.md): at 2x37440 tokens, 32
 # heads, forward 61.1 ms against cuDNN's 79.8 (64x128 tiles, 4 warps, 3 stages; TMA 63.7, 128x128
 # tiles with 8 warps 70.9, 4 stages 89.7, pv bf16 102.4).
 DEFAULT_CONFIG = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3, "tma": False,
@@ -63,9 +63,9 @@ DEFAULT_CONFIG = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3
                   "dkdv": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
                   "dv": "fp8",
                   # triton: our kernels above (int8 Q·Kᵀ recompute, dV per ``dv``); measured correct, but
-                  # 174-353 ms against cuDNN's 104 at 37440 tokens (docs/benchmarks.md, run 13).
+                  # 174-353 ms against cuDNN's 104 at 37440 tokens (docs/benchmarks.md).
                   # cudnn: cuDNN's fused bf16 backward fed this forward's O and log-sum-exp: 106 ms, errors
-                  # those of cuDNN's own backward (run 14); in layouts of its own since run 16
+                  # those of cuDNN's own backward (docs/benchmarks.md); in layouts of its own
                   # (_private_layout). The DiT's training steps take it only when asked
                   # (attention.set_quant8_training)
                   "backward": "triton"}
@@ -460,7 +460,7 @@ def _private_layout(t: torch.Tensor) -> torch.Tensor:
     the first D of each row used.
 
     torch caches cuDNN's attention graphs by the shapes and strides of Q, K and V only (its
-    MHAParams), not by those of O, dO or the statistics. On an H200 (run 16) this backward returned
+    MHAParams), not by those of O, dO or the statistics. On an H200 (docs/benchmarks.md) this backward returned
     garbage gradients when it ran after an SDPA training step whose Q, K, V had the same shapes and
     strides but whose dO was laid out otherwise: in a 2-block DiT and in the full-size benchmark.
     The likely cause is that it reused SDPA's graph. Under strides of their own, every one of our

@@ -92,7 +92,7 @@ def _memory(components) -> dict:
 # loading with the memory options
 # ---------------------------------------------------------------------------------------------
 _DTYPE_PRECISION = {"auto": "auto", "": "auto", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32",
-                    "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}  # checkpoint._DTYPES' names
+                    "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}  # model_files._DTYPES' names
 
 
 def base_precision(precision: str, dit_dtype: str = "auto") -> str:
@@ -116,13 +116,14 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
     offload='model': every part is loaded on the CPU in the dtype it will run in on the accelerator
     (bf16 for 'auto', not the CPU's float32), and ``generate(..., offload='model')`` moves each to
     the GPU only while it runs. ``precision`` (memory.PRECISIONS; 'auto' = the model's dit_dtype)
-    and ``blocks_to_swap`` are applied to the DiT as training applies them (memory.py:
-    apply_inference_memory): quantized block by block on the GPU, then the last N blocks' weights
+    and ``blocks_to_swap`` are applied to the DiT in training's order (prepare.prepare_for_sampling):
+    quantized block by block on the GPU, then the last N blocks' weights
     to pinned CPU memory. LoRAs (yours, cfg_step_lora, refinement_lora) are applied per call on
     top of the quantized weights and stream in with their swapped block. ``compile`` (auto | on |
     off, speed.compile_wanted) compiles each DiT block on CUDA: the first call compiles."""
-    from ..checkpoint import PARTS, load_components, load_dit, pick_device, pick_dtype
-    from ..memory import QUANTIZED, apply_inference_memory, compute_dtype
+    from ..model_files import PARTS, load_components, load_dit, pick_device, pick_dtype
+    from ..memory import QUANTIZED, compute_dtype
+    from ..prepare import prepare_for_sampling
 
     if offload not in OFFLOAD:
         raise SampleError(f"offload={offload!r}: use 'none' or 'model'")
@@ -140,32 +141,15 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
         if precision != "auto":
             dtypes["dit"] = compute_dtype(prec, dev)
         comps = load_components(model.checkpoint, device=str(home), dtypes=dtypes, attention=model.attention)
-        comps.memory = {"precision": prec, "blocks_to_swap": 0, "compile": _compile_dit(comps.dit, compile, dev)}
+        comps.memory = prepare_for_sampling(comps.dit, prec, 0, dev, home, compile, placed=True)
         return comps
     comps = load_components(model.checkpoint, parts=[p for p in PARTS if p != "dit"], device=str(home), dtypes=dtypes)
-    dit = load_dit(model.checkpoint, "cpu", compute_dtype(prec, dev), model.attention)
+    comps.dit = load_dit(model.checkpoint, "cpu", compute_dtype(prec, dev), model.attention)
     try:
-        apply_inference_memory(dit, prec, int(blocks_to_swap), dev, home)
+        comps.memory = prepare_for_sampling(comps.dit, prec, int(blocks_to_swap), dev, home, compile)
     except ImportError as e:
         raise SampleError(f"precision={precision!r}: {e}") from None
-    comps.dit = dit
-    comps.memory = {"precision": prec, "blocks_to_swap": int(blocks_to_swap), "compile": _compile_dit(dit, compile, dev)}
     return comps
-
-
-def _compile_dit(dit, compile, device) -> bool:
-    """Compile each DiT block where it pays (CUDA); True when compiled. Attention on CUDA gets the
-    fastest fused kernel of the GPU (speed.default_sdpa_preference), as in training."""
-    from ..speed import apply_compile, compile_wanted, default_sdpa_preference, set_sdpa_preference
-
-    if torch.device(device).type == "cuda":
-        set_sdpa_preference(default_sdpa_preference())
-    if not compile_wanted(compile, device, print):
-        return False
-
-    apply_compile(dit, scope="blocks")
-    return True
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def encode_text(components, prompt: str, negative_prompt: Optional[str], guided:
     prompts = ([negative_prompt or ""] if guided else []) + [prompt]
     device = torch.device(device)
     if encoder is not None:  # a LoRA trained on Qwen2.5-VL embeddings: UMT5 ones would be out of distribution
-        from ..checkpoint import pick_dtype
+        from ..model_files import pick_dtype
 
         emb, mask = named_encoder(encoder, device, pick_dtype("auto", device))(prompts)
         return emb.to(device=device, dtype=dtype), mask.to(device)
@@ -281,7 +281,7 @@ def generate(components, request: SampleRequest, loras: Optional[Sequence[tuple]
     t0 = time.time()
     dit, vae = components.dit, components.vae
     if dit is None or vae is None or components.scheduler is None:
-        raise SampleError("generate needs components with dit, vae and scheduler loaded (checkpoint.load_components)")
+        raise SampleError("generate needs components with dit, vae and scheduler loaded (model_files.load_components)")
     dev = _exec_device(dit, offload, device)
     dtype = dit_dtype(dit)
     guided = req.guidance > 1

@@ -5,7 +5,7 @@ from . import apply_settings, split_parameters
 
 
 def run(run_dir, params: dict, log=print) -> dict:
-    from ..checkpoint import load_tokenizer
+    from ..model_files import load_tokenizer
     from ..data import check_samples, write_dataset_jsonl
     from ..data.datasets import scan_datasets
     from ..data.scan import describe_problems

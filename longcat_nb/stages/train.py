@@ -95,8 +95,7 @@ def export(run_dir, result, formats=("peft",)) -> dict:
     official loader's default rank) and/or the ComfyUI layout, read back from the file so that a run
     on several processes exports the same; returns {what: path} of everything written."""
     from ..config import load_config
-    from ..lora import load_any_lora, save_comfy, save_official
-    from ..lora import OFFICIAL_RANK, usage_of
+    from ..lora import load_any_lora, save_layouts, usage_of
 
     formats = _formats(formats)
     lora = Path(result.lora_path)
@@ -104,15 +103,12 @@ def export(run_dir, result, formats=("peft",)) -> dict:
                "log": str(Path(run_dir) / "logs" / "train.jsonl")}
     state, info = load_any_lora(lora)
     s = load_config(run_dir).train
-    meta = {"rank": s.rank, "alpha": s.alpha}
-    if "official" in formats:
-        path = save_official(lora.with_name(lora.stem + "-official.safetensors"), state, meta, info.alphas,
-                             network_rank=OFFICIAL_RANK)
-        written["official layout"] = str(path)
-        written["load it in the official code"] = usage_of(path)
-    if "comfy" in formats:
-        written["ComfyUI layout"] = str(save_comfy(lora.with_name(lora.stem + "-comfy.safetensors"), state, meta,
-                                                   info.alphas))
+    saved = save_layouts(lora, state, info.alphas, formats, {"rank": s.rank, "alpha": s.alpha})
+    if "official" in saved:
+        written["official layout"] = str(saved["official"])
+        written["load it in the official code"] = usage_of(saved["official"])
+    if "comfy" in saved:
+        written["ComfyUI layout"] = str(saved["comfy"])
     return written
 
 

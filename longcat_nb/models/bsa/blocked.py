@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - older Triton: pointer loads only
 
 # Launch parameters per kernel; ``tma`` uses Hopper's tensor memory accelerator for the block-major
 # tile loads (pointer loads before sm_90 or without TensorDescriptor). Chosen on an H200 with
-# benchmarks/bench_bsa.py (docs/benchmarks.md, run 9): 4 warps beat 8 for every kernel (fwd 17.6 vs
+# benchmarks/bench_bsa.py (docs/benchmarks.md): 4 warps beat 8 for every kernel (fwd 17.6 vs
 # 26.6 ms, dq 22.0 vs 37.1, dkdv 27.3 vs 55.0 at 704x1280x93), 3 stages for the forward, 2 for the
 # backward; TMA and pointer loads are within 3%.
 DEFAULT_CONFIG = {

@@ -1,4 +1,5 @@
-"""The checkpoint folder: Hub layout, loading each component, and the tiny default checkpoint.
+"""The model folder (a "checkpoint" in Hub terms, setting model.checkpoint): Hub layout, loading each
+component, and the tiny default model in that layout.
 
 Layout (official ``meituan-longcat/LongCat-Video``, spec §1.1)::
 

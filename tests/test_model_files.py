@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from longcat_nb.checkpoint import (
+from longcat_nb.model_files import (
     CheckpointError, build_tiny_checkpoint, describe_checkpoint, load_components, load_dit,
 )
 from longcat_nb.text import clean_prompt, encode_prompts
