@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 
 
-def main(argv=None) -> int:
+STAGE_HELP = {
+    "scan": "01_dataset: scan and validate the dataset folder, write dataset.jsonl",
+    "cache": "02_cache: VAE latents and text embeddings on disk (resumable)",
+    "train": "03_train_lora: LoRA training from RUN_DIR/config.json, resumed from the newest checkpoint; "
+             "also under `torchrun --nproc_per_node N -m longcat_nb train` (FSDP2)",
+    "sample": "04_sample: one clip, base and LoRA side by side (-p lora_path=none: base only)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m longcat_nb", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -35,14 +44,7 @@ def main(argv=None) -> int:
                         "(default: into this environment)")
     k.add_argument("--prefix", default=None, help="install under this prefix instead (PREFIX/share/jupyter/kernels)")
 
-    stage_help = {
-        "scan": "01_dataset: scan and validate the dataset folder, write dataset.jsonl",
-        "cache": "02_cache: VAE latents and text embeddings on disk (resumable)",
-        "train": "03_train_lora: LoRA training from RUN_DIR/config.json, resumed from the newest checkpoint; "
-                 "also under `torchrun --nproc_per_node N -m longcat_nb train` (FSDP2)",
-        "sample": "04_sample: one clip, base and LoRA side by side (-p lora_path=none: base only)",
-    }
-    for name, text in stage_help.items():
+    for name, text in STAGE_HELP.items():
         sp = sub.add_parser(name, help=text, description=text + ". Settings are written to RUN_DIR/config.json "
                             "(validated first); -p section.key=value reaches another section.")
         sp.add_argument("--run-dir", required=True)
@@ -65,115 +67,134 @@ def main(argv=None) -> int:
     st.add_argument("--markdown", action="store_true", help="as README's settings table (the only format)")
     st.add_argument("--readme", default=None, metavar="README.md", help="rewrite the table between the markers there")
 
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _run_notebooks(args) -> int:
+    from .runner import DEMO_PARAMETERS, parse_parameters, run_notebooks
+
+    params = parse_parameters(args.param)
+    if args.cmd == "demo":
+        params = {**DEMO_PARAMETERS, **params}
+    outs = run_notebooks(args.notebooks if args.cmd == "run" else None, args.run_dir, params,
+                         strict=args.cmd == "run")
+    print(json.dumps({"run_dir": args.run_dir, "executed": [str(o) for o in outs]}, indent=2))
+    return 0
+
+
+def _tiny_checkpoint(args) -> int:
+    from .model_files import build_tiny_checkpoint
+
+    print(build_tiny_checkpoint(args.dir, seed=args.seed, overwrite=args.overwrite))
+    return 0
+
+
+def _stage(args) -> int:
+    from .runner import parse_parameters
+    from .stages import run_stage
+
+    summary = run_stage(args.cmd, args.run_dir, parse_parameters(args.param), log=lambda m: print(m, flush=True))
+    print(json.dumps({"event": "done", **summary}), flush=True)
+    return 0
+
+
+def _emit(event: dict) -> None:
+    # one write per line: with several workers on one pipe (and PYTHONUNBUFFERED), print()'s separate
+    # newline write lets another process's output land inside the line
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def _train(args) -> int:
+    from .runner import parse_parameters
+    from .stages import run_stage
+
+    def on_validation(step: int, videos: dict) -> None:
+        _emit({"event": "validation", "step": step, "files": [str(p) for p, _ in videos.values() if p is not None]})
+
+    params = parse_parameters(args.param)
+    if args.max_steps is not None:
+        params["max_steps"] = args.max_steps
+    try:
+        res = run_stage("train", args.run_dir, params, log=lambda m: print(m, flush=True),
+                        on_step=lambda rec: _emit({"event": "step", **rec}), on_validation=on_validation)
+    except KeyboardInterrupt as e:  # Ctrl-C: the step reached is saved (TrainingInterrupted says where)
+        print(f"stopped: {e}" if str(e) else "stopped before training began; nothing was saved",
+              file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # one line a launcher can show, from whichever rank failed
+        _emit({"event": "error", "rank": int(os.environ.get("RANK", 0)), "error": f"{type(e).__name__}: {e}"})
+        raise
+    if res["lora"] is not None:
+        _emit({"event": "done", **res})
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # under torchrun
+        dist.destroy_process_group()
+    return 0
+
+
+def _report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
+def _kernel(args) -> int:
+    from .runner import KERNEL_DISPLAY_NAME, NOTEBOOK_DIR, install_kernel
+
+    dest = install_kernel(user=args.user, prefix=args.prefix)
+    print(f"installed the Jupyter kernel '{KERNEL_DISPLAY_NAME}' ({sys.executable}) in {dest}")
+    print(f"start `jupyter lab` in {NOTEBOOK_DIR.parent}, open notebooks/00_setup.ipynb and pick that kernel "
+          "(Kernel > Change Kernel)")
+    return 0
+
+
+def _notebooks(args) -> int:
+    from .notebook_cells import SYNC_COMMAND, check_notebooks, sync_notebooks
+
+    if args.sync:
+        for path in sync_notebooks(args.notebooks):
+            print(f"synced {path}")
+        return 0
+    drifts = check_notebooks(args.notebooks)
+    for drift in drifts:
+        print(drift)
+    if drifts:
+        print(f"run `{SYNC_COMMAND}` (or move the change into longcat_nb/notebook_cells.py first)")
+    return 1 if drifts else 0
+
+
+def _settings(args) -> int:
+    from .settings_doc import settings_markdown, write_readme_table
+
+    if args.readme:
+        print(f"{args.readme}: {'rewritten' if write_readme_table(Path(args.readme)) else 'already up to date'}")
+        return 0
+    print(settings_markdown(), end="")
+    return 0
+
+
+def _env(args) -> int:
+    from .envinfo import environment_report
+
+    print(json.dumps(environment_report(), indent=2))
+    return 0
+
+
+COMMANDS = {"run": _run_notebooks, "demo": _run_notebooks, "tiny-checkpoint": _tiny_checkpoint, "scan": _stage,
+            "cache": _stage, "sample": _stage, "train": _train, "report": _report, "kernel": _kernel,
+            "notebooks": _notebooks, "settings": _settings, "env": _env}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     if getattr(args, "run_dir", None) is not None:
         from .paths import resolve_run_dir
 
         args.run_dir = str(resolve_run_dir(args.run_dir))  # relative: the same folder a notebook kernel uses
-    if args.cmd in ("run", "demo"):
-        from .runner import DEMO_PARAMETERS, parse_parameters, run_notebooks
-
-        params = parse_parameters(args.param)
-        if args.cmd == "demo":
-            params = {**DEMO_PARAMETERS, **params}
-        outs = run_notebooks(args.notebooks if args.cmd == "run" else None, args.run_dir, params,
-                             strict=args.cmd == "run")
-        print(json.dumps({"run_dir": args.run_dir, "executed": [str(o) for o in outs]}, indent=2))
-        return 0
-    if args.cmd == "tiny-checkpoint":
-        from .model_files import build_tiny_checkpoint
-
-        path = build_tiny_checkpoint(args.dir, seed=args.seed, overwrite=args.overwrite)
-        print(path)
-        return 0
-    if args.cmd in ("scan", "cache", "sample"):
-        from .runner import parse_parameters
-        from .stages import run_stage
-
-        summary = run_stage(args.cmd, args.run_dir, parse_parameters(args.param), log=lambda m: print(m, flush=True))
-        print(json.dumps({"event": "done", **summary}), flush=True)
-        return 0
-    if args.cmd == "train":
-        from .runner import parse_parameters
-        from .stages import run_stage
-
-        def emit(event: dict) -> None:
-            # one write per line: with several workers on one pipe (and PYTHONUNBUFFERED), print()'s
-            # separate newline write lets another process's output land inside the line
-            sys.stdout.write(json.dumps(event) + "\n")
-            sys.stdout.flush()
-
-        def log(msg: str) -> None:
-            print(msg, flush=True)
-
-        def on_step(rec: dict) -> None:
-            emit({"event": "step", **rec})
-
-        def on_validation(step: int, videos: dict) -> None:
-            emit({"event": "validation", "step": step,
-                  "files": [str(p) for p, _ in videos.values() if p is not None]})
-
-        params = parse_parameters(args.param)
-        if args.max_steps is not None:
-            params["max_steps"] = args.max_steps
-        try:
-            res = run_stage("train", args.run_dir, params, log=log, on_step=on_step, on_validation=on_validation)
-        except KeyboardInterrupt as e:  # Ctrl-C: the step reached is saved (TrainingInterrupted says where)
-            print(f"stopped: {e}" if str(e) else "stopped before training began; nothing was saved",
-                  file=sys.stderr, flush=True)
-            return 130
-        except Exception as e:  # one line a launcher can show, from whichever rank failed
-            emit({"event": "error", "rank": int(os.environ.get("RANK", 0)), "error": f"{type(e).__name__}: {e}"})
-            raise
-        if res["lora"] is not None:
-            emit({"event": "done", **res})
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():  # under torchrun
-            dist.destroy_process_group()
-        return 0
-    if args.cmd == "report":
-        from .report import write_report
-
-        print(write_report(args.run_dir, args.out))
-        return 0
-    if args.cmd == "kernel":
-        from .runner import KERNEL_DISPLAY_NAME, install_kernel
-
-        dest = install_kernel(user=args.user, prefix=args.prefix)
-        print(f"installed the Jupyter kernel '{KERNEL_DISPLAY_NAME}' ({sys.executable}) in {dest}")
-        from .runner import NOTEBOOK_DIR
-
-        print(f"start `jupyter lab` in {NOTEBOOK_DIR.parent}, open notebooks/00_setup.ipynb and pick that kernel "
-              "(Kernel > Change Kernel)")
-        return 0
-    if args.cmd == "notebooks":
-        from .notebook_cells import SYNC_COMMAND, check_notebooks, sync_notebooks
-
-        if args.sync:
-            for path in sync_notebooks(args.notebooks):
-                print(f"synced {path}")
-            return 0
-        drifts = check_notebooks(args.notebooks)
-        for drift in drifts:
-            print(drift)
-        if drifts:
-            print(f"run `{SYNC_COMMAND}` (or move the change into longcat_nb/notebook_cells.py first)")
-        return 1 if drifts else 0
-    if args.cmd == "settings":
-        from .settings_doc import settings_markdown, write_readme_table
-
-        if args.readme:
-            print(f"{args.readme}: {'rewritten' if write_readme_table(Path(args.readme)) else 'already up to date'}")
-            return 0
-        print(settings_markdown(), end="")
-        return 0
-    if args.cmd == "env":
-        from .envinfo import environment_report
-
-        print(json.dumps(environment_report(), indent=2))
-        return 0
-    return 1
+    return COMMANDS[args.cmd](args)
 
 
 if __name__ == "__main__":
