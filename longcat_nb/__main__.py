@@ -8,16 +8,9 @@ import sys
 from pathlib import Path
 
 
-STAGE_HELP = {
-    "scan": "01_dataset: scan and validate the dataset folder, write dataset.jsonl",
-    "cache": "02_cache: VAE latents and text embeddings on disk (resumable)",
-    "train": "03_train_lora: LoRA training from RUN_DIR/config.json, resumed from the newest checkpoint; "
-             "also under `torchrun --nproc_per_node N -m longcat_nb train` (FSDP2)",
-    "sample": "04_sample: one clip, base and LoRA side by side (-p lora_path=none: base only)",
-}
-
-
 def _parser() -> argparse.ArgumentParser:
+    from .stages import STAGE_HELP
+
     ap = argparse.ArgumentParser(prog="python -m longcat_nb", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -183,9 +176,13 @@ def _env(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _run_notebooks, "demo": _run_notebooks, "tiny-checkpoint": _tiny_checkpoint, "scan": _stage,
-            "cache": _stage, "sample": _stage, "train": _train, "report": _report, "kernel": _kernel,
-            "notebooks": _notebooks, "settings": _settings, "env": _env}
+COMMANDS = {"run": _run_notebooks, "demo": _run_notebooks, "tiny-checkpoint": _tiny_checkpoint, "report": _report,
+            "kernel": _kernel, "notebooks": _notebooks, "settings": _settings, "env": _env}
+
+
+def _command(name: str):
+    """The function of a command: the table above, or a stage (train streams its steps as JSON lines)."""
+    return COMMANDS.get(name) or (_train if name == "train" else _stage)
 
 
 def main(argv=None) -> int:
@@ -194,7 +191,7 @@ def main(argv=None) -> int:
         from .paths import resolve_run_dir
 
         args.run_dir = str(resolve_run_dir(args.run_dir))  # relative: the same folder a notebook kernel uses
-    return COMMANDS[args.cmd](args)
+    return _command(args.cmd)(args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,14 @@ from typing import Any, Callable
 from ..config import SECTIONS, ConfigError
 
 STAGES = {"scan": "dataset", "cache": "cache", "train": "train", "sample": "sample"}
-
+# what `python -m longcat_nb STAGE --help` says of each (a new stage: its module, a line in each table)
+STAGE_HELP = {
+    "scan": "01_dataset: scan and validate the dataset folder, write dataset.jsonl",
+    "cache": "02_cache: VAE latents and text embeddings on disk (resumable)",
+    "train": "03_train_lora: LoRA training from RUN_DIR/config.json, resumed from the newest checkpoint; "
+             "also under `torchrun --nproc_per_node N -m longcat_nb train` (FSDP2)",
+    "sample": "04_sample: one clip, base and LoRA side by side (-p lora_path=none: base only)",
+}
 
 def split_parameters(stage_section: str, params: dict, extra: tuple = ()) -> tuple[dict, dict]:
     """({section: {key: value}}, {extra key: value}) from flat ``-p`` parameters; ``extra`` names the
