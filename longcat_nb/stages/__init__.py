@@ -27,6 +27,7 @@ STAGE_HELP = {
     "sample": "04_sample: one clip, base and LoRA side by side (-p lora_path=none: base only)",
 }
 
+
 def split_parameters(stage_section: str, params: dict, extra: tuple = ()) -> tuple[dict, dict]:
     """({section: {key: value}}, {extra key: value}) from flat ``-p`` parameters; ``extra`` names the
     stage's own options that are not saved settings (e.g. the sample stage's ``lora_scale``)."""
