@@ -16,16 +16,23 @@ from .widgets import SettingsForm, headless
 ADVANCED = "advanced"
 # The one table of where a field shows. A field named nowhere (every new setting) lands in "advanced".
 GROUPS = {
-    "dataset": {"basics": ("dataset_dir", "trigger", "num_frames", "resolution", "target_fps"),
+    "dataset": {"basics": ("dataset_dir", "datasets", "trigger", "num_frames", "resolution", "target_fps"),
                 "clips and windows": ("short_clips", "min_frames", "extraction", "windows", "stride")},
     "cache": {"basics": ("text_encoder", "latent_dtype"), "memory & speed": ("vae_tiling",)},
     "train": {"basics": ("steps", "rank", "lr", "base_precision", "validation_prompts"),
               "memory & speed": ("gradient_checkpointing", "keep_attention", "activation_offload", "blocks_to_swap",
                                  "compile"),
-              "validation": ("validate_every", "validation_images", "validation_steps", "validation_height",
-                             "validation_width", "validation_frames", "validation_guidance")},
+              "validation": ("validate_every", "validation_images", "validation_prompts_file", "validation_steps",
+                             "validation_height", "validation_width", "validation_frames", "validation_guidance",
+                             "validation_distilled", "validation_from_eval", "validation_eval_i2v",
+                             "validation_weights", "eval_every"),
+              "adapter & objective": ("adapter", "alpha", "targets", "timestep_sampling", "shift",
+                                      "logit_mean", "logit_std", "sigmoid_scale", "sigma_min", "sigma_max",
+                                      "loss_weighting", "ema_decay"),
+              "logging": ("wandb", "wandb_project", "wandb_mode")},
     "sample": {"basics": ("prompt", "mode", "image", "video", "lora_path", "lora_scale", "num_frames", "seed"),
-               "memory & speed": ("offload", "precision", "blocks_to_swap", "compile")},
+               "memory & speed": ("offload", "precision", "blocks_to_swap", "compile"),
+               "preview": ("preview_every",)},
 }
 LABEL_PX_PER_CHAR = 8  # wide enough for the longest label of a form: none is cut off
 
