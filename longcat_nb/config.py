@@ -217,6 +217,10 @@ class TrainSettings:
     eval_every: int = setting(0, ge=0, help=(
         "every N steps, the loss on the eval samples (dataset entries with role eval, or eval_fraction / "
         "eval_files) at fixed sigmas and fixed noise, so two runs' curves compare; 0 = never"))
+    batch_tokens: int = setting(0, ge=0, help=(
+        "per-bucket batch sizes: each bucket's batch holds as many clips as fit this many latent tokens (never "
+        "fewer than batch_size), so short or small buckets fill the GPU as the largest does; 0 = batch_size "
+        "everywhere. A 480x832x93 clip is 37,440 tokens; the planner predicts the largest batch's peak"))
     validation_from_eval: int = setting(0, ge=0, help=(
         "also validate on up to N held-out eval samples (dataset entries with role eval): their captions as "
         "prompts, their conditioning image (if any) as the image-to-video input; 0 = none"))

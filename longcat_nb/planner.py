@@ -49,6 +49,7 @@ class PlanSettings:
     width: int = 832
     num_frames: int = 93
     batch_size: int = 1
+    batch_tokens: int = 0  # per-bucket batches of up to this many tokens (train.batch_tokens)
     rank: int = 32
     targets: tuple = DEFAULT_TARGETS
     precision: str = "bf16"
@@ -113,7 +114,7 @@ def _factorization(n: int) -> tuple[int, int]:
 
 
 def plan(s: PlanSettings) -> Plan:
-    n = tokens(s) * s.batch_size
+    n = max(tokens(s) * s.batch_size, s.batch_tokens)  # the largest batch a bucket gets
     unit = n * C * 2  # one [N, C] bf16 tensor
     swap = max(0, min(s.blocks_to_swap, DEPTH))
     # Quantized tensor subclasses are not moved off the GPU by block swap yet (measured).
@@ -174,7 +175,8 @@ def training_plan_settings(train, dataset=None, *, compile: bool, selective: boo
         h, w = (int(v) for v in str(dataset.resolution).lower().split("x"))
         size = dict(height=h, width=w, num_frames=dataset.num_frames)
     return PlanSettings(precision=plan_precision(train.base_precision), rank=train.rank,
-                        batch_size=train.batch_size, optimizer=train.optimizer, targets=plan_targets(train.targets),
+                        batch_size=train.batch_size, batch_tokens=getattr(train, "batch_tokens", 0),
+                        optimizer=train.optimizer, targets=plan_targets(train.targets),
                         gradient_checkpointing=train.gradient_checkpointing,
                         activation_offload=train.activation_offload, blocks_to_swap=train.blocks_to_swap,
                         compile=compile, selective=selective, adapter=getattr(train, "adapter", "lora"), **size)

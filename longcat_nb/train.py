@@ -25,7 +25,7 @@ from .loggers import RunLoggers
 from .prompts_file import with_prompts_file
 from .validation_set import with_eval_prompts
 from .flow import flow_matching_loss, sample_sigmas, train_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
-from .train_data import batch_weights, eval_loss_for, training_groups
+from .train_data import batch_weights, bucket_batch_sizes, eval_loss_for, training_groups
 from .validate import Validator
 from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
                      interrupt_held, latest_checkpoint, load_checkpoint, nonfinite, resume_latest, rng_state,
@@ -35,13 +35,16 @@ from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume,
 # ---------------------------------------------------------------------------------------------
 # data order: batches within one bucket, reproducible from (seed, epoch), resumable mid-epoch
 # ---------------------------------------------------------------------------------------------
-def epoch_batches(groups: dict[str, list[int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(groups: dict[str, list[int]], batch_size: int | dict, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches: each group shuffled and cut into batches of ``batch_size`` (one size, or
+    {group: size} from train_data.bucket_batch_sizes), then the batches shuffled."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     batches = []
     for key in sorted(groups):
         idx = groups[key]
+        size = batch_size[key] if isinstance(batch_size, dict) else batch_size
         perm = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
-        batches += [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+        batches += [perm[i:i + size] for i in range(0, len(perm), size)]
     order = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in order]
 
@@ -360,7 +363,8 @@ def _start(run_dir: Path, cfg, dist, device, prep, dataset, negative, validator,
 
     s, dit = cfg.train, prep.model
     opt = build_optimizer(prep.params, s)
-    stream = MicroBatches(training_groups(dataset, group_by_shape(dataset)), s.batch_size, s.seed)  # repeats, no eval
+    groups = training_groups(dataset, group_by_shape(dataset))  # repeats, no eval
+    stream = MicroBatches(groups, bucket_batch_sizes(groups, s.batch_size, s.batch_tokens), s.seed)
     step, position, losses = 0, {"epoch": 0, "batch": 0}, []
     resumed = resume_latest(run_dir / "checkpoints", dit, opt, s, log, set_aside=dist.is_main)
     if resumed is not None:

@@ -44,6 +44,20 @@ def training_groups(dataset, groups: dict[str, list[int]]) -> dict[str, list[int
     return out
 
 
+def bucket_tokens(group: str) -> int:
+    """Latent tokens of one clip of a group ``HxW@F|condN`` (train.group_by_shape's key)."""
+    size, frames = group.split("|")[0].split("@")
+    h, w = (int(v) for v in size.lower().split("x"))
+    return (1 + (int(frames) - 1) // 4) * (h // 16) * (w // 16)
+
+
+def bucket_batch_sizes(groups: dict[str, list[int]], batch_size: int, batch_tokens: int = 0) -> dict[str, int]:
+    """Clips per batch in each group: ``batch_size``, or with ``batch_tokens`` > 0 as many clips as fit
+    that many latent tokens (never fewer than batch_size), so short or small buckets use the GPU as
+    the largest one does."""
+    return {k: max(batch_size, batch_tokens // bucket_tokens(k)) if batch_tokens else batch_size for k in groups}
+
+
 def eval_indices(dataset) -> list[int]:
     return [i for i in range(len(dataset)) if sample_meta(dataset, i)["role"] == "eval"]
 
