@@ -45,12 +45,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from .config import load_config
-from .io import atomic_save_safetensors, process_lock, sha256_file
+from .io import atomic_save_safetensors, process_lock, sha256_file  # noqa: F401 (cache_encode calls it through here)
+
+if TYPE_CHECKING:
+    from .cache_manifest import ManifestWriter
 
 CACHE_FORMAT = "longcat-nb-cache"
 CACHE_VERSION = 2
@@ -331,6 +334,39 @@ def _new_manifest(identity: dict, cs, dataset_sha: str) -> dict:
             "entries": {}, "latents": {}, "text": {}, "failed": []}
 
 
+@dataclass
+class _Build:
+    """One build's state, handed from step to step (the manifest ``m`` is the one being written)."""
+    run_dir: Path
+    cfg: object
+    cache_dir: Path
+    dev: torch.device
+    folder: Path
+    res: CacheResult
+    identity: dict
+    m: dict
+    log: Callable[[str], None] = print
+    progress: Optional[Callable] = None
+    manifest: Optional["ManifestWriter"] = None
+    plan: list = field(default_factory=list)  # (index, record, latent key, text key, entry key)
+    neg_key: str = ""
+    text_todo: dict = field(default_factory=dict)  # text key -> caption
+    latent_todo: dict = field(default_factory=dict)  # latent key -> (index, record)
+
+    @property
+    def cs(self):
+        return self.cfg.cache
+
+    def add_ready_entries(self) -> None:
+        for i, r, lk, tk, ek in self.plan:
+            if ek not in self.m["entries"] and lk in self.m["latents"] and tk in self.m["text"]:
+                self.m["entries"][ek] = _entry(i, r, lk, tk, self.m["latents"][lk])
+
+    def file_added(self) -> None:
+        self.add_ready_entries()
+        self.manifest.added()
+
+
 def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str], None] = print,
                 device: Optional[str] = None, remove_orphans: Optional[bool] = None) -> CacheResult:
     """Encode every record of ``run_dir/dataset.jsonl`` that is not validly cached yet.
@@ -338,7 +374,7 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
     Settings come from ``run_dir/config.json`` (``model`` and ``cache`` sections); ``remove_orphans``
     overrides ``cache.remove_orphans``. Text encoder first (loaded, used, freed), then the VAE.
     """
-    from .cache_encode import _load_text_encoder, encode_record
+    from .cache_encode import _encode_clips, _encode_texts
     from .cache_manifest import ManifestWriter
     from .model_files import pick_device, resolve_checkpoint
     from .data.scan import require_samples
@@ -359,171 +395,120 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
 
     with _build_lock(cache_dir):
         res.temp_removed = _remove_temp_files(cache_dir)
-        try:
-            old = read_manifest(run_dir)
-        except CacheError as e:
-            log(f"{e}; starting afresh (existing files are re-checked by key)")
-            old = None
+        old = _read_previous_manifest(run_dir, log)
         identity = model_identity(folder, cs)
-        m = _new_manifest(identity, cs, _dataset_sha256(run_dir))
-        if old is not None and old.get("encoder") != cs.text_encoder:
-            log(f"text encoder changed from {old.get('encoder')!r} to {cs.text_encoder!r}: every caption is "
-                "re-encoded (latents are kept); the old embeddings become orphans")
-        # Every known file stays in the tables (orphans too, so a later run can adopt or remove them),
-        # except ones found damaged, which are re-made or dropped.
-        for table in ("latents", "text"):
-            for k, info in ((old or {}).get(table) or {}).items():
-                bad = file_problem(cache_dir, info)
-                if bad is None:
-                    m[table][k] = info
-                else:  # dropped from the table: re-made below if a record needs it
-                    res.damaged.append({"file": str(cache_dir / info["file"]), "reason": bad})
+        b = _Build(run_dir, cfg, cache_dir, dev, folder, res, identity,
+                   _new_manifest(identity, cs, _dataset_sha256(run_dir)), log, progress)
+        _keep_known_files(b, old)
+        _plan_entries(b, records, old)
+        _check_disk_space(b, records)
+        b.manifest = ManifestWriter(run_dir, b.m)
+        b.add_ready_entries()
+        b.manifest.flush()
+        _encode_texts(b)  # the text encoder is loaded, used and freed before the VAE comes in
+        _encode_clips(b)  # the VAE only now, and only if something needs encoding
+        used = _drop_or_report_orphans(b, drop_orphans)
+        b.m["complete"] = True
+        b.m["built"] = {"seconds": round(time.time() - t0, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        b.manifest.flush()
+    _totals(b, used, t0)
+    return res
 
-        # -- plan ---------------------------------------------------------------------------------
-        plan = []  # (index, record, latent key, text key, entry key)
-        memo: dict = {}
-        for i, r in enumerate(records):
-            try:
-                lk = latent_key(r, identity, cs, memo)
-            except FileNotFoundError as e:
-                res.failed.append({"file": r.get("file"), "window": r.get("window", 0),
-                                   "reason": f"source missing: {e.filename} (re-run 01_dataset or restore the file)"})
-                continue
-            tk = text_key(r["caption"], identity, cs)
-            plan.append((i, r, lk, tk, entry_key(lk, tk)))
-        old_by_sample = {(e["source"], e.get("window", 0)): k for k, e in ((old or {}).get("entries") or {}).items()}
-        neg_key = text_key("", identity, cs)
-        text_todo = {tk: r["caption"] for _, r, _, tk, _ in plan if tk not in m["text"]}
-        if neg_key not in m["text"]:
-            text_todo[neg_key] = ""
-        latent_todo = {}
-        for i, r, lk, tk, ek in plan:
-            if lk not in m["latents"]:
-                latent_todo.setdefault(lk, (i, r))
-            if lk in m["latents"] and tk in m["text"]:
-                res.skipped += 1
-            else:
-                prev = old_by_sample.get((r["file"], r.get("window", 0)))
-                res.stale += prev is not None and prev != ek
-        m["negative"] = neg_key
 
-        res.estimated_bytes = estimate_bytes(records, identity["text_dim"], cs.latent_dtype)
-        todo_bytes = sum(record_latent_bytes(r, cs.latent_dtype) for _, r in latent_todo.values()) + \
-            sum(caption_bytes(None, identity["text_dim"], cs.latent_dtype) for _ in text_todo)
-        free = shutil.disk_usage(cache_dir).free
-        log(f"cache: {len(plan)} samples, estimated {_mb(res.estimated_bytes)} in all; to encode now: "
-            f"{len(latent_todo)} clip(s), {len(text_todo)} caption(s), up to {_mb(todo_bytes)} "
-            f"({_mb(free)} free on {cache_dir})")
-        if todo_bytes > free:
-            raise CacheError(f"{cache_dir}: needs up to {_mb(todo_bytes)} but only {_mb(free)} is free; free "
-                             "space or put the run folder on a larger disk")
+def _read_previous_manifest(run_dir: Path, log: Callable[[str], None]) -> Optional[dict]:
+    try:
+        return read_manifest(run_dir)
+    except CacheError as e:
+        log(f"{e}; starting afresh (existing files are re-checked by key)")
+        return None
 
-        def add_ready_entries():
-            for i, r, lk, tk, ek in plan:
-                if ek not in m["entries"] and lk in m["latents"] and tk in m["text"]:
-                    m["entries"][ek] = _entry(i, r, lk, tk, m["latents"][lk])
 
-        manifest = ManifestWriter(run_dir, m)
-        add_ready_entries()
-        manifest.flush()
+def _keep_known_files(b: _Build, old: Optional[dict]) -> None:
+    """Every known file stays in the tables (orphans too, so a later run can adopt or remove them),
+    except ones found damaged, which are re-made or dropped."""
+    if old is not None and old.get("encoder") != b.cs.text_encoder:
+        b.log(f"text encoder changed from {old.get('encoder')!r} to {b.cs.text_encoder!r}: every caption is "
+              "re-encoded (latents are kept); the old embeddings become orphans")
+    for table in ("latents", "text"):
+        for k, info in ((old or {}).get(table) or {}).items():
+            bad = file_problem(b.cache_dir, info)
+            if bad is None:
+                b.m[table][k] = info
+            else:  # dropped from the table: re-made below if a record needs it
+                b.res.damaged.append({"file": str(b.cache_dir / info["file"]), "reason": bad})
 
-        # -- phase 1: text (encoder loaded, used, freed before the VAE comes in) -------------------
-        if text_todo:
-            encode = _load_text_encoder(cfg, cs, folder, dev, identity)
-            bar = progress(total=len(text_todo), desc="text embeddings", unit="caption") if progress else None
-            try:
-                for tk, caption in text_todo.items():
-                    emb, mask = encode(caption)  # [L, C], [L]
-                    rel = f"text/{tk}.safetensors"
-                    atomic_save_safetensors(cache_dir / rel, {
-                        "text_embeds": emb[mask.bool()][None].to(_DTYPES[cs.latent_dtype]).contiguous(),
-                        "text_mask": mask.to(torch.int64)}, metadata=_meta(key=tk, kind="text"))
-                    m["text"][tk] = {**_file_info(cache_dir, rel), "caption": caption, "tokens": int(mask.sum())}
-                    res.text_encoded += 1
-                    add_ready_entries()
-                    manifest.added()
-                    if bar is not None:
-                        bar.update(1)
-            finally:
-                manifest.flush(only_pending=True)  # an error or interrupt keeps every finished file
-                if bar is not None:
-                    bar.close()
-                del encode
-                _free(dev)
 
-        # -- phase 2: latents (the VAE only now, and only if something needs encoding) --------------
-        if latent_todo:
-            from .model_files import load_vae
-            from .vae import set_tiling
+def _plan_entries(b: _Build, records: list[dict], old: Optional[dict]) -> None:
+    """The keys of every record, and what is missing: captions (the empty negative too) and clips."""
+    cs, m, res = b.cs, b.m, b.res
+    memo: dict = {}
+    for i, r in enumerate(records):
+        try:
+            lk = latent_key(r, b.identity, cs, memo)
+        except FileNotFoundError as e:
+            res.failed.append({"file": r.get("file"), "window": r.get("window", 0),
+                               "reason": f"source missing: {e.filename} (re-run 01_dataset or restore the file)"})
+            continue
+        tk = text_key(r["caption"], b.identity, cs)
+        b.plan.append((i, r, lk, tk, entry_key(lk, tk)))
+    old_by_sample = {(e["source"], e.get("window", 0)): k for k, e in ((old or {}).get("entries") or {}).items()}
+    b.neg_key = text_key("", b.identity, cs)
+    b.text_todo = {tk: r["caption"] for _, r, _, tk, _ in b.plan if tk not in m["text"]}
+    if b.neg_key not in m["text"]:
+        b.text_todo[b.neg_key] = ""
+    for i, r, lk, tk, ek in b.plan:
+        if lk not in m["latents"]:
+            b.latent_todo.setdefault(lk, (i, r))
+        if lk in m["latents"] and tk in m["text"]:
+            res.skipped += 1
+        else:
+            prev = old_by_sample.get((r["file"], r.get("window", 0)))
+            res.stale += prev is not None and prev != ek
+    m["negative"] = b.neg_key
 
-            vae = load_vae(folder, dev, cfg.model.vae_dtype)
-            set_tiling(vae, cs.vae_tiling)
-            vae_dtype = str(next(vae.parameters()).dtype).replace("torch.", "")
-            frames_total = sum(int(r["num_frames"]) for _, r in latent_todo.values())
-            bar = progress(total=frames_total, desc="latents", unit="frame") if progress else None
-            try:
-                with _deterministic_cudnn():
-                    for lk, (i, r) in latent_todo.items():
-                        try:
-                            tensors = encode_record(vae, r, lk, cs.posterior)
-                        except torch.OutOfMemoryError:
-                            raise CacheError(
-                                f"out of GPU memory encoding {r['file']} ({r['bucket']}): set vae_tiling=True "
-                                "(or a smaller resolution/num_frames in 01_dataset) and re-run; finished "
-                                "entries are kept") from None
-                        except Exception as e:  # one bad clip must not lose the others
-                            res.failed.append({"file": r["file"], "window": r.get("window", 0),
-                                               "reason": f"{type(e).__name__}: {e}"[:300]})
-                            continue
-                        rel = f"latents/{lk}.safetensors"
-                        stored = {n: t.to(_DTYPES[cs.latent_dtype]) for n, t in tensors.items()}
-                        atomic_save_safetensors(cache_dir / rel, stored,
-                                                metadata=_meta(key=lk, kind="latents", source=str(r["file"])))
-                        m["latents"][lk] = {
-                            **_file_info(cache_dir, rel), "source": r["file"], "window": r.get("window", 0),
-                            "shape": list(tensors["latents"].shape),
-                            "cond_shape": list(tensors["cond_latents"].shape) if "cond_latents" in tensors else None,
-                            "seed": _seed(lk) if cs.posterior == "sample" else None,
-                            "computed": {"device": dev.type, "vae_dtype": vae_dtype, "vae_tiling": cs.vae_tiling},
-                        }
-                        res.encoded += 1
-                        add_ready_entries()
-                        manifest.added()
-                        if bar is not None:
-                            bar.update(int(r["num_frames"]))
-                            bar.set_postfix(clip=Path(r["file"]).name[:24], refresh=False)
-            finally:
-                manifest.flush(only_pending=True)
-                if bar is not None:
-                    bar.close()
-                del vae
-                _free(dev)
 
-        # -- orphans, totals --------------------------------------------------------------------------
-        m["failed"] = res.failed
-        used = {e["latents"] for e in m["entries"].values()}, {e["text"] for e in m["entries"].values()} | {neg_key}
-        res.orphans = _find_orphans(cache_dir, m, used)
-        if drop_orphans:
-            for o in res.orphans:
-                (cache_dir / o["file"]).unlink(missing_ok=True)
-                if o["kind"] in ("latents", "text"):
-                    del m[o["kind"]][o["key"]]
-                res.removed.append(o["file"])
-            res.orphans = []
-        m["complete"] = True
-        m["built"] = {"seconds": round(time.time() - t0, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        manifest.flush()
+def _check_disk_space(b: _Build, records: list[dict]) -> None:
+    dtype, text_dim = b.cs.latent_dtype, b.identity["text_dim"]
+    b.res.estimated_bytes = estimate_bytes(records, text_dim, dtype)
+    todo_bytes = sum(record_latent_bytes(r, dtype) for _, r in b.latent_todo.values()) + \
+        sum(caption_bytes(None, text_dim, dtype) for _ in b.text_todo)
+    free = shutil.disk_usage(b.cache_dir).free
+    b.log(f"cache: {len(b.plan)} samples, estimated {_mb(b.res.estimated_bytes)} in all; to encode now: "
+          f"{len(b.latent_todo)} clip(s), {len(b.text_todo)} caption(s), up to {_mb(todo_bytes)} "
+          f"({_mb(free)} free on {b.cache_dir})")
+    if todo_bytes > free:
+        raise CacheError(f"{b.cache_dir}: needs up to {_mb(todo_bytes)} but only {_mb(free)} is free; free "
+                         "space or put the run folder on a larger disk")
+
+
+def _drop_or_report_orphans(b: _Build, drop: bool) -> tuple[set, set]:
+    """Files no entry uses: listed in the result, or deleted with ``drop``. Returns the used keys."""
+    m, res = b.m, b.res
+    m["failed"] = res.failed
+    used = {e["latents"] for e in m["entries"].values()}, {e["text"] for e in m["entries"].values()} | {b.neg_key}
+    res.orphans = _find_orphans(b.cache_dir, m, used)
+    if drop:
+        for o in res.orphans:
+            (b.cache_dir / o["file"]).unlink(missing_ok=True)
+            if o["kind"] in ("latents", "text"):
+                del m[o["kind"]][o["key"]]
+            res.removed.append(o["file"])
+        res.orphans = []
+    return used
+
+
+def _totals(b: _Build, used: tuple[set, set], t0: float) -> None:
+    m, res = b.m, b.res
     res.cached = len(m["entries"])
     res.bytes_on_disk = sum(m["latents"][k]["bytes"] for k in used[0] if k in m["latents"]) + \
         sum(m["text"][k]["bytes"] for k in used[1] if k in m["text"])
     res.orphan_bytes = sum(o["bytes"] for o in res.orphans)
     res.seconds = time.time() - t0
-    log(f"cache: {res.cached}/{res.entries} samples ready, {_mb(res.bytes_on_disk)} on disk "
-        f"(estimated {_mb(res.estimated_bytes)}); {res.encoded} clip(s) and {res.text_encoded} caption(s) "
-        f"encoded in {res.seconds:.1f}s" + (f"; {len(res.failed)} failed" if res.failed else "")
-        + (f"; {len(res.orphans)} orphan file(s), {_mb(res.orphan_bytes)} (remove_orphans=True deletes them)"
-           if res.orphans else ""))
-    return res
+    b.log(f"cache: {res.cached}/{res.entries} samples ready, {_mb(res.bytes_on_disk)} on disk "
+          f"(estimated {_mb(res.estimated_bytes)}); {res.encoded} clip(s) and {res.text_encoded} caption(s) "
+          f"encoded in {res.seconds:.1f}s" + (f"; {len(res.failed)} failed" if res.failed else "")
+          + (f"; {len(res.orphans)} orphan file(s), {_mb(res.orphan_bytes)} (remove_orphans=True deletes them)"
+             if res.orphans else ""))
 
 
 def _meta(**fields) -> dict:

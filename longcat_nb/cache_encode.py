@@ -7,7 +7,9 @@ from typing import Callable
 
 import torch
 
-from .cache import MAX_TEXT_TOKENS, QWEN_DEFAULT, CacheError, _seed
+from . import cache as _cache  # atomic_save_safetensors is looked up there at call time (tests replace it)
+from .cache import (_DTYPES, MAX_TEXT_TOKENS, QWEN_DEFAULT, CacheError, _deterministic_cudnn, _file_info, _free,
+                    _meta, _seed)
 # ---------------------------------------------------------------------------------------------
 # encoders
 # ---------------------------------------------------------------------------------------------
@@ -99,3 +101,92 @@ def encode_latents(vae, video: torch.Tensor, seed: int, posterior: str = "sample
         noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         z = dist.mean.float() + dist.std.float() * noise.to(dist.mean.device)
     return normalize_latents(vae, z)
+
+
+# ---------------------------------------------------------------------------------------------
+# the build's encode phases (build_cache): each file is saved, then recorded; an error or
+# interrupt writes the manifest with every finished file
+# ---------------------------------------------------------------------------------------------
+def _encode_texts(b) -> None:
+    """Every missing caption embedding, with the text encoder loaded for this phase only."""
+    if not b.text_todo:
+        return
+    cs, cache_dir = b.cs, b.cache_dir
+    encode = _load_text_encoder(b.cfg, cs, b.folder, b.dev, b.identity)
+    bar = b.progress(total=len(b.text_todo), desc="text embeddings", unit="caption") if b.progress else None
+    try:
+        for tk, caption in b.text_todo.items():
+            emb, mask = encode(caption)  # [L, C], [L]
+            rel = f"text/{tk}.safetensors"
+            _cache.atomic_save_safetensors(cache_dir / rel, {
+                "text_embeds": emb[mask.bool()][None].to(_DTYPES[cs.latent_dtype]).contiguous(),
+                "text_mask": mask.to(torch.int64)}, metadata=_meta(key=tk, kind="text"))
+            b.m["text"][tk] = {**_file_info(cache_dir, rel), "caption": caption, "tokens": int(mask.sum())}
+            b.res.text_encoded += 1
+            b.file_added()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        del encode
+        _end_phase(b, bar)
+
+
+def _encode_clips(b) -> None:
+    """Every missing latent file, with the VAE loaded for this phase only; a clip that fails is listed
+    in ``b.res.failed`` and the others go on (out of GPU memory stops the build with the fix)."""
+    if not b.latent_todo:
+        return
+    from .model_files import load_vae
+    from .vae import set_tiling
+
+    vae = load_vae(b.folder, b.dev, b.cfg.model.vae_dtype)
+    set_tiling(vae, b.cs.vae_tiling)
+    vae_dtype = str(next(vae.parameters()).dtype).replace("torch.", "")
+    frames_total = sum(int(r["num_frames"]) for _, r in b.latent_todo.values())
+    bar = b.progress(total=frames_total, desc="latents", unit="frame") if b.progress else None
+    try:
+        with _deterministic_cudnn():
+            for lk, (i, r) in b.latent_todo.items():
+                try:
+                    tensors = encode_record(vae, r, lk, b.cs.posterior)
+                except torch.OutOfMemoryError:
+                    raise CacheError(
+                        f"out of GPU memory encoding {r['file']} ({r['bucket']}): set vae_tiling=True "
+                        "(or a smaller resolution/num_frames in 01_dataset) and re-run; finished "
+                        "entries are kept") from None
+                except Exception as e:  # one bad clip must not lose the others
+                    b.res.failed.append({"file": r["file"], "window": r.get("window", 0),
+                                         "reason": f"{type(e).__name__}: {e}"[:300]})
+                    continue
+                _save_latents(b, lk, r, tensors, vae_dtype)
+                if bar is not None:
+                    bar.update(int(r["num_frames"]))
+                    bar.set_postfix(clip=Path(r["file"]).name[:24], refresh=False)
+    finally:
+        del vae
+        _end_phase(b, bar)
+
+
+def _end_phase(b, bar) -> None:
+    """After a phase, also on an error or interrupt: the manifest gets every finished file, the
+    caller's model (already dropped) leaves the device memory."""
+    b.manifest.flush(only_pending=True)
+    if bar is not None:
+        bar.close()
+    _free(b.dev)
+
+
+def _save_latents(b, lk: str, r: dict, tensors: dict, vae_dtype: str) -> None:
+    cs, rel = b.cs, f"latents/{lk}.safetensors"
+    stored = {n: t.to(_DTYPES[cs.latent_dtype]) for n, t in tensors.items()}
+    _cache.atomic_save_safetensors(b.cache_dir / rel, stored,
+                                   metadata=_meta(key=lk, kind="latents", source=str(r["file"])))
+    b.m["latents"][lk] = {
+        **_file_info(b.cache_dir, rel), "source": r["file"], "window": r.get("window", 0),
+        "shape": list(tensors["latents"].shape),
+        "cond_shape": list(tensors["cond_latents"].shape) if "cond_latents" in tensors else None,
+        "seed": _seed(lk) if cs.posterior == "sample" else None,
+        "computed": {"device": b.dev.type, "vae_dtype": vae_dtype, "vae_tiling": cs.vae_tiling},
+    }
+    b.res.encoded += 1
+    b.file_added()
