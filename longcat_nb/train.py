@@ -24,8 +24,8 @@ from .ema import checkpoint_files, make_ema, maybe_applied
 from .loggers import RunLoggers
 from .prompts_file import with_prompts_file
 from .validation_set import with_eval_prompts
-from .flow import flow_matching_loss, sample_sigmas, train_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
-from .train_data import batch_weights, bucket_batch_sizes, eval_loss_for, training_groups
+from .flow import flow_matching_loss, train_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
+from .train_data import batch_weights, bucket_batch_sizes, collate, eval_loss_for, training_groups
 from .validate import Validator
 from .resume import (CheckpointDamaged, ResumeMismatch, RunLocked, check_resume, clean_incomplete,  # noqa: F401
                      interrupt_held, latest_checkpoint, load_checkpoint, nonfinite, resume_latest, rng_state,
@@ -97,21 +97,6 @@ def _num_cond(dataset, i) -> int:
     if meta is not None:
         return int(meta(i).get("num_cond_latents", 0))
     return int(dataset[i].get("num_cond_latents", 0))
-
-
-def collate(items: list[dict], device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Stack a batch; an I2V item's first latent frame becomes its image latent."""
-    n = int(items[0].get("num_cond_latents", 0))
-    lat = []
-    for it in items:
-        x = it["latents"].float()
-        if n and it.get("cond_latents") is not None:
-            x = torch.cat([it["cond_latents"].float(), x[:, n:]], dim=1)
-        lat.append(x)
-    x0 = torch.stack(lat).to(device)
-    text = torch.stack([it["text_embeds"] for it in items]).to(device, dtype)
-    mask = torch.stack([it["text_mask"] for it in items]).to(device)
-    return x0, text, mask, n
 
 
 # ---------------------------------------------------------------------------------------------

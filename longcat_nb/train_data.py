@@ -58,6 +58,21 @@ def bucket_batch_sizes(groups: dict[str, list[int]], batch_size: int, batch_toke
     return {k: max(batch_size, batch_tokens // bucket_tokens(k)) if batch_tokens else batch_size for k in groups}
 
 
+def collate(items: list[dict], device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Stack a batch; an I2V item's first latent frame becomes its image latent."""
+    n = int(items[0].get("num_cond_latents", 0))
+    lat = []
+    for it in items:
+        x = it["latents"].float()
+        if n and it.get("cond_latents") is not None:
+            x = torch.cat([it["cond_latents"].float(), x[:, n:]], dim=1)
+        lat.append(x)
+    x0 = torch.stack(lat).to(device)
+    text = torch.stack([it["text_embeds"] for it in items]).to(device, dtype)
+    mask = torch.stack([it["text_mask"] for it in items]).to(device)
+    return x0, text, mask, n
+
+
 def eval_indices(dataset) -> list[int]:
     return [i for i in range(len(dataset)) if sample_meta(dataset, i)["role"] == "eval"]
 
@@ -86,7 +101,6 @@ class EvalLoss:
     @torch.no_grad()
     def __call__(self, dit, device, dtype) -> float:
         from .flow import flow_matching_loss
-        from .train import collate
 
         was_training = dit.training
         dit.eval()  # no LoRA dropout while scoring
