@@ -205,7 +205,7 @@ def test_shared_defaults_are_defined_once():
     assert set(planner.WEIGHT_BYTES) == set(config.PRECISIONS) - {"auto"}  # the planner prices every one
     assert (sample.MODES, sample.OFFLOAD, sample.BASE_FPS) == (config.MODES, config.OFFLOAD, config.BASE_FPS)
     assert sample.MODES is config.MODES and sample.OFFLOAD is config.OFFLOAD
-    assert train.sample_sigmas is flow.sample_sigmas and sample.shift_sigmas is flow.shift_sigmas
+    assert train.train_sigmas is flow.train_sigmas and sample.shift_sigmas is flow.shift_sigmas
     assert not hasattr(train, "SHIFT") and sample.SHIFT is flow.SHIFT
 
 
