@@ -46,9 +46,11 @@ def training_groups(dataset, groups: dict[str, list[int]]) -> dict[str, list[int
 
 def bucket_tokens(group: str) -> int:
     """Latent tokens of one clip of a group ``HxW@F|condN`` (train.group_by_shape's key)."""
+    from .planner import PlanSettings, tokens  # the one token count, the planner's
+
     size, frames = group.split("|")[0].split("@")
     h, w = (int(v) for v in size.lower().split("x"))
-    return (1 + (int(frames) - 1) // 4) * (h // 16) * (w // 16)
+    return tokens(PlanSettings(height=h, width=w, num_frames=int(frames)))
 
 
 def bucket_batch_sizes(groups: dict[str, list[int]], batch_size: int, batch_tokens: int = 0) -> dict[str, int]:
