@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         C.dit_cfg = {k: v for k, v in B.TINY_DIT.items() if k != "depth"}
     from longcat_nb.models import attention as attn_mod
 
-    C.initial_sdpa, C.initial_tf32 = attn_mod._sdpa_pref, torch.backends.cuda.matmul.allow_tf32
+    C.initial_sdpa, C.initial_tf32 = attn_mod.sdpa_preference(), torch.backends.cuda.matmul.allow_tf32
     latent = (B.TINY_DIT_LATENTS if args.tiny else B.DIT_LATENTS)["480x832x93"]
     import peft
 
