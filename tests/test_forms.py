@@ -51,7 +51,8 @@ from dataclasses import replace  # noqa: E402
 from longcat_nb.config import DatasetSettings, TrainSettings  # noqa: E402
 from longcat_nb.estimate import (PRESETS, preset_for_gpu, sampling_estimate, sampling_preset,  # noqa: E402
                                  train_step_seconds, training_estimate, training_preset)
-from longcat_nb.planner import recommend, report, training_plan_settings  # noqa: E402
+from longcat_nb.planner import recommend, report, tokens, training_plan_settings  # noqa: E402
+from longcat_nb.train_data import bucket_batch_sizes  # noqa: E402
 
 SAMPLE_VALUES = dict(prompt="a ball", mode="t2v", height=480, width=832, num_frames=93, steps=50, guidance=4.0,
                      precision="auto", blocks_to_swap=0, compile="auto", offload="none")
@@ -95,6 +96,17 @@ def test_step_time_is_the_measured_one_and_grows_with_the_clip():
     est = training_estimate(replace(TrainSettings(), steps=100, validate_every=50, validation_prompts=["a"]),
                             DatasetSettings(), "80 GiB")
     assert est.total_s > 100 * est.step_s and "and validation" in est.text()
+
+
+def test_batch_tokens_sets_the_clips_a_step_and_so_its_time():
+    ds = DatasetSettings(resolution="240x416", num_frames=21)
+    one = training_estimate(TrainSettings(), ds, "80 GiB")
+    s = training_plan_settings(TrainSettings(), ds, compile=True)
+    budget = 4 * tokens(s) + 7  # room for four clips of this bucket (train_data.bucket_batch_sizes: 4)
+    assert bucket_batch_sizes({"240x416@21": [0]}, 1, budget)["240x416@21"] == 4
+    four = training_estimate(replace(TrainSettings(), batch_tokens=budget), ds, "80 GiB")
+    assert four.step_s == pytest.approx(4 * one.step_s)
+    assert "batch 4:" in four.text() and "batch 1:" in one.text()
 
 
 def test_sampling_estimate_changes_with_the_frame_count_and_says_what_to_do():
