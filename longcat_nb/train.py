@@ -64,6 +64,17 @@ class MicroBatches:
             self._epochs = {e: epoch_batches(self.groups, self.batch_size, self.seed, e)}
         return self._epochs[e]
 
+    @property
+    def fingerprint(self) -> str:
+        """Names this order (samples per bucket with their repeats, batch sizes, seed): a checkpoint keeps it,
+        so a resume under another order (repeats or datasets changed) says so."""
+        import hashlib
+        import json
+
+        sizes = self.batch_size if isinstance(self.batch_size, dict) else {k: self.batch_size for k in self.groups}
+        text = json.dumps([sorted(self.groups.items()), sorted(sizes.items()), self.seed])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def normalize(self, position: dict) -> dict:
         e, b = position["epoch"], position["batch"]
         while b >= len(self.epoch(e)):
@@ -354,10 +365,15 @@ def _start(run_dir: Path, cfg, dist, device, prep, dataset, negative, validator,
     resumed = resume_latest(run_dir / "checkpoints", dit, opt, s, log, set_aside=dist.is_main)
     if resumed is not None:
         last, st = resumed
-        step, position, losses = st["step"], st["position"], st["losses"]
+        step, position, losses = st["step"], dict(st["position"]), st["losses"]
         was = st.get("world_size", 1)
         log(f"resumed from {last.name} (step {step})" +
             (f", written by {was} process(es), continuing on {dist.world}" if was != dist.world else ""))
+        order = position.pop("order", None)
+        if order is not None and order != stream.fingerprint:
+            log(f"warning: the data order changed since {last.name} (dataset entries, repeats, batch sizes or "
+                f"seed differ): training goes on at epoch {position['epoch']}, batch {position['batch']} of the "
+                "new order, so this epoch may repeat or skip some samples; the next epochs are whole")
     ema = make_ema(dit, s.ema_decay, resumed[1].get("extra", {}) if resumed else None, log)
     loggers = RunLoggers(run_dir, cfg.to_dict(), log) if dist.is_main else None  # train.jsonl, TensorBoard, wandb
     n_params = sum(p.numel() for p in prep.params)
@@ -474,7 +490,8 @@ def _after_step(run: _Run, rec: dict, on_step, on_validation) -> None:
 
 
 def _save(run: _Run, rng=None) -> Path:
-    return save_checkpoint(run.ckpt_dir, run.step, run.dit, run.opt, dict(run.position), run.losses, run.s,
+    return save_checkpoint(run.ckpt_dir, run.step, run.dit, run.opt,
+                           {**run.position, "order": run.stream.fingerprint}, run.losses, run.s,
                            run.s.keep_checkpoints, world=run.dist.world, rng=rng, extra=checkpoint_files(run.ema))
 
 

@@ -191,6 +191,24 @@ def test_kill_9_with_three_entries_resumes_the_data_order_exactly(cached, tmp_pa
     assert res.losses == full and len(full) == 6
 
 
+def test_a_resume_under_other_repeats_says_the_data_order_changed(cached, tmp_path):
+    run = _train_run(cached, tmp_path / "r", steps=2, eval_every=0)
+    T.train(run, **QUIET)
+    lines = []
+    T.train(run, log=lines.append, max_steps=2)  # same settings: resumes without a word about the order
+    assert not any("data order changed" in line for line in lines), lines
+    entries = json.loads((run / "config.json").read_text())["dataset"]["datasets"]
+    entries[1]["repeats"] = 1
+    cfg = update_section(run, "dataset", datasets=entries)  # and 01, 02 again, as a user does
+    write_dataset_jsonl(run, scan_datasets(cfg.dataset, load_tokenizer(cfg.model.checkpoint)))
+    build_cache(run, log=lambda *a: None)
+    update_section(run, "train", steps=3)
+    lines = []
+    T.train(run, log=lines.append)
+    said = [line for line in lines if "data order changed since step-0000002" in line]
+    assert len(said) == 1 and "epoch 0, batch 2" in said[0], lines
+
+
 def test_the_eval_loss_is_drawn_beside_the_training_loss_in_the_report_and_in_03(tmp_path):
     from longcat_nb.report import loss_section
     from longcat_nb.ui.train_view import LossPlot
