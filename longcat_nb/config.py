@@ -232,6 +232,9 @@ class TrainSettings:
         "of each weight), lokr (Kronecker product of two small factors), loha (Hadamard product of two "
         "low-rank products). rank and alpha mean what peft means for each (scale alpha/rank); for LoKr and "
         "LoHa, dropout drops whole rank components. The official export layout takes plain LoRA only"))
+    validation_preview_every: int = setting(4, ge=0, help=(
+        "in 03, a rough look at each validation clip every N denoising steps while it forms (the latents projected "
+        "to colour, no VAE: about a millisecond a frame); 0 = none. Not shown headless or on several GPUs"))
 
 
 @dataclass

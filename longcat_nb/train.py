@@ -221,7 +221,7 @@ def checkpointing_mode(s: TrainSettings, device, dataset=None) -> str:
 def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callable[[dict], None]] = None,
           on_validation: Optional[Callable[[int, dict], None]] = None, max_steps: Optional[int] = None,
           log: Callable[[str], None] = print, dataset=None, negative: Optional[tuple] = None,
-          verify_cache: bool = False) -> TrainResult:
+          verify_cache: bool = False, preview: Optional[Callable] = None) -> TrainResult:
     """Train the LoRA described by ``run_dir/config.json`` on ``run_dir/cache``; resumes from the
     newest training checkpoint. ``max_steps`` stops early (the schedule still follows ``train.steps``).
 
@@ -234,7 +234,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
 
     One trainer per run folder (RunLocked); a NaN/inf loss or gradient stops with TrainingDiverged
     before anything of it is saved; Ctrl-C or a kernel interrupt saves the step reached, then raises
-    TrainingInterrupted."""
+    TrainingInterrupted. ``preview``: the latent preview of the validation clips as they form (Validator)."""
     from . import distributed
 
     run_dir = Path(run_dir)
@@ -251,11 +251,11 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
             log(f"checkpoints left half-written or half-deleted by a killed run: {', '.join(cleaned)}")
         dist.barrier()  # the other ranks read checkpoints/ only once it is clean
         return _train(run_dir, cfg, dist, components, on_step, on_validation, max_steps, log, dataset, negative,
-                      verify_cache or cfg.train.verify_cache)
+                      verify_cache or cfg.train.verify_cache, preview)
 
 
 def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_steps, log, dataset,
-           negative, verify_cache: bool) -> TrainResult:
+           negative, verify_cache: bool, preview=None) -> TrainResult:
     """The run, in four steps: data, model, loop, finish."""
     from .model_files import pick_device
 
@@ -263,7 +263,7 @@ def _train(run_dir: Path, cfg, dist, components, on_step, on_validation, max_ste
     device = dist.device if dist.enabled else pick_device(cfg.model.device)
     _check_single_gpu_options(s, dist)
     dataset, negative = _data(run_dir, dataset, negative, verify_cache)
-    validator = Validator(run_dir, cfg, save=dist.is_main) if s.validate_every and s.validation_prompts else None
+    validator = Validator(run_dir, cfg, dist.is_main, preview) if s.validate_every and s.validation_prompts else None
     prep = _model(cfg, dist, device, components, log)
     run = _start(run_dir, cfg, dist, device, prep, dataset, negative, validator, max_steps, log)
     _loop(run, on_step, on_validation)

@@ -11,15 +11,16 @@ class Validator:
     """Samples the validation prompts with the model being trained, through the kit's sampler.
     Prompts are encoded once up front, with the text encoder the cache was built with (the checkpoint's
     UMT5, or Qwen2.5-VL; refused with the reason when that cannot be loaded), and the encoder freed;
-    the VAE is loaded only to decode."""
+    the VAE is loaded only to decode. ``preview(i, σ, latents, v)``: the sampler's latent preview
+    (longcat_nb.preview), called before every denoising step of every clip."""
 
-    def __init__(self, run_dir: Path, cfg, save: bool = True):
+    def __init__(self, run_dir: Path, cfg, save: bool = True, preview=None):
         from .model_files import (list_checkpoint_loras, load_scheduler, load_text_encoder, load_tokenizer, pick_device,
                                  pick_dtype, resolve_checkpoint)
         from .sampling.request import DISTILL_LORA
         from .text import encode_prompts, named_encoder, run_text_encoder
 
-        self.run_dir, self.cfg, self.save, s = Path(run_dir), cfg, save, cfg.train
+        self.run_dir, self.cfg, self.save, self.preview, s = Path(run_dir), cfg, save, preview, cfg.train
         # checked now, not at the first validation step hours later
         given = [str(x or "") for x in list(s.validation_images) + [""] * len(s.validation_prompts)]
         self.images = [str(resolve_path(x)) if x else "" for x in given]  # relative: under the workspace root
@@ -65,7 +66,7 @@ class Validator:
             req = SampleRequest(prompt=prompt, mode="i2v" if image else "t2v", image=image or None,
                                 height=s.validation_height, width=s.validation_width,
                                 num_frames=s.validation_frames, seed=s.seed + i, **fast)
-            res = generate(comps, req, text=text, progress=False)
+            res = generate(comps, req, text=text, progress=False, preview=self.preview)
             res.settings.update(lora_step=step, lora_run=str(self.run_dir),
                                 text_encoder=(self.text_encoder or {"name": "umt5"})["name"],
                                 lora_checkpoint=str(saved) if (saved / "state.json").exists() else "")

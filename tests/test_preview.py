@@ -50,3 +50,19 @@ def test_sampling_shows_the_clean_estimate_every_n_steps():
     generate(comps, req, progress=False, preview=preview_every(2, lambda i, f: again.append(f)))
     assert np.array_equal(again[-1], frames)  # the same seed shows the same estimate
     assert res.video.shape[0] == 9
+
+
+def test_training_validation_shows_each_clip_forming(tiny_ckpt, tmp_path):
+    import longcat_nb.train as T
+    from longcat_nb.config import update_section
+    from helpers import one_clip_run
+
+    run = tmp_path / "run"
+    one_clip_run(run, tiny_ckpt)
+    update_section(run, "train", steps=2, rank=4, alpha=4, validate_every=2, validation_prompts=["a red ball"],
+                   validation_height=64, validation_width=64, validation_frames=9, validation_steps=4,
+                   validation_guidance=1.0)
+    shown = []
+    T.train(run, log=lambda *a: None, preview=preview_every(2, lambda i, f: shown.append((i, f.shape))))
+    assert shown == [(1, (3, 32, 32, 3)), (3, (3, 32, 32, 3))]  # one clip, its steps 2 and 4
+    assert (run / "samples" / "validation" / "step000002_0.mp4").is_file()

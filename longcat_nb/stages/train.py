@@ -50,10 +50,12 @@ def plan(run_dir, settings: Optional[dict] = None) -> dict:
 
 def train_lora(run_dir, gpus: int = 0, on_step: Optional[Callable[[dict], None]] = None,
                on_validation: Optional[Callable[[int, dict], None]] = None, log: Callable[[str], None] = print,
-               max_steps: Optional[int] = None):
+               max_steps: Optional[int] = None, preview: bool = False):
     """Train the run's LoRA and return the train.TrainResult. ``gpus``: 0 = every visible GPU; with
     more than one, torchrun + FSDP2 in a subprocess (launch.py), followed from here. ``on_validation``
-    gets (step, {name: (mp4 path, frames)}) either way. Ends with a one-line summary through ``log``."""
+    gets (step, {name: (mp4 path, frames)}) either way. ``preview``: in a notebook on one GPU, show each
+    validation clip forming every train.validation_preview_every steps. Ends with a one-line summary
+    through ``log``."""
     from ..launch import gpu_count
 
     nproc = max(1, gpu_count() if gpus == 0 else gpus)
@@ -62,13 +64,21 @@ def train_lora(run_dir, gpus: int = 0, on_step: Optional[Callable[[dict], None]]
     else:
         from ..train import train
 
-        res = train(run_dir, on_step=on_step, on_validation=on_validation, max_steps=max_steps, log=log)
+        res = train(run_dir, on_step=on_step, on_validation=on_validation, max_steps=max_steps, log=log,
+                    preview=_validation_preview(run_dir) if preview else None)
     loss = ""
     if res.losses:
         last = res.losses[-5:]
         loss = f"; loss {res.losses[0]:.4f} -> {sum(last) / len(last):.4f} (mean of last 5)"
     log(f"{res.steps} steps on {nproc} process(es){loss}")
     return res
+
+
+def _validation_preview(run_dir):
+    from ..config import load_config
+    from ..ui.preview import live_preview
+
+    return live_preview(load_config(run_dir).train.validation_preview_every, "validation")
 
 
 def _train_in_processes(run_dir, nproc: int, on_step, on_validation, log, max_steps):

@@ -25,7 +25,7 @@ GROUPS = {
               "validation": ("validate_every", "validation_images", "validation_prompts_file", "validation_steps",
                              "validation_height", "validation_width", "validation_frames", "validation_guidance",
                              "validation_distilled", "validation_from_eval", "validation_eval_i2v",
-                             "validation_weights", "eval_every"),
+                             "validation_preview_every", "validation_weights", "eval_every"),
               "adapter & objective": ("adapter", "alpha", "targets", "timestep_sampling", "shift",
                                       "logit_mean", "logit_std", "sigmoid_scale", "sigma_min", "sigma_max",
                                       "loss_weighting", "ema_decay"),
