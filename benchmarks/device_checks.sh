@@ -26,7 +26,7 @@ for s in ${STEPS//,/ }; do
     case $s in
         e2e) step e2e 300 python3 benchmarks/e2e_full_size.py --work /tmp/e2e --train-steps 8 --sample-steps 4 \
                  --validation-steps 4 --stages checkpoint,dataset,scan,cache,train,sample_t2v --out "$OUT/e2e.json" ;;
-        gpu_tests) step gpu_tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_bsa.py \
+        gpu_tests) step gpu_tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short --show-capture=no -rf tests/test_bsa.py \
                  tests/test_quant_attention.py tests/test_qk_rope.py tests/test_gpu_train.py ;;
         train_ratio) step train_ratio 240 python3 benchmarks/bench_official.py --cases train_dense --official blocks \
                  --ours defaults --repeat 2 --warmup 1 --out "$OUT/train_ratio.json" ;;

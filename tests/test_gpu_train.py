@@ -46,7 +46,7 @@ def test_compiled_training_matches_eager_and_resumes(cached, tmp_path, precision
     files = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert files == ["step-0000003", "step-0000006"]
     meta = json.loads((run / "config.json").read_text())["train"]
-    assert meta["compile"] is True and meta["base_precision"] == precision
+    assert meta["compile"] == "on" and meta["base_precision"] == precision  # True is stored as "on"
 
 
 @pytest.mark.parametrize("attention,precision", [("sdpa", "auto"), ("quant8", "fp8_rowwise")])
