@@ -3,7 +3,8 @@
 # each step gets the time left (LIMIT seconds in all) and writes its JSON/log under $OUT as it goes, so a
 # call cut short still returns what finished. Run from the repository root on the GPU host:
 #     bash benchmarks/device_checks.sh e2e,gpu_tests [LIMIT]
-# Steps: e2e (issue 25: every stage at full size, 80 GiB, through the stage CLI), gpu_tests (the CUDA
+# Steps: e2e (issue 25: every stage at full size, 80 GiB, through the stage CLI; sampling does not fit in
+# the same call after 8 steps and a validation clip), e2e_sample (2 steps, no validation, then T2V and I2V), gpu_tests (the CUDA
 # tests), train_ratio / sample_ratio (issue 25: defaults against the official code compiled per block, one
 # process), dit_before_after (issue 27: bench_dit at a0d98cc, exported to .before/, and now), adapters (issue 29).
 set -u
@@ -26,16 +27,20 @@ for s in ${STEPS//,/ }; do
     case $s in
         e2e) step e2e 300 python3 benchmarks/e2e_full_size.py --work /tmp/e2e --train-steps 8 --sample-steps 4 \
                  --validation-steps 4 --stages checkpoint,dataset,scan,cache,train,sample_t2v --out "$OUT/e2e.json" ;;
-        gpu_tests) step gpu_tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short --show-capture=no -rf tests/test_bsa.py \
-                 tests/test_quant_attention.py tests/test_qk_rope.py tests/test_gpu_train.py ;;
+        e2e_sample) step e2e_sample 300 python3 benchmarks/e2e_full_size.py --work /tmp/e2e --train-steps 2 \
+                 --skip-validation --sample-steps 4 --stages checkpoint,dataset,scan,cache,train,sample_t2v,sample_i2v \
+                 --out "$OUT/e2e_sample.json" ;;
+        gpu_tests) step gpu_tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short --show-capture=no \
+                 -rf tests/test_bsa.py tests/test_quant_attention.py tests/test_qk_rope.py tests/test_gpu_train.py ;;
         train_ratio) step train_ratio 240 python3 benchmarks/bench_official.py --cases train_dense --official blocks \
                  --ours defaults --repeat 2 --warmup 1 --out "$OUT/train_ratio.json" ;;
-        sample_ratio) step sample_ratio 150 python3 benchmarks/bench_official.py --cases sample_dense --official blocks \
-                 --ours sample_defaults,q8_blocks --repeat 3 --out "$OUT/sample_ratio.json" ;;
+        sample_ratio) step sample_ratio 150 python3 benchmarks/bench_official.py --cases sample_dense \
+                 --official blocks --ours sample_defaults,q8_blocks --repeat 3 --out "$OUT/sample_ratio.json" ;;
         dit_before_after)
             step dit_before 100 bash -c "cd .before && PYTHONPATH=/tmp/site:\$PWD python3 benchmarks/bench_dit.py \
                  --cases train_bf16 --repeat 2 --out $OUT/dit_before.json"
-            step dit_after 100 python3 benchmarks/bench_dit.py --cases train_bf16 --repeat 2 --out "$OUT/dit_after.json" ;;
+            step dit_after 100 python3 benchmarks/bench_dit.py --cases train_bf16 --repeat 2 \
+                 --out "$OUT/dit_after.json" ;;
         adapters) step adapters 200 python3 benchmarks/bench_adapters.py --repeat 2 --out "$OUT/adapters.json" ;;
         *) echo "unknown step $s" ;;
     esac

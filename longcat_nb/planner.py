@@ -39,7 +39,7 @@ K_SAMPLE = 15.4  # inference working set per token row (8.8 GiB for CFG batch 2 
 K_SAMPLE_COMPILED = 9.2  # with compiled blocks (H200, docs/benchmarks.md: 30.6 GiB bf16, 18.9 GiB fp8_rowwise)
 OPTIMIZER_BYTES = {"adamw": 16.0, "adamw8bit": 10.0, "prodigy": 24.0}  # per LoRA param: w, g, states
 CONTEXT_GIB = 0.0  # max_memory_allocated excludes the CUDA context; keep predictions comparable
-HOST_BASE_GIB = 6.0  # Python, torch + Inductor, CUDA's host side, the cache reader: 6.11 GiB measured (run 21, training)
+HOST_BASE_GIB = 6.0  # Python, torch + Inductor, CUDA's host side, the cache reader (run 21: 6.11 GiB)
 SWAP_STEPS = tuple(range(4, DEPTH, 4))  # the block-swap counts suggest() tries, fewest first
 
 
