@@ -4,8 +4,8 @@
 # call cut short still returns what finished. Run from the repository root on the GPU host:
 #     bash benchmarks/device_checks.sh e2e,gpu_tests [LIMIT]
 # Steps: e2e (issue 25: every stage at full size, 80 GiB, through the stage CLI; sampling does not fit in
-# the same call after 8 steps and a validation clip), e2e_sample (2 steps, no validation, then T2V and I2V), gpu_tests (the CUDA
-# tests), train_ratio / sample_ratio (issue 25: defaults against the official code compiled per block, one
+# the same call after 8 steps and a validation clip), e2e_sample (2 steps, no validation, then T2V and
+# I2V), gpu_tests (the CUDA tests), train_ratio / sample_ratio (issue 25: defaults against the official code compiled per block, one
 # process), dit_before_after (issue 27: bench_dit at a0d98cc, exported to .before/, and now), adapters (issue 29).
 set -u
 STEPS=${1:-e2e,gpu_tests}
