@@ -229,8 +229,3 @@ def contributions(records: list[dict], entries: list[DatasetEntry]) -> list[dict
     for r in rows:
         r["share of epoch"] = f"{100 * r['draws per epoch'] / total:.0f}%"
     return rows
-
-
-def epoch_draws(records: list[dict]) -> dict[int, int]:
-    """How many times each record (by index) is drawn per epoch: its entry's repeats, 0 for eval."""
-    return {i: 0 if r.get("role") == "eval" else int(r.get("repeats", 1)) for i, r in enumerate(records)}
