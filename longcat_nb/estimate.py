@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from .planner import (PlanSettings, recommend, report, sampling_plan_settings, tokens, training_plan_settings,
-                      use_selective)
+from .planner import (PlanSettings, clips_per_batch, recommend, report, sampling_plan_settings, tokens,
+                      training_plan_settings, use_selective)
 
 CPU = "cpu/tiny"
 PRESETS = {"16 GiB": 16.0, "24 GiB": 24.0, "48 GiB": 48.0, "80 GiB": 80.0, CPU: None}
@@ -51,15 +51,13 @@ def _scaled(ref_s: float, attention: float, s: PlanSettings, rows: int) -> float
     return ref_s * rows * ((1 - attention) * x + attention * x * x)
 
 
-def clips_per_batch(s: PlanSettings) -> int:
-    """Clips in a batch of this size: ``batch_size``, or with ``batch_tokens`` as many as fit in it (as
-    train_data.bucket_batch_sizes decides for each bucket)."""
-    return max(s.batch_size, s.batch_tokens // tokens(s)) if s.batch_tokens else s.batch_size
+def _clips(s: PlanSettings) -> int:
+    return clips_per_batch(tokens(s), s.batch_size, s.batch_tokens)  # as the trainer batches this bucket
 
 
 def train_step_seconds(s: PlanSettings) -> float:
     """Seconds per optimizer micro-step of the full-size DiT on an H100/H200-class GPU."""
-    t = _scaled(TRAIN_STEP_S, TRAIN_ATTENTION, s, clips_per_batch(s))
+    t = _scaled(TRAIN_STEP_S, TRAIN_ATTENTION, s, _clips(s))
     if not s.gradient_checkpointing and not s.activation_offload:
         t *= NO_CHECKPOINTING
     elif not s.selective:
@@ -128,7 +126,7 @@ def training_estimate(train, dataset, card: str) -> Estimate:
     step = train_step_seconds(s) * train.grad_accum
     val = validation_seconds(train) * (train.steps // train.validate_every if train.validate_every else 0)
     total = step * train.steps + val + (TRAIN_COMPILE_S if s.compile else 0.0)
-    lines = [f"full-size model at {dataset.resolution}x{dataset.num_frames}, batch {clips_per_batch(s)}: "
+    lines = [f"full-size model at {dataset.resolution}x{dataset.num_frames}, batch {_clips(s)}: "
              f"predicted GPU peak {rep['peak_gib']} GiB, host RAM {rep['host_ram_gib']} GiB",
              f"about {per_step(step)} a step on an H100-class GPU; {train.steps} steps"
              + (f" and validation ({duration(val)})" if val else "") + f": about {duration(total)}",

@@ -76,6 +76,12 @@ def tokens(s: PlanSettings) -> int:
     return T * (s.height // 16) * (s.width // 16)
 
 
+def clips_per_batch(clip_tokens: int, batch_size: int, batch_tokens: int = 0) -> int:
+    """Clips in one batch of clips of ``clip_tokens``: ``batch_size``, or with ``batch_tokens`` > 0 as many
+    as fit that many tokens, never fewer than batch_size (train.batch_tokens)."""
+    return max(batch_size, batch_tokens // clip_tokens) if batch_tokens else batch_size
+
+
 def block_bytes(precision: str, train: bool = False) -> float:
     if precision in QUANTIZED:
         rest = BLOCK_PARAMS - BIG_LINEAR_PARAMS

@@ -57,7 +57,9 @@ def bucket_batch_sizes(groups: dict[str, list[int]], batch_size: int, batch_toke
     """Clips per batch in each group: ``batch_size``, or with ``batch_tokens`` > 0 as many clips as fit
     that many latent tokens (never fewer than batch_size), so short or small buckets use the GPU as
     the largest one does."""
-    return {k: max(batch_size, batch_tokens // bucket_tokens(k)) if batch_tokens else batch_size for k in groups}
+    from .planner import clips_per_batch
+
+    return {k: clips_per_batch(bucket_tokens(k), batch_size, batch_tokens) for k in groups}
 
 
 def collate(items: list[dict], device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
