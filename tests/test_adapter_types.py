@@ -172,3 +172,46 @@ def test_planner_counts_each_types_parameters():
     # LoKr: w1 whole [96, 64] (peft's factorization of 12288 and 4096) + w2 = [128, r]·[r, 64]
     assert lora_params(r, ["attn.qkv"], "lokr") == 48 * (96 * 64 + r * (128 + 64))
     assert lora_params(64, ["attn.qkv"], "lokr") == 48 * (96 * 64 + 128 * 64)  # r >= 128/2: w2 whole
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("checkpointing", ["full", "selective"])
+def test_compile_traces_each_type_as_one_graph_per_block(kind, checkpointing):
+    """compile=on/auto compiles each block; one graph break inside a checkpointed block would send the
+    whole block back to eager (peft's own LoKr/LoHa/DoRA forwards break it). The kit's layers trace
+    whole, train-mode and checkpointed as in training, and compute what peft's own forward does."""
+    import torch._dynamo as dynamo
+    from longcat_nb.memory import apply_gradient_checkpointing
+
+    m = tiny()
+    L.add_lora(m, rank=4, alpha=4, targets=TARGETS[:2], adapter=kind, init_seed=0)
+    with torch.no_grad():  # a non-zero delta everywhere (LoKr/LoHa/DoRA start at ΔW = 0)
+        for n, p in m.named_parameters():
+            if p.requires_grad and "magnitude" not in n:
+                p.add_(0.05 * torch.randn_like(p))
+    from peft.tuners.lora import dora
+
+    ours, ours_weight = run_tiny(m), dora.dequantize_module_weight
+    marked = [mod for mod in m.modules() if getattr(mod, "_longcat_traceable", False)]
+    for mod in marked:  # peft's own code, for the reference output
+        for attr in ("forward", "_cache_clear", "_longcat_traceable"):
+            mod.__dict__.pop(attr, None)
+    dora.dequantize_module_weight = ours_weight.__wrapped__
+    try:
+        assert torch.equal(ours, run_tiny(m))
+    finally:
+        dora.dequantize_module_weight = ours_weight
+    assert marked and L.traceable.make_traceable(m) == len(marked)
+    apply_gradient_checkpointing(m.train(), checkpointing)
+    block, seen = m.blocks[0], {}
+    forward = block.forward
+
+    def capture(*a, **k):
+        seen.update(a=a, k=k)
+        return forward(*a, **k)
+    block.forward = capture
+    run_tiny(m)
+    block.forward = forward
+    dynamo.reset()  # the tests before compiled this code object too: a fresh cache, not its recompile limit
+    explained = dynamo.explain(forward)(*seen["a"], **seen["k"])
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:1]

@@ -7,7 +7,8 @@
   they convert to and from;
 * ``adapters``: stacking saved LoRAs on a model at sampling time, scales, removal, merging;
 * ``export``: the trained adapter as files every consumer loads at the trained scale;
-* ``kinds``: the adapter types beside LoRA (DoRA, LoHa, LoKr: peft's configs) and what differs for them.
+* ``kinds``: the adapter types beside LoRA (DoRA, LoHa, LoKr: peft's configs) and what differs for them;
+* ``traceable``: those types' peft layers made traceable by torch.compile (no graph break in a block).
 """
 from ..config import DEFAULT_TARGETS  # noqa: F401  (lora.DEFAULT_TARGETS is config's one list)
 from .adapters import (activate_adapters, apply_loras, merge_lora_into_base, newest_lora,  # noqa: F401

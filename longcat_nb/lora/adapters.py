@@ -18,6 +18,7 @@ from .formats import exported_suffixes, load_any_lora
 from .inject import _base, _quiet_peft, _uses_diffusers_peft, adapter_names, load_lora_state_dict
 from .kinds import config_for, shapes
 from .state import PEFT_PREFIX, LoraError, LoraInfo, _lora_config_kwargs
+from .traceable import make_traceable
 
 
 def _check_fits(model: nn.Module, state: dict, path) -> None:
@@ -49,6 +50,7 @@ def _load_adapter(model: nn.Module, state: dict, info: LoraInfo, name: str) -> N
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(config_for(state, info.ranks, info.alphas, f"{info.path}: "), model, adapter_name=name)
+        make_traceable(model)
         load_lora_state_dict(model, state, adapter_name=name)
     elif _uses_diffusers_peft(model):
         model.load_lora_adapter(state, prefix="transformer", adapter_name=name,

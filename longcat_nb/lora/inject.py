@@ -17,6 +17,7 @@ import torch.nn as nn
 from ..config import DEFAULT_TARGETS
 from .kinds import implied_rank, is_adapter_param, peft_config
 from .state import PEFT_PREFIX, LoraError
+from .traceable import make_traceable
 
 PRESETS = {
     "attention": DEFAULT_TARGETS,
@@ -120,6 +121,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
             model.add_adapter(cfg, adapter_name=adapter_name)
         else:
             inject_adapter_in_model(cfg, model, adapter_name=adapter_name)
+    make_traceable(model)
     names = []
     for n, p in model.named_parameters():
         trainable = is_adapter_param(n, adapter_name)

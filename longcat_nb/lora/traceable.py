@@ -1,0 +1,78 @@
+"""peft's DoRA, LoKr and LoHa layers made traceable by torch.compile as one graph per block.
+
+Two lines of peft (0.21) stop dynamo inside a block:
+
+* LoKr and LoHa draw ``torch.rand(1)`` on every training call to decide module dropout, and branch on
+  the result (a branch on a tensor: a graph break), even when module dropout is 0;
+* DoRA asks whether the base weight is a torchao tensor with ``type(w).__module__.startswith(...)``,
+  which dynamo cannot trace, and clears its (training-time always empty) weight-norm cache on every
+  call: a mutation that a checkpointed region may not make under dynamo (selective checkpointing).
+
+Inside a checkpointed block one break sends the whole block back to eager, so ``compile`` did nothing
+for those types while it compiled LoRA (docs/benchmarks.md, run 22). ``make_traceable`` gives the
+injected layers forwards that compute the same result without those lines, and only where they change
+nothing: module dropout 0 (the kit never sets another) and a plain ``nn.Parameter`` base weight. Other
+cases keep peft's own code.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn as nn
+
+_MARK = "_longcat_traceable"
+
+
+def _lycoris_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """LoKr/LoHa forward with module dropout 0: the base output plus each active adapter's delta."""
+    active = [n for n in self.active_adapters if n in self._available_adapters]
+    if self.disable_adapters or self.merged or any(self.module_dropout[n] for n in active):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    for name in active:
+        result = result + self._get_delta_activations(name, x, *args, **kwargs)
+    return result.to(x.dtype)
+
+
+def _clear_if_filled(self) -> None:
+    """DoRA's cache clear, mutating only when something is cached (never while training)."""
+    if self._dora_cache:
+        self._dora_cache.clear()
+
+
+def _plain_weight_first(dequantize):
+    """peft's ``dequantize_module_weight`` with the plain-Parameter case answered first (traceable)."""
+    if getattr(dequantize, _MARK, False):
+        return dequantize
+
+    def weight_of(module: nn.Module):
+        w = module.weight
+        if type(w) is nn.Parameter and not hasattr(module, "W_q"):
+            return w  # what peft returns for an unquantized weight
+        return dequantize(module)
+
+    setattr(weight_of, _MARK, True)
+    weight_of.__wrapped__ = dequantize
+    return weight_of
+
+
+def make_traceable(model: nn.Module) -> int:
+    """Give every injected LoKr/LoHa layer of ``model`` the traceable forward, and every DoRA layer the
+    traceable cache clear and weight lookup. Idempotent; returns how many layers changed."""
+    from peft.tuners.loha.layer import LoHaLayer
+    from peft.tuners.lokr.layer import LoKrLayer
+    from peft.tuners.lora import dora
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, (LoKrLayer, LoHaLayer)) and not getattr(module, _MARK, False):
+            module.forward = types.MethodType(_lycoris_forward, module)
+            setattr(module, _MARK, True)
+            changed += 1
+        elif isinstance(module, dora.DoraLinearLayer) and not getattr(module, _MARK, False):
+            module._cache_clear = types.MethodType(_clear_if_filled, module)
+            setattr(module, _MARK, True)
+            dora.dequantize_module_weight = _plain_weight_first(dora.dequantize_module_weight)
+            changed += 1
+    return changed
