@@ -204,6 +204,7 @@ def run_cli(stage: str, run_dir: Path, params: dict, env: dict, log_path: Path) 
     done["wall_s"] = round(wall, 2)
     if steps:
         done["step_seconds"] = [round(s["sec"], 3) for s in steps]
+        done["step_shapes"] = ["x".join(map(str, s.get("latent_shape") or [])) for s in steps]
         done["step_gpu_peak_gib"] = max((s.get("mem_gib") or 0.0) for s in steps) or None
     if validations:
         done["validations"] = [{"step": v["step"], "files": v["files"]} for v in validations]
@@ -322,17 +323,21 @@ def stage_params(args, work: Path, ckpt: Path, data: Path, settings: dict) -> di
 def time_to_lora(stages: dict, steps: int = 1000) -> dict | None:
     """Caching + the steps measured + the rest at the steady step time. Blocks are compiled for fixed
     shapes, so the first step of each new bucket shape compiles (run 21: 13-28 s more each); the steady
-    step is the median of the steps within 1.5x the fastest, and ``compile_s`` what the others took more."""
+    step is the median of the steps that met a shape seen before (train.jsonl's ``latent_shape``), or,
+    without those, of the steps within 1.5x the fastest; ``compile_s`` is what the others took more.
+    ``steady`` says whether any step repeated a shape (False: every step compiled, the step time is high)."""
     train = stages.get("train")
     if not train or not train.get("step_seconds"):
         return None
-    secs = train["step_seconds"]
-    steady = statistics.median([t for t in secs if t <= 1.5 * min(secs)])
+    secs, shapes = train["step_seconds"], train.get("step_shapes") or []
+    repeats = [t for i, t in enumerate(secs) if i < len(shapes) and shapes[i] and shapes[i] in shapes[:i]]
+    steady = statistics.median(repeats or [t for t in secs if t <= 1.5 * min(secs)])
     compile_s = sum(secs) - steady * len(secs)
     cache_s = stages.get("cache", {}).get("wall_s", 0.0)
     total = cache_s + sum(secs) + steady * max(0, steps - len(secs))
     return {"steps": steps, "step_s": round(steady, 3), "first_step_s": round(secs[0], 2),
-            "compile_s": round(compile_s, 1), "measured_steps": len(secs), "cache_s": cache_s,
+            "compile_s": round(compile_s, 1), "measured_steps": len(secs), "steady": bool(repeats),
+            "cache_s": cache_s,
             "total_s": round(total, 1), "total_h": round(total / 3600, 2)}
 
 

@@ -343,6 +343,7 @@ class _Run:
     rng_at_step: Optional[dict] = None  # the generators as the unfinished step began (None between steps)
     t_start: float = field(default_factory=time.time)
     step_start: int = 0
+    latent_shape: Optional[list] = None  # of the last micro-batch: [B, C, F, H, W] (a new one compiles)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -435,7 +436,7 @@ def _train_step(run: _Run) -> dict:
         run.losses.append(loss_sum)
     step, elapsed = run.step, time.time() - run.t_start
     return {"step": step, "loss": loss_sum, "lr": lr, "sec": time.time() - t0, "grad_norm": grad_norm,
-            "it_s": (step - run.step_start) / max(1e-9, elapsed),
+            "latent_shape": run.latent_shape, "it_s": (step - run.step_start) / max(1e-9, elapsed),
             "eta_s": (run.stop - step) * elapsed / max(1, step - run.step_start)}
 
 
@@ -444,6 +445,7 @@ def _micro_batch_loss(run: _Run, here: dict, items: list) -> float:
     s, device, dtype = run.s, run.device, run.dtype
     gen = batch_generator(s.seed, here)
     x0, text, mask, n_cond = collate(items, device, dtype)
+    run.latent_shape = list(x0.shape)
     drop = torch.rand(len(items), generator=gen) < s.caption_dropout
     if drop.any():
         text[drop] = run.negative[0].to(device, dtype)

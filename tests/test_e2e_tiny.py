@@ -50,3 +50,16 @@ def test_time_to_lora_counts_each_buckets_compile_once():
     ttl = time_to_lora({"cache": {"wall_s": 36.28}, "train": {"step_seconds": secs}})
     assert ttl["step_s"] == pytest.approx(12.357) and ttl["compile_s"] == pytest.approx(123.1, abs=0.1)
     assert ttl["total_s"] == pytest.approx(36.28 + sum(secs) + 992 * 12.357, abs=0.1)
+
+
+def test_time_to_lora_takes_the_steady_step_from_repeated_shapes():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from e2e_full_size import time_to_lora
+
+    a, b = "1x16x24x60x104", "1x16x24x104x60"
+    # the second shape's first step is 20% over the first's: within 1.5x, but it compiled
+    ttl = time_to_lora({"train": {"step_seconds": [40.0, 15.0, 12.0, 12.2], "step_shapes": [a, b, a, b]}})
+    assert ttl["steady"] and ttl["step_s"] == pytest.approx(12.1) and ttl["compile_s"] == pytest.approx(30.8)
+    # run 23 (H100): two steps, two shapes, both compiled: no steady step, and the record says so
+    ttl = time_to_lora({"train": {"step_seconds": [25.63, 21.542], "step_shapes": [a, b]}})
+    assert not ttl["steady"]
