@@ -39,8 +39,10 @@ K_SAMPLE = 15.4  # inference working set per token row (8.8 GiB for CFG batch 2 
 K_SAMPLE_COMPILED = 9.2  # with compiled blocks (H200, docs/benchmarks.md: 30.6 GiB bf16, 18.9 GiB fp8_rowwise)
 OPTIMIZER_BYTES = {"adamw": 16.0, "adamw8bit": 10.0, "prodigy": 24.0}  # per LoRA param: w, g, states
 CONTEXT_GIB = 0.0  # max_memory_allocated excludes the CUDA context; keep predictions comparable
-HOST_BASE_GIB = 6.0  # training: Python, torch + Inductor, CUDA's host side, the cache reader (run 21: 6.11 GiB)
-HOST_BASE_SAMPLE_GIB = 2.5  # sampling, beside the text encoder waiting in host RAM (run 23: 13.0 GiB, 10.6 of it UMT5)
+# Host RAM besides weights: Python, torch + Inductor, CUDA's host side. Training (its cache reader too):
+# 6.11 GiB measured at full size. Sampling, beside the text encoder it keeps there: 13.0 GiB, 10.6 of it UMT5.
+HOST_BASE_GIB = 6.0
+HOST_BASE_SAMPLE_GIB = 2.5
 SWAP_STEPS = tuple(range(4, DEPTH, 4))  # the block-swap counts suggest() tries, fewest first
 
 

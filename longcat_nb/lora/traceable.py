@@ -9,10 +9,10 @@ Two lines of peft (0.21) stop dynamo inside a block:
   call: a mutation that a checkpointed region may not make under dynamo (selective checkpointing).
 
 Inside a checkpointed block one break sends the whole block back to eager, so ``compile`` did nothing
-for those types while it compiled LoRA (docs/benchmarks.md, run 22). ``make_traceable`` gives the
-injected layers forwards that compute the same result without those lines, and only where they change
-nothing: module dropout 0 (the kit never sets another) and a plain ``nn.Parameter`` base weight. Other
-cases keep peft's own code.
+for those types while it compiled LoRA (docs/benchmarks.md has the step times). ``make_traceable``
+gives the injected layers forwards that compute the same result without those lines, and only where
+they change nothing: module dropout 0 (the kit never sets another) and a plain ``nn.Parameter`` base
+weight. Other cases keep peft's own code.
 """
 from __future__ import annotations
 
