@@ -6,7 +6,9 @@
 # Steps: e2e (issue 25: every stage at full size, 80 GiB, through the stage CLI; sampling does not fit in
 # the same call after 8 steps and a validation clip), e2e_sample (2 steps, no validation, then T2V and
 # I2V), gpu_tests (the CUDA tests), train_ratio / sample_ratio (issue 25: defaults against the official code compiled per block, one
-# process), dit_before_after (issue 27: bench_dit at a0d98cc, exported to .before/, and now), adapters (issue 29).
+# process), dit_before_after (issue 27: bench_dit at a0d98cc, exported to .before/, and now), adapters (issue 29),
+# validation (issue 30: distilled against 40-step CFG validation), alloc (issue 25: 8 steps over 5 bucket
+# shapes with expandable_segments, reserved against allocated), card24 / card16 (issue 25: the card capped).
 set -u
 STEPS=${1:-e2e,gpu_tests}
 END=$(( $(date +%s) + ${2:-570} ))
@@ -42,6 +44,13 @@ for s in ${STEPS//,/ }; do
             step dit_after 100 python3 benchmarks/bench_dit.py --cases train_bf16 --repeat 2 \
                  --out "$OUT/dit_after.json" ;;
         adapters) step adapters 200 python3 benchmarks/bench_adapters.py --repeat 2 --out "$OUT/adapters.json" ;;
+        validation) step validation 450 python3 benchmarks/bench_validation.py --out "$OUT/validation.json" ;;
+        alloc) step alloc 300 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 benchmarks/e2e_full_size.py \
+                 --work /tmp/e2e --train-steps 8 --skip-validation --stages checkpoint,dataset,scan,cache,train \
+                 --out "$OUT/alloc.json" ;;
+        card24|card16) step "$s" 400 python3 benchmarks/e2e_full_size.py --work /tmp/e2e --cards "${s#card}" \
+                 --train-steps 4 --validation-steps 4 --sample-steps 4 \
+                 --stages checkpoint,dataset,scan,cache,train,sample_t2v --out "$OUT/$s.json" ;;
         *) echo "unknown step $s" ;;
     esac
 done
