@@ -104,6 +104,8 @@ def main(argv=None) -> int:
         info["distill_lora_params"] = write_distill_lora(dit, ckpt / "lora" / "cfg_step_lora.safetensors",
                                                          rank=4 if args.tiny else 128)
         del dit
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the writer's blocks back, so the measured run starts clean
         put("checkpoint", {**info, "wall_s": round(time.perf_counter() - t0, 1)})
     h, w, f = (64, 64, 9) if args.tiny else (480, 832, 93)
     run = work / "run"
