@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     from e2e_full_size import write_checkpoint
     from longcat_nb.config import update_section
     from longcat_nb.distributed import Dist
-    from longcat_nb.model_files import load_components
+    from longcat_nb.model_files import load_dit
     from longcat_nb.prepare import prepare_for_training
     from longcat_nb.train import Validator, checkpointing_mode, load_config
 
@@ -114,9 +114,7 @@ def main(argv=None) -> int:
                    validation_frames=f, validation_preview_every=0)
     cfg = load_config(run)
     t0 = time.perf_counter()
-    model = load_components(ckpt, parts=["dit"], device=device).dit
-    if device == "cpu":
-        model = model.float()
+    model = load_dit(ckpt, device, "bfloat16" if device == "cuda" else "float32")  # as train.py loads it
     prep = prepare_for_training(model, cfg.train, torch.device(device), Dist(), cfg.model.attention,
                                 checkpointing_mode(cfg.train, torch.device(device), cfg.dataset), log=print)
     put("load_and_prepare_s", round(time.perf_counter() - t0, 1))
