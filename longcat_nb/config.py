@@ -70,8 +70,10 @@ class ModelSettings:
     vae_dtype: str = setting("auto", choices=DTYPES, help="The VAE's dtype (auto as dit_dtype)")
     attention: str = setting("auto", choices=("auto", "sdpa", "xformers", "bsa", "quant8"),
                              help="auto = block-sparse where the official pipeline uses it (grids of 720p and more "
-                             "on CUDA), dense SDPA elsewhere | sdpa | xformers | bsa | quant8 (8-bit dense "
-                             "self-attention for sampling and validation; training steps use SDPA)")
+                             "on CUDA); below them 8-bit dense attention (quant8) for sampling and validation on "
+                             "GPUs of compute capability 8.9+ and dense SDPA for training steps | sdpa (bf16 "
+                             "everywhere) | xformers | bsa | quant8 (8-bit dense self-attention for sampling and "
+                             "validation; training steps use SDPA)")
 
 
 @dataclass

@@ -78,7 +78,12 @@ def test_registry_holds_exactly_configs_choices_and_resolves_auto():
     assert A.names() == field_choices("model")["attention"] == A.BACKENDS
     auto = A.get("auto")
     assert auto.for_grid((2, 45, 80)) is A.get("bsa")  # 720x1280: 3,600 tokens a frame
-    assert auto.for_grid((2, 30, 52)) is A.get("sdpa")  # 480x832
+    assert auto.for_grid((2, 30, 52)) is A.get("sdpa")  # 480x832, a training step (gradients on)
+    with torch.no_grad():  # sampling and validation: 8-bit dense attention below the block-sparse line
+        assert auto.for_grid((2, 30, 52)) is A.get("quant8")
+        assert auto.for_grid((2, 45, 80)) is A.get("bsa")
+        q, k, v = torch.randn(3, 1, 2, 2 * 3 * 4, 8).unbind(0)  # where quant8 cannot run (the CPU): SDPA
+        assert torch.equal(auto.self_attention(q, k, v, (2, 3, 4), (2, 3, 4)), A.get("sdpa").self_attention(q, k, v, (2, 3, 4), (2, 3, 4)))
     assert A.get("flash_attention_2") is A.get("sdpa")  # the checkpoint's flag names
     with pytest.raises(ValueError, match="attention_implementation='int4' is not one of .*quant8"):
         A.get("int4")
