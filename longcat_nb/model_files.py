@@ -175,9 +175,11 @@ def load_text_encoder(checkpoint="", device="cpu", dtype: Any = "auto"):
 
     folder = check_checkpoint(checkpoint, ["text_encoder"])
     dtype = pick_dtype(dtype, device)
+    # on an accelerator each shard goes straight to it, so host memory never holds the 5.7B encoder
+    place = {} if torch.device(device).type == "cpu" else {"device_map": {"": torch.device(device)}}
     model = _load_or_explain(
         "text_encoder", folder,
-        lambda: UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),
+        lambda: UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, **place),
     )
     return model.to(device).eval().requires_grad_(False)
 
@@ -232,6 +234,9 @@ class Components:
     dit: Any = None
     loras: dict = field(default_factory=dict)  # name -> path of official LoRA files in lora/
     memory: dict = field(default_factory=dict)  # how the DiT was placed (sample.load_sampling_components)
+    # offload='model': the text encoder is not kept in memory; each encoding reads it from disk straight
+    # onto the GPU in this dtype and frees it (sampling.pipeline.encode_text)
+    text_encoder_on_demand: Any = None
 
 
 def list_checkpoint_loras(folder: Path) -> dict:

@@ -659,3 +659,28 @@ def test_samples_never_overwrite_each_other(comps, tmp_path):
         meta = json.loads(path.with_suffix(".json").read_text())
         assert meta["file"] == path.name and meta["prompt"] == prompt
     assert sample_stem(tmp_path, SampleRequest("一只猫", seed=3)) == "003_t2v_seed3"
+
+
+def test_offload_model_reads_the_text_encoder_per_encoding_and_keeps_none(monkeypatch):
+    """offload='model' (the small cards' sampling setting) keeps no text encoder in memory: each
+    encoding reads it from the checkpoint onto the device and frees it. The clip is the one
+    offload='none' gives, with or without block swap, and base and LoRA share one encoding."""
+    import longcat_nb.model_files as MF
+    from longcat_nb.sampling import load_sampling_components, sampling_plan
+
+    ref = load_sampling_components(_model_settings())
+    req = SampleRequest("a red ball", seed=1, **SMALL)
+    want = generate(ref, req, progress=False)
+    reads = []
+    real = MF.load_text_encoder
+    monkeypatch.setattr(MF, "load_text_encoder", lambda *a, **k: reads.append(a) or real(*a, **k))
+    for swap in (0, 1):
+        off = load_sampling_components(_model_settings(), offload="model", blocks_to_swap=swap)
+        assert off.text_encoder is None and off.text_encoder_on_demand == torch.float32
+        got = generate(off, req, progress=False, offload="model")
+        assert torch.equal(got.latents, want.latents)
+    assert len(reads) == 2 and reads[0][1] == torch.device("cpu")
+    values = dict(prompt="a red ball", mode="t2v", height=480, width=832, num_frames=93, steps=50, guidance=4.0,
+                  precision="auto", blocks_to_swap=24, compile="auto")
+    kept, on_demand = (sampling_plan({**values, "offload": o}, gpu_gib=24.0) for o in ("none", "model"))
+    assert kept["host_ram_gib"] - on_demand["host_ram_gib"] > 10  # the 5.7B encoder is not in host RAM

@@ -133,17 +133,19 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
     prec = base_precision(precision, model.dit_dtype)
     dev = pick_device(model.device)
     dtypes = {"dit": model.dit_dtype, "vae": model.vae_dtype, "text_encoder": model.text_encoder_dtype}
-    home = dev
-    if offload == "model":
+    home, parts = dev, list(PARTS)
+    if offload == "model":  # the text encoder is read from disk onto the GPU for each encoding, then freed
         dtypes = {k: pick_dtype(v, dev) for k, v in dtypes.items()}
-        home = torch.device("cpu")
+        home, parts = torch.device("cpu"), [p for p in PARTS if p != "text_encoder"]
     if prec not in QUANTIZED and not blocks_to_swap:  # the plain path: the DiT loads where it runs
         if precision != "auto":
             dtypes["dit"] = compute_dtype(prec, dev)
-        comps = load_components(model.checkpoint, device=str(home), dtypes=dtypes, attention=model.attention)
+        comps = load_components(model.checkpoint, parts, device=str(home), dtypes=dtypes, attention=model.attention)
         comps.memory = prepare_for_sampling(comps.dit, prec, 0, dev, home, compile, placed=True)
+        comps.text_encoder_on_demand = dtypes["text_encoder"] if offload == "model" else None
         return comps
-    comps = load_components(model.checkpoint, parts=[p for p in PARTS if p != "dit"], device=str(home), dtypes=dtypes)
+    comps = load_components(model.checkpoint, parts=[p for p in parts if p != "dit"], device=str(home), dtypes=dtypes)
+    comps.text_encoder_on_demand = dtypes["text_encoder"] if offload == "model" else None
     comps.dit = load_dit(model.checkpoint, "cpu", compute_dtype(prec, dev), model.attention)
     try:
         comps.memory = prepare_for_sampling(comps.dit, prec, int(blocks_to_swap), dev, home, compile)
@@ -159,7 +161,8 @@ def sampling_plan(values: dict, uploaded_image=None, gpu_gib="auto") -> dict:
     """planner.report for the full-size DiT with the 04_sample settings (precision, blocks_to_swap,
     size, frames, CFG or not), plus the text encoder, which training never loads: with offload='none'
     the UMT5-XXL encoder is on the GPU with the DiT's resident weights until the prompts are encoded,
-    and in host memory after that.
+    and in host memory after that; with offload='model' each encoding reads it from disk onto the GPU
+    alone and frees it, so it never counts in host memory.
     ``summary`` is the line 04 prints; ``fits``/``advice`` as in planner.report."""
     from ..envinfo import gpu_memory_gib
     from ..planner import GIB, plan, report, sampling_plan_settings, text_encoder_bytes
@@ -180,7 +183,8 @@ def sampling_plan(values: dict, uploaded_image=None, gpu_gib="auto") -> dict:
     encode = parts["weights_resident"] + parts["swap_buffers"] if offload == "none" else 0.0
     encode += text_encoder_bytes() / GIB
     out["encode_peak_gib"] = round(encode, 1)
-    out["host_ram_gib"] = round(out["host_ram_gib"] + text_encoder_bytes() / GIB, 1)  # it waits there after encoding
+    if offload == "none":  # it waits in host memory after encoding; offload='model' reads it from disk each time
+        out["host_ram_gib"] = round(out["host_ram_gib"] + text_encoder_bytes() / GIB, 1)
     out["summary"] = (f"full-size model at {h}x{w}x{req.num_frames}, {prec}, {swap} blocks swapped, "
                       f"{'CFG' if req.guidance > 1 else 'no guidance'}: predicted denoising peak {out['peak_gib']} GiB "
                       f"GPU, {out['host_ram_gib']} GiB host RAM; while encoding the prompt {out['encode_peak_gib']} GiB "

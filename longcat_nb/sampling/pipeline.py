@@ -94,6 +94,8 @@ def encode_text(components, prompt: str, negative_prompt: Optional[str], guided:
         emb, mask = named_encoder(encoder, device, pick_dtype("auto", device))(prompts)
         return emb.to(device=device, dtype=dtype), mask.to(device)
     tok, enc = components.tokenizer, components.text_encoder
+    if enc is None and getattr(components, "text_encoder_on_demand", None) is not None:
+        return _encode_on_demand(components, prompts, device, dtype)
     if tok is None or enc is None:
         raise SampleError("no text encoder loaded: load_components(...) with the 'tokenizer' and 'text_encoder' "
                           "parts, or pass text=(embeddings, mask) for [negative, positive]")
@@ -104,6 +106,20 @@ def encode_text(components, prompt: str, negative_prompt: Optional[str], guided:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return emb, mask
+
+
+def _encode_on_demand(components, prompts: list, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """offload='model' (sampling.load_sampling_components): the text encoder read from the checkpoint
+    straight onto ``device`` for this encoding and freed after it, so host memory never holds it."""
+    from ..model_files import load_text_encoder
+
+    enc = load_text_encoder(components.folder, device, components.text_encoder_on_demand)
+    try:
+        return encode_prompts(components.tokenizer, enc, prompts, device=device, dtype=dtype)
+    finally:
+        del enc
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _text_batch(text, guided: bool, device, dtype):
