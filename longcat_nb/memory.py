@@ -47,6 +47,18 @@ def _block_linears(block: nn.Module):
             yield name, mod
 
 
+def quantize_block(block: nn.Module, precision: str, device: torch.device | str, backward: bool = True) -> None:
+    """One DiT block, its weights already on ``device`` in the compute dtype, to a QUANTIZED precision
+    (its linear layers); marked, so apply_base_precision leaves it as it is (model_files.load_dit's
+    ``each_block`` quantizes the blocks as they load)."""
+    device = torch.device(device)
+    try:
+        _quantize_block(block, precision, device, backward)
+    except ImportError as e:
+        raise ImportError(f"base precision {precision!r} needs {_BACKEND_HINT[precision]}: {e}") from e
+    block.base_precision = precision
+
+
 def _quantize_block(block: nn.Module, precision: str, device: torch.device, backward: bool = True) -> None:
     names = [n for n, _ in _block_linears(block)]
     if precision == "fp8_rowwise":
@@ -93,12 +105,10 @@ def apply_base_precision(model: nn.Module, precision: str, device: torch.device 
     model.requires_grad_(False)
     if precision not in QUANTIZED:
         return model.to(device=device, dtype=dtype)
-    try:
-        for i, block in enumerate(model.blocks):
+    for block in model.blocks:
+        if getattr(block, "base_precision", None) != precision:  # not quantized as it loaded
             block.to(device=device, dtype=dtype)
-            _quantize_block(block, precision, device, backward)
-    except ImportError as e:
-        raise ImportError(f"base precision {precision!r} needs {_BACKEND_HINT[precision]}: {e}") from e
+            quantize_block(block, precision, device, backward)
     for name, child in model.named_children():
         if name != "blocks":
             child.to(device=device, dtype=dtype)

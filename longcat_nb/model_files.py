@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -206,10 +206,18 @@ def load_scheduler(checkpoint=""):
     )
 
 
-def load_dit(checkpoint="", device="cpu", dtype: Any = "auto", attention: Optional[str] = None):
+def load_dit(checkpoint="", device="cpu", dtype: Any = "auto", attention: Optional[str] = None,
+             each_block: Optional[Callable[[Any], None]] = None):
     """Load the DiT through diffusers: shards are read one at a time into an empty (meta) model,
     so host memory never holds two copies of the weights; on an accelerator each shard goes straight
-    to it (device_map), so host memory never holds the whole model either."""
+    to it (device_map), so host memory never holds the whole model either.
+
+    ``each_block(block)``: the model is filled block by block instead (:func:`_load_dit_by_block`),
+    each block's tensors read from its shards straight onto ``device`` and handed to ``each_block``
+    as soon as they are in (to quantize it there): neither host memory nor the device ever holds the
+    unquantized model, which a 24 GiB card's quantized base needs."""
+    if each_block is not None:
+        return _load_dit_by_block(checkpoint, device, dtype, attention, each_block)
     folder = check_checkpoint(checkpoint, ["dit"])
     dtype = pick_dtype(dtype, device)
     place = {} if torch.device(device).type == "cpu" else {"device_map": {"": torch.device(device)}}
@@ -222,6 +230,65 @@ def load_dit(checkpoint="", device="cpu", dtype: Any = "auto", attention: Option
     if attention:
         model.set_attention_backend(attention)
     return model.to(device).eval().requires_grad_(False)
+
+
+def _dit_weight_map(folder: Path) -> dict:
+    """Each tensor name of dit/ -> the safetensors file that holds it (its index, or its one file)."""
+    from safetensors import safe_open
+
+    sub = folder / "dit"
+    index = sub / (_WEIGHTS["dit"] + ".index.json")
+    if index.is_file():
+        return {k: sub / f for k, f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
+    with safe_open(str(sub / _WEIGHTS["dit"]), "pt") as f:
+        return {k: sub / _WEIGHTS["dit"] for k in f.keys()}
+
+
+def _load_dit_by_block(checkpoint, device, dtype, attention, each_block):
+    """load_dit's ``each_block`` path: an empty (meta) model of dit/config.json, filled block by block
+    from the safetensors files onto ``device`` (a file is opened only while its tensors of one block
+    are read, so its mapped pages do not stay in host memory), ``each_block`` called on each; then the
+    parts outside the blocks. Names missing from or extra to the files are an error, as from_pretrained."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+
+    folder = check_checkpoint(checkpoint, ["dit"])
+    device, dtype = torch.device(device), pick_dtype(dtype, device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    def build():
+        with init_empty_weights():
+            model = LongCatVideoTransformer3DModel.from_config(
+                LongCatVideoTransformer3DModel.load_config(folder / "dit"), cp_split_hw=None)
+        weights = _dit_weight_map(folder)
+        missing, extra = set(model.state_dict()) - set(weights), set(weights) - set(model.state_dict())
+        if missing or extra:
+            raise ValueError(f"the weights do not match dit/config.json: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(extra)[:5]}")
+        return model, weights
+
+    model, weights = _load_or_explain("dit", folder, build)
+
+    def fill(names):
+        by_file: dict = {}
+        for name in names:
+            by_file.setdefault(weights[name], []).append(name)
+        for file, keys in by_file.items():
+            with safe_open(str(file), "pt", device=str(device)) as f:
+                for key in keys:
+                    t = f.get_tensor(key)
+                    set_module_tensor_to_device(model, key, device, value=t,
+                                                dtype=dtype if t.is_floating_point() else None)
+
+    for i, block in enumerate(model.blocks):
+        _load_or_explain("dit", folder, lambda: fill([n for n in weights if n.startswith(f"blocks.{i}.")]))
+        each_block(block)
+    _load_or_explain("dit", folder, lambda: fill([n for n in weights if not n.startswith("blocks.")]))
+    if attention:
+        model.set_attention_backend(attention)
+    return model.eval().requires_grad_(False)
 
 
 @dataclass

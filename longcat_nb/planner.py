@@ -148,10 +148,11 @@ def plan(s: PlanSettings) -> Plan:
             parts["all_activations"] = DEPTH * K_TRAIN_BLOCK * unit
     peak = sum(parts.values()) / GIB + CONTEXT_GIB
     # Host RAM has two phases and its peak is the larger one, not their sum. Loading: where the model is
-    # quantized or swapped, the bf16 weights pass through host memory (a whole bf16 DiT goes straight to
-    # the GPU a shard at a time); the pinned copy of the swapped blocks replaces it block by block.
+    # swapped, the bf16 weights pass through host memory and the pinned copy of the swapped blocks
+    # replaces it block by block (a whole bf16 DiT goes straight to the GPU a shard at a time, a quantized
+    # one a block at a time, quantized as it loads: model_files.load_dit's each_block).
     # Running: the swapped blocks' pinned weights, plus the offloaded block inputs while training.
-    loading = DEPTH * block_bytes("bf16") if swap or s.precision in QUANTIZED else 0.0
+    loading = DEPTH * block_bytes("bf16") if swap else 0.0
     running = swap_effective * blk
     running += DEPTH * unit if s.activation_offload and s.mode == "train" else 0.0
     base = HOST_BASE_SAMPLE_GIB if s.mode == "sample" else HOST_BASE_GIB

@@ -298,18 +298,20 @@ def _data(run_dir: Path, dataset, negative, verify_cache: bool) -> tuple:
 # -- model: frozen base in the chosen precision, LoRA on top (prepare.py) --------------------------
 def _model(cfg, dist, device, components, log):
     from .model_files import load_dit
-    from .memory import QUANTIZED, compute_dtype
+    from .memory import QUANTIZED, compute_dtype, quantize_block
     from .prepare import prepare_for_training
 
     s = cfg.train
-    dtype = compute_dtype(s.base_precision, device)
-    # straight onto the GPU where it stays whole there (host RAM then holds one shard at a time);
-    # through host memory where it is quantized, swapped or sharded block by block
-    direct = device.type == "cuda" and s.base_precision not in QUANTIZED and not s.blocks_to_swap \
-        and not dist.enabled
-    dit = components.dit if components is not None and components.dit is not None else \
-        load_dit(cfg.model.checkpoint, device if direct else "cpu",
-                 "float32" if dtype == torch.float32 else "bfloat16")
+    dtype = "float32" if compute_dtype(s.base_precision, device) == torch.float32 else "bfloat16"
+    single = device.type == "cuda" and not s.blocks_to_swap and not dist.enabled
+    if components is not None and components.dit is not None:
+        dit = components.dit
+    elif single and s.base_precision in QUANTIZED:  # quantized block by block as it loads onto the GPU
+        dit = load_dit(cfg.model.checkpoint, device, dtype,
+                       each_block=lambda block: quantize_block(block, s.base_precision, device))
+    else:  # straight onto the GPU where it stays whole (host RAM holds one shard at a time); else the CPU,
+        # where it is swapped or sharded block by block
+        dit = load_dit(cfg.model.checkpoint, device if single else "cpu", dtype)
     checkpointing = checkpointing_mode(s, device, cfg.dataset)
     prep = prepare_for_training(dit, s, device, dist, cfg.model.attention, checkpointing, log)
     prep.model.train()

@@ -81,3 +81,39 @@ def test_prompt_cleaning_and_rules():
         check_num_frames(95)
     with pytest.raises(ValueError, match="divisible by 16"):
         check_size(480, 830)
+
+
+def test_load_dit_block_by_block_gives_the_same_weights_and_quantizes_as_it_loads(tmp_path, tiny_ckpt):
+    """``each_block`` (a quantized base on a small card): each block is handed over once its weights are
+    in, in order, and the model equals from_pretrained's; a block quantized there is left as it is by
+    apply_base_precision, and the DiT computes what load-then-quantize gives."""
+    from longcat_nb.memory import apply_base_precision, quantize_block
+
+    ref = load_dit(tiny_ckpt)
+    seen = []
+    got = load_dit(tiny_ckpt, "cpu", "float32", each_block=lambda b: seen.append(
+        (b, all(not p.is_meta for p in b.parameters()))))
+    assert [b for b, _ in seen] == list(got.blocks) and all(ok for _, ok in seen)
+    a, b = ref.state_dict(), got.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert not got.training and not any(p.requires_grad for p in got.parameters())
+    assert load_dit(tiny_ckpt, "cpu", "bfloat16", each_block=lambda b: None).x_embedder.proj.weight.dtype == torch.bfloat16
+
+    pytest.importorskip("optimum.quanto")
+    streamed = load_dit(tiny_ckpt, "cpu", "float32", each_block=lambda b: quantize_block(b, "int8", "cpu"))
+    weights = {id(p) for p in streamed.parameters()}
+    apply_base_precision(streamed, "int8", "cpu")  # the order prepare_for_training runs: nothing re-quantized
+    assert {id(p) for p in streamed.parameters()} == weights
+    plain = apply_base_precision(load_dit(tiny_ckpt), "int8", "cpu")
+    x, t = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0])
+    y, m = torch.randn(1, 1, 512, 32), torch.ones(1, 512, dtype=torch.long)
+    assert torch.equal(streamed(x, t, y, m), plain(x, t, y, m))
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, broken)
+    index = broken / "dit" / "diffusion_pytorch_model.safetensors.index.json"
+    meta = json.loads(index.read_text())
+    meta["weight_map"].pop(next(k for k in meta["weight_map"] if k.startswith("blocks.1.")))
+    index.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"dit.*missing \['blocks\.1\."):
+        load_dit(broken, "cpu", each_block=lambda b: None)

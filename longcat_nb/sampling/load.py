@@ -122,7 +122,7 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
     top of the quantized weights and stream in with their swapped block. ``compile`` (auto | on |
     off, speed.compile_wanted) compiles each DiT block on CUDA: the first call compiles."""
     from ..model_files import PARTS, load_components, load_dit, pick_device, pick_dtype
-    from ..memory import QUANTIZED, compute_dtype
+    from ..memory import QUANTIZED, compute_dtype, quantize_block
     from ..prepare import prepare_for_sampling
 
     if offload not in OFFLOAD:
@@ -146,7 +146,11 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
         return comps
     comps = load_components(model.checkpoint, parts=[p for p in parts if p != "dit"], device=str(home), dtypes=dtypes)
     comps.text_encoder_on_demand = dtypes["text_encoder"] if offload == "model" else None
-    comps.dit = load_dit(model.checkpoint, "cpu", compute_dtype(prec, dev), model.attention)
+    if prec in QUANTIZED and dev.type == "cuda" and not blocks_to_swap:  # quantized as it loads onto the GPU
+        comps.dit = load_dit(model.checkpoint, dev, compute_dtype(prec, dev), model.attention,
+                             each_block=lambda block: quantize_block(block, prec, dev, backward=False))
+    else:
+        comps.dit = load_dit(model.checkpoint, "cpu", compute_dtype(prec, dev), model.attention)
     try:
         comps.memory = prepare_for_sampling(comps.dit, prec, int(blocks_to_swap), dev, home, compile)
     except ImportError as e:
