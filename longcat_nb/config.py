@@ -268,7 +268,8 @@ class SampleSettings:
     use_kv_cache: bool = setting(True, help="continuation: cache the conditioning tokens' k/v")
     enhance_hf: bool = setting(True, help="continuation (not distilled): 10 uniform steps below t=500")
     offload: str = setting("none", choices=OFFLOAD,
-                           help="none | model (DiT, VAE and text encoder on the GPU only while used)")
+                           help="none | model (DiT and VAE on the GPU only while used, the text encoder read from "
+                           "disk onto the GPU for each prompt and not kept in host RAM: for small cards and hosts)")
     precision: str = setting("auto", choices=PRECISIONS,
                              help="DiT base weights: auto (model.dit_dtype) | bf16 | fp16 | fp32 | int8 | int4 | fp8 | "
                              "fp8_rowwise | nf4")

@@ -117,3 +117,23 @@ def test_load_dit_block_by_block_gives_the_same_weights_and_quantizes_as_it_load
     index.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"dit.*missing \['blocks\.1\."):
         load_dit(broken, "cpu", each_block=lambda b: None)
+
+
+@pytest.mark.gpu
+def test_load_dit_block_by_block_onto_the_gpu(tiny_ckpt):
+    """The each_block path reads each tensor straight onto the GPU: same weights as from_pretrained's
+    device_map load, and an int8 base quantized there computes what load-then-quantize does."""
+    from longcat_nb.memory import apply_base_precision, quantize_block
+
+    ref = load_dit(tiny_ckpt, "cuda", "bfloat16")
+    got = load_dit(tiny_ckpt, "cuda", "bfloat16", each_block=lambda b: None)
+    a, b = ref.state_dict(), got.state_dict()
+    assert all(b[k].is_cuda and b[k].dtype == a[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    pytest.importorskip("optimum.quanto")
+    q = load_dit(tiny_ckpt, "cuda", "bfloat16", each_block=lambda blk: quantize_block(blk, "int8", "cuda"))
+    plain = apply_base_precision(load_dit(tiny_ckpt, "cpu", "bfloat16"), "int8", "cuda")
+    apply_base_precision(q, "int8", "cuda")
+    x, t = torch.randn(1, 16, 2, 4, 6, device="cuda", dtype=torch.bfloat16), torch.tensor([500.0], device="cuda")
+    y, m = torch.randn(1, 1, 512, 32, device="cuda", dtype=torch.bfloat16), torch.ones(1, 512, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(q(x, t, y, m), plain(x, t, y, m))
