@@ -197,8 +197,9 @@ def test_compile_traces_each_type_as_one_graph_per_block(kind, checkpointing):
         for attr in ("forward", "_cache_clear", "_longcat_traceable"):
             mod.__dict__.pop(attr, None)
     dora.dequantize_module_weight = ours_weight.__wrapped__
-    try:
-        assert torch.equal(ours, run_tiny(m))
+    try:  # LoKr's factored delta sums in another order (test_lokr_delta_factor_by_factor_is_peft_s)
+        theirs = run_tiny(m)
+        assert torch.equal(ours, theirs) if kind != "lokr" else torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     finally:
         dora.dequantize_module_weight = ours_weight
     assert marked and L.traceable.make_traceable(m) == len(marked)
@@ -215,3 +216,30 @@ def test_compile_traces_each_type_as_one_graph_per_block(kind, checkpointing):
     dynamo.reset()  # the tests before compiled this code object too: a fresh cache, not its recompile limit
     explained = dynamo.explain(forward)(*seen["a"], **seen["k"])
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:1]
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_lokr_delta_factor_by_factor_is_peft_s(decompose):
+    """LoKr's delta applied factor by factor (w1 · X · w2ᵀ, no [out, in] matrix) gives peft's
+    F.linear(x, kron(w1, w2)) and its gradients, with whole or low-rank factors."""
+    from peft import LoKrConfig, inject_adapter_in_model
+
+    from longcat_nb.lora.traceable import _factored, _lokr_delta
+
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(48, 96))
+    cfg = LoKrConfig(r=2 if decompose else 8, alpha=4, target_modules=["0"], decompose_both=decompose)
+    model = inject_adapter_in_model(cfg, lin)
+    layer = model[0]
+    params = [p for n, p in layer.named_parameters() if "lokr" in n]
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn_like(p))
+    assert _factored(layer.train(), "default") and (("default" in layer.lokr_w2_a) == decompose)
+    x = torch.randn(3, 5, 48, dtype=torch.float64)
+    layer.double()
+    ours, theirs = _lokr_delta(layer, "default", x), layer._get_delta_activations("default", x)
+    assert ours.shape == theirs.shape == (3, 5, 96) and torch.allclose(ours, theirs, rtol=1e-10, atol=1e-10)
+    g_ours = torch.autograd.grad(ours.square().sum(), params)
+    g_theirs = torch.autograd.grad(theirs.square().sum(), params)
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-9) for a, b in zip(g_ours, g_theirs))

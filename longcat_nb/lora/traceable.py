@@ -13,6 +13,10 @@ for those types while it compiled LoRA (docs/benchmarks.md has the step times). 
 gives the injected layers forwards that compute the same result without those lines, and only where
 they change nothing: module dropout 0 (the kit never sets another) and a plain ``nn.Parameter`` base
 weight. Other cases keep peft's own code.
+
+LoKr's delta is applied factor by factor (:func:`_lokr_delta`): peft builds the whole [out, in] ΔW
+from its Kronecker factors on every call and multiplies the input by it, in the adapter's fp32, which
+at 37,440 tokens is most of the step's extra cost over LoRA. Same sum, different rounding order.
 """
 from __future__ import annotations
 
@@ -31,8 +35,31 @@ def _lycoris_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x, *args, **kwargs)
     for name in active:
-        result = result + self._get_delta_activations(name, x, *args, **kwargs)
+        delta = _lokr_delta(self, name, x) if _factored(self, name) else None
+        result = result + (delta if delta is not None else self._get_delta_activations(name, x, *args, **kwargs))
     return result.to(x.dtype)
+
+
+def _factored(layer, name: str) -> bool:
+    """A LoKr adapter on a linear layer whose delta can be applied factor by factor (no rank dropout
+    while training, no CP-decomposed conv factor)."""
+    from peft.tuners.lokr.layer import LoKrLayer
+
+    return (isinstance(layer, LoKrLayer) and isinstance(layer.get_base_layer(), nn.Linear)
+            and name not in layer.lokr_t2 and not (layer.training and layer.rank_dropout[name]))
+
+
+def _lokr_delta(layer, name: str, x: torch.Tensor) -> torch.Tensor:
+    """x · kron(w1, w2)ᵀ · scale without building the [out, in] matrix: with x's last axis as a [b, d]
+    grid, kron(w1 [a, b], w2 [c, d]) · x is w1 · X · w2ᵀ, [a, c] flattened. The same sum as peft's
+    ``F.linear(x, ΔW)`` in the adapter's dtype, in (a + d) / (a·d) of its multiply-adds (32x fewer for a
+    4096 x 4096 layer split 64 x 64), and no full ΔW to hold for the backward."""
+    w1 = layer.lokr_w1[name] if name in layer.lokr_w1 else layer.lokr_w1_a[name] @ layer.lokr_w1_b[name]
+    w2 = layer.lokr_w2[name] if name in layer.lokr_w2 else layer.lokr_w2_a[name] @ layer.lokr_w2_b[name]
+    (a, b), (c, d) = w1.shape, w2.shape
+    grid = x.to(w1.dtype).reshape(*x.shape[:-1], b, d)
+    y = torch.matmul(w1, torch.matmul(grid, w2.t()))  # [..., a, c]
+    return y.reshape(*x.shape[:-1], a * c) * layer.scaling[name]
 
 
 def _clear_if_filled(self) -> None:
