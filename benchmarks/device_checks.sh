@@ -37,7 +37,7 @@ for s in ${STEPS//,/ }; do
         train_ratio) step train_ratio 240 python3 benchmarks/bench_official.py --cases train_dense --official blocks \
                  --ours defaults --repeat 2 --warmup 1 --out "$OUT/train_ratio.json" ;;
         sample_ratio) step sample_ratio 150 python3 benchmarks/bench_official.py --cases sample_dense \
-                 --official blocks --ours sample_defaults,blocks_cudnn --repeat 3 --out "$OUT/sample_ratio.json" ;;
+                 --official blocks --ours sample_defaults,blocks_cudnn,fp8_q8_blocks --repeat 3 --out "$OUT/sample_ratio.json" ;;
         dit_before_after)
             step dit_before 100 bash -c "cd .before && PYTHONPATH=/tmp/site:\$PWD python3 benchmarks/bench_dit.py \
                  --cases train_bf16 --repeat 2 --out $OUT/dit_before.json"

@@ -133,19 +133,19 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
     prec = base_precision(precision, model.dit_dtype)
     dev = pick_device(model.device)
     dtypes = {"dit": model.dit_dtype, "vae": model.vae_dtype, "text_encoder": model.text_encoder_dtype}
-    home, parts = dev, list(PARTS)
+    home, parts, on_demand = dev, list(PARTS), None
     if offload == "model":  # the text encoder is read from disk onto the GPU for each encoding, then freed
         dtypes = {k: pick_dtype(v, dev) for k, v in dtypes.items()}
-        home, parts = torch.device("cpu"), [p for p in PARTS if p != "text_encoder"]
+        home, parts, on_demand = torch.device("cpu"), [p for p in PARTS if p != "text_encoder"], dtypes["text_encoder"]
     if prec not in QUANTIZED and not blocks_to_swap:  # the plain path: the DiT loads where it runs
         if precision != "auto":
             dtypes["dit"] = compute_dtype(prec, dev)
         comps = load_components(model.checkpoint, parts, device=str(home), dtypes=dtypes, attention=model.attention)
         comps.memory = prepare_for_sampling(comps.dit, prec, 0, dev, home, compile, placed=True)
-        comps.text_encoder_on_demand = dtypes["text_encoder"] if offload == "model" else None
+        comps.text_encoder_on_demand = on_demand
         return comps
     comps = load_components(model.checkpoint, parts=[p for p in parts if p != "dit"], device=str(home), dtypes=dtypes)
-    comps.text_encoder_on_demand = dtypes["text_encoder"] if offload == "model" else None
+    comps.text_encoder_on_demand = on_demand
     if prec in QUANTIZED and dev.type == "cuda" and not blocks_to_swap:  # quantized as it loads onto the GPU
         comps.dit = load_dit(model.checkpoint, dev, compute_dtype(prec, dev), model.attention,
                              each_block=lambda block: quantize_block(block, prec, dev, backward=False))
