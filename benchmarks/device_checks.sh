@@ -35,7 +35,7 @@ for s in ${STEPS//,/ }; do
         gpu_tests) step gpu_tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short --show-capture=no \
                  -rf tests/test_bsa.py tests/test_quant_attention.py tests/test_qk_rope.py tests/test_gpu_train.py tests/test_model_files.py ;;
         train_ratio) step train_ratio 240 python3 benchmarks/bench_official.py --cases train_dense --official blocks \
-                 --ours defaults --repeat 2 --warmup 1 --out "$OUT/train_ratio.json" ;;
+                 --ours defaults,fp8_blocks_selective --repeat 2 --warmup 1 --out "$OUT/train_ratio.json" ;;
         sample_ratio) step sample_ratio 150 python3 benchmarks/bench_official.py --cases sample_dense \
                  --official blocks --ours sample_defaults,blocks_cudnn,fp8_q8_blocks --repeat 3 --out "$OUT/sample_ratio.json" ;;
         dit_before_after)
