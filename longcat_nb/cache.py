@@ -376,6 +376,7 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
     """
     from .cache_encode import _encode_clips, _encode_texts
     from .cache_manifest import ManifestWriter
+    from .envinfo import configure_allocator
     from .model_files import pick_device, resolve_checkpoint
     from .data.scan import require_samples
 
@@ -388,6 +389,7 @@ def build_cache(run_dir, progress: Optional[Callable] = None, log: Callable[[str
     drop_orphans = cs.remove_orphans if remove_orphans is None else remove_orphans
     folder = resolve_checkpoint(cfg.model.checkpoint)
     dev = pick_device(device or cfg.model.device)
+    configure_allocator()
     cache_dir = run_dir / "cache"
     for sub in ("latents", "text"):
         (cache_dir / sub).mkdir(parents=True, exist_ok=True)

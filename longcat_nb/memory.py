@@ -118,10 +118,7 @@ def apply_base_precision(model: nn.Module, precision: str, device: torch.device 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
     # Quantized weights (quanto, torchao) are tensor subclasses: count their packed inner tensors.
-    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
+    return sum(leaf.numel() * leaf.element_size() for leaf in _leaves(t))
 
 
 def quantized_bytes(model: nn.Module) -> int:
@@ -266,11 +263,16 @@ class BlockSwap:
 
     @staticmethod
     def _frozen(block: nn.Module):
+        """The frozen tensors to move: plain ones as they are; of a quantized tensor subclass (optimum-quanto
+        int8/int4, torchao fp8), its inner plain tensors, whose storage can be swapped in place (assigning
+        ``.data`` of the subclass itself leaves its GPU copy where it is)."""
         seen = set()
         for t in list(block.parameters()) + list(block.buffers()):
-            if not t.requires_grad and id(t) not in seen:
-                seen.add(id(t))
-                yield t
+            if not t.requires_grad:
+                for leaf in _leaves(t):
+                    if id(leaf) not in seen:
+                        seen.add(id(leaf))
+                        yield leaf
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         host = t.data.detach().to("cpu")
@@ -361,7 +363,7 @@ class BlockSwap:
                 continue
             managed = {id(t) for t, _ in self.cpu[i]}
             for t in list(block.parameters()) + list(block.buffers()):
-                if id(t) not in managed:
+                if not any(id(leaf) in managed for leaf in _leaves(t)):
                     t.data = t.data.to(device)
         for child in self.model.children():
             if child is not self.model.blocks:
@@ -385,13 +387,23 @@ class BlockSwap:
         self.cpu.clear()
 
 
+def _is_subclass(t: torch.Tensor) -> bool:
+    return type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__")
+
+
+def _leaves(t: torch.Tensor):
+    """``t`` itself, or for a tensor subclass (quantized weights) its inner plain tensors, recursively."""
+    if _is_subclass(t):
+        for name in t.__tensor_flatten__()[0]:
+            yield from _leaves(getattr(t, name))
+    else:
+        yield t
+
+
 def _record_stream(t: torch.Tensor, stream) -> None:
     """record_stream on a tensor or, for quantized tensor subclasses, on their inner tensors."""
-    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-        for name in t.__tensor_flatten__()[0]:
-            _record_stream(getattr(t, name), stream)
-    else:
-        t.record_stream(stream)
+    for leaf in _leaves(t):
+        leaf.record_stream(stream)
 
 
 def apply_block_swap(model: nn.Module, blocks_to_swap: int, device) -> Optional[BlockSwap]:

@@ -22,6 +22,7 @@ from . import lora as lora_lib
 from .config import TrainSettings, load_config
 from .ema import checkpoint_files, make_ema, maybe_applied
 from .loggers import RunLoggers
+from .envinfo import configure_allocator
 from .prompts_file import with_prompts_file
 from .validation_set import with_eval_prompts
 from .flow import flow_matching_loss, train_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
@@ -186,10 +187,12 @@ def _suggest_for_oom(s: TrainSettings, checkpointing: str) -> str:
         return "set keep_attention='off' (recompute attention in the backward)"
     if not s.gradient_checkpointing:
         return "turn on gradient_checkpointing"
+    if not s.activation_offload:
+        return "set activation_offload=True (the block inputs wait in host memory)"
     if s.base_precision in ("bf16", "auto", "fp16", "fp32"):
         return "use base_precision='int8' (or 'fp8' on Hopper/Ada GPUs)"
-    if s.blocks_to_swap < 24:
-        return f"raise blocks_to_swap to {max(8, s.blocks_to_swap * 2)}"
+    if s.blocks_to_swap < 44 and s.base_precision != "nf4":
+        return f"raise blocks_to_swap to {min(44, max(8, s.blocks_to_swap * 2))}"
     return "lower the resolution or the number of frames"
 
 
@@ -242,6 +245,7 @@ def train(run_dir: str | os.PathLike, components=None, on_step: Optional[Callabl
     # before anything is loaded: a mismatch or a busy run is one line. Under torchrun every rank checks
     # before init()'s rendezvous, so none can see the lock rank 0 takes after it
     check_resume(run_dir, cfg.train)
+    configure_allocator(log)
     dist = distributed.init(cfg.model.device)
     if not dist.is_main:
         log = _quiet
@@ -306,7 +310,9 @@ def _model(cfg, dist, device, components, log):
     single = device.type == "cuda" and not s.blocks_to_swap and not dist.enabled
     if components is not None and components.dit is not None:
         dit = components.dit
-    elif single and s.base_precision in QUANTIZED:  # quantized block by block as it loads onto the GPU
+    elif device.type == "cuda" and not dist.enabled and s.base_precision in QUANTIZED:
+        # quantized block by block as it loads onto the GPU; with block swap, prepare_for_training then moves
+        # the swapped blocks' quantized weights to pinned host memory (the bf16 model never passes through it)
         dit = load_dit(cfg.model.checkpoint, device, dtype,
                        each_block=lambda block: quantize_block(block, s.base_precision, device))
     else:  # straight onto the GPU where it stays whole (host RAM holds one shard at a time); else the CPU,
@@ -401,7 +407,8 @@ def _loop(run: _Run, on_step, on_validation) -> None:
         _save_interrupted(run)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory(
-            f"out of GPU memory at step {run.step + 1}: {_suggest_for_oom(run.s, run.prep.checkpointing)}. "
+            f"out of GPU memory at step {run.step + 1} ({_memory_now(run.device)}): "
+            f"{_suggest_for_oom(run.s, run.prep.checkpointing)}. "
             f"The last training checkpoint ({latest_checkpoint(run.ckpt_dir)}) is kept; re-run to resume."
         ) from e
     finally:
@@ -409,6 +416,15 @@ def _loop(run: _Run, on_step, on_validation) -> None:
             run.loggers.close()
         if run.prep.swap is not None:
             run.prep.swap.remove()
+
+
+def _memory_now(device) -> str:
+    """Peak allocated and reserved GPU memory so far, for an out-of-memory message."""
+    gib = 2**30
+    if torch.device(device).type != "cuda":
+        return "not on a CUDA device"
+    return (f"peak {torch.cuda.max_memory_allocated(device) / gib:.1f} GiB allocated, "
+            f"{torch.cuda.max_memory_reserved(device) / gib:.1f} GiB reserved")
 
 
 def _train_step(run: _Run) -> dict:

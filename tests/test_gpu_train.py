@@ -49,6 +49,18 @@ def test_compiled_training_matches_eager_and_resumes(cached, tmp_path, precision
     assert meta["compile"] == "on" and meta["base_precision"] == precision  # True is stored as "on"
 
 
+def test_int8_base_with_block_swap_trains_as_without(cached, tmp_path):
+    """The small cards' setting: an int8 base (quantized block by block as it loads onto the GPU) with
+    swapped blocks and offloaded activations, compiled, trains the same steps as the int8 base kept whole."""
+    pytest.importorskip("optimum.quanto")
+    kw = dict(base_precision="int8", compile="on", activation_offload=True)
+    whole = T.train(_run(cached, tmp_path / "whole", **kw), log=lambda *a: None).losses
+    swapped = T.train(_run(cached, tmp_path / "swapped", blocks_to_swap=1, **kw), log=lambda *a: None).losses
+    assert len(swapped) == 6 and all(math.isfinite(x) for x in swapped)
+    for a, b in zip(whole, swapped):
+        assert abs(a - b) <= 1e-3 * abs(a) + 1e-5, (whole, swapped)
+
+
 @pytest.mark.parametrize("attention,precision", [("sdpa", "auto"), ("quant8", "fp8_rowwise")])
 def test_compiled_sampling_matches_eager(tiny_ckpt, attention, precision):
     from longcat_nb.config import ModelSettings

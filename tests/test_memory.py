@@ -66,6 +66,42 @@ def test_block_swap_same_outputs_and_gradients():
     assert torch.allclose(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("precision,module", [("int8", "optimum.quanto"), ("int4", "optimum.quanto"),
+                                              ("fp8", "torchao"), ("fp8_rowwise", "torch")])
+def test_block_swap_moves_quantized_weights_and_keeps_the_math(precision, module):
+    """A quantized base swaps too: the inner tensors of quanto's subclasses are what moves (assigning .data
+    of the subclass itself left its copy in place), and the outputs and gradients do not change."""
+    if not _has(module):
+        pytest.skip(f"{module} not installed")
+    from longcat_nb.memory import BlockSwap, _leaves
+
+    x, y, mask = inputs()
+    t = torch.tensor([[0.0, 900, 900, 900], [0.0, 100, 100, 100]])
+    results = []
+    for swap in (0, 2):
+        m = apply_base_precision(tiny_model(), precision, "cpu").requires_grad_(False)  # frozen, as under a LoRA
+        extra = torch.nn.Parameter(torch.zeros(16, 1, 1, 1))
+        m.enable_gradient_checkpointing()
+        m.train()
+        sw = apply_block_swap(m, swap, "cpu")
+        if sw is not None:
+            for i in sw.swapped:
+                moved = sw.cpu[i]
+                assert moved and all(type(leaf) in (torch.Tensor, torch.nn.Parameter) for leaf, _ in moved)
+                # every byte of the block's frozen weights is in the host copies the swap holds
+                frozen = [p for p in list(m.blocks[i].parameters()) + list(m.blocks[i].buffers()) if not p.requires_grad]
+                assert {id(leaf) for p in frozen for leaf in _leaves(p)} == {id(leaf) for leaf, _ in moved}
+                assert all(leaf.data_ptr() == host.data_ptr() for leaf, host in moved)
+            assert isinstance(sw, BlockSwap)
+        out = m(x + extra, t, y, mask, num_cond_latents=1)
+        out.square().mean().backward()
+        results.append((out.detach(), extra.grad.clone()))
+        if sw is not None:
+            sw.remove()
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1], results[1][1])
+
+
 def test_activation_offload_same_gradients_as_checkpointing():
     from longcat_nb.memory import apply_activation_offload
 
@@ -213,3 +249,62 @@ def test_fp8_rowwise_base_trains_a_lora():
             p.data.normal_(0, 0.02)  # lora_B starts at zero; give the chain a gradient everywhere
     m(x, t, y, mask).square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in params)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "fp8_rowwise"])
+def test_block_swap_frees_quantized_weights_on_the_gpu(precision):
+    """On CUDA the swapped blocks' quantized weights leave the GPU (measured by the allocator), and the
+    output stays what it was."""
+    if precision == "int8" and not _has("optimum.quanto"):
+        pytest.skip("optimum-quanto not installed")
+    if precision == "fp8_rowwise" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9+")
+    import gc
+
+    x, y, mask = (v.cuda() for v in inputs())
+    t = torch.tensor([500.0, 500.0], device="cuda")
+    m = apply_base_precision(tiny_model(), precision, "cuda").requires_grad_(False)
+    with torch.no_grad():
+        ref = m(x, t, y, mask)
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    sw = apply_block_swap(m, 2, "cuda")
+    gc.collect()
+    torch.cuda.synchronize()
+    freed = before - torch.cuda.memory_allocated()
+    moved = sum(quantized_bytes(m.blocks[i]) for i in sw.swapped)
+    assert freed >= 0.9 * moved > 0, (freed, moved)
+    with torch.no_grad():
+        out = m(x, t, y, mask)
+    sw.remove()
+    assert torch.equal(out, ref)
+
+
+def test_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):
+    from longcat_nb import envinfo
+
+    calls = []
+    monkeypatch.setattr(envinfo.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(envinfo.torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.delattr(envinfo.configure_allocator, "done", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert envinfo.configure_allocator() is False and calls == []  # the user's own setting stays
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert envinfo.configure_allocator() is True and calls == ["expandable_segments:True"]
+    assert envinfo.configure_allocator() is False and len(calls) == 1  # once a process
+    monkeypatch.delattr(envinfo.configure_allocator, "done")
+
+
+@pytest.mark.gpu
+def test_allocator_settings_take_effect_on_cuda(monkeypatch):
+    from longcat_nb import envinfo
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delattr(envinfo.configure_allocator, "done", raising=False)
+    torch.zeros(1, device="cuda")  # CUDA already started, as in a notebook
+    assert envinfo.configure_allocator()
+    x = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # a new segment, made after the setting
+    x.fill_(1)
+    assert any(seg.get("is_expandable") for seg in torch.cuda.memory_snapshot())

@@ -253,3 +253,21 @@ def test_half_deleted_checkpoint_folders_are_removed_at_the_next_start(cached, t
     res, lines = _logged(run)
     assert res.steps == 2 and _steps(run) == ["step-0000001", "step-0000002"]
     assert any("step-0000000" in l and ".step-0000002.tmp" in l and "removed" in l for l in lines), lines
+
+
+def test_out_of_memory_advice_walks_the_memory_options_in_order():
+    from dataclasses import replace
+
+    from longcat_nb.config import TrainSettings
+    from longcat_nb.train import _memory_now, _suggest_for_oom
+
+    s = TrainSettings()
+    assert "keep_attention='off'" in _suggest_for_oom(s, "selective")
+    assert "activation_offload=True" in _suggest_for_oom(s, "full")
+    s = replace(s, activation_offload=True)
+    assert "base_precision='int8'" in _suggest_for_oom(s, "offload")
+    s = replace(s, base_precision="int8")
+    assert "blocks_to_swap to 8" in _suggest_for_oom(s, "offload")
+    assert "blocks_to_swap to 44" in _suggest_for_oom(replace(s, blocks_to_swap=36), "offload")
+    assert "resolution" in _suggest_for_oom(replace(s, blocks_to_swap=44), "offload")
+    assert _memory_now("cpu") == "not on a CUDA device"

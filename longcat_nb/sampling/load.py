@@ -121,6 +121,7 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
     to pinned CPU memory. LoRAs (yours, cfg_step_lora, refinement_lora) are applied per call on
     top of the quantized weights and stream in with their swapped block. ``compile`` (auto | on |
     off, speed.compile_wanted) compiles each DiT block on CUDA: the first call compiles."""
+    from ..envinfo import configure_allocator
     from ..model_files import PARTS, load_components, load_dit, pick_device, pick_dtype
     from ..memory import QUANTIZED, compute_dtype, quantize_block
     from ..prepare import prepare_for_sampling
@@ -132,6 +133,7 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
                           "bf16 sampling in 24 GiB)")
     prec = base_precision(precision, model.dit_dtype)
     dev = pick_device(model.device)
+    configure_allocator()
     dtypes = {"dit": model.dit_dtype, "vae": model.vae_dtype, "text_encoder": model.text_encoder_dtype}
     home, parts, on_demand = dev, list(PARTS), None
     if offload == "model":  # the text encoder is read from disk onto the GPU for each encoding, then freed
