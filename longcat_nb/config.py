@@ -215,7 +215,8 @@ class TrainSettings:
     validation_distilled: bool = setting(False, help=(
         "sample validation clips with the checkpoint's distill LoRA (lora/cfg_step_lora.safetensors) stacked under "
         "the LoRA being trained: 16 steps without guidance, 5x fewer DiT passes than 40 CFG steps (validation_steps "
-        "and validation_guidance are then not used); the clips show the LoRA through the distilled model"))
+        "and validation_guidance are then not used); a 480x832x93 clip took 87 s against 40 CFG steps' 287 s on an "
+        "H100, at the same GPU peak. The clips show the LoRA through the distilled model"))
     eval_every: int = setting(0, ge=0, help=(
         "every N steps, the loss on the eval samples (dataset entries with role eval, or eval_fraction / "
         "eval_files) at fixed sigmas and fixed noise, so two runs' curves compare; 0 = never"))

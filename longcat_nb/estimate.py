@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from .planner import (PlanSettings, clips_per_batch, recommend, report, sampling_plan_settings, tokens,
-                      training_plan_settings, use_selective)
+from .planner import (NOT_COMPILED, SMALL_CARD_GIB, SMALL_CARD_HOST_GIB, PlanSettings, clips_per_batch, recommend,
+                      report, sampling_plan_settings, tokens, training_plan_settings, use_selective)
 
 CPU = "cpu/tiny"
 PRESETS = {"16 GiB": 16.0, "24 GiB": 24.0, "48 GiB": 48.0, "80 GiB": 80.0, CPU: None}
@@ -33,9 +33,18 @@ EAGER = 9.35 / 6.93  # blocks not compiled (CFG step, same GPU, docs/benchmarks.
 RECOMPUTE_ATTENTION = 1.15  # full checkpointing recomputes each attention forward (+48 x 39.5 ms)
 NO_CHECKPOINTING = 0.8  # no recompute of the block forward at all
 SWAP_OR_OFFLOAD = 1.03  # the copies overlap with compute: under 3% (docs/benchmarks.md)
-PRECISION_SPEED = {"fp8_rowwise": 10.7 / 12.3, "int8": 1.02, "int4": 1.02, "fp8": 1.0, "nf4": 1.02}
+# a base precision's step against bf16's with the same settings. int8 (optimum-quanto), compiled, activation
+# offload: 15.14 s (H100, run 25) against bf16's 14.6 (12.3 x RECOMPUTE_ATTENTION x SWAP_OR_OFFLOAD).
+# int4 (quanto's TinyGemm): 79.57 s against int8's 19.50, both eager with activation offload (run 25), and it
+# does not compile (planner.NOT_COMPILED): 4.1x an eager step.
+PRECISION_SPEED = {"fp8_rowwise": 10.7 / 12.3, "int8": 1.04, "int4": 79.57 / 19.50, "fp8": 1.0, "nf4": 1.02}
 TRAIN_COMPILE_S = 40.0  # the first compiled training step
 SAMPLE_COMPILE_S = 15.0
+# One validation clip at 480x832x93 beside its denoising steps: the prompt, the VAE decode of 93 frames,
+# the mp4, the first no-grad compile. H100, run 25 (bench_validation, the first clip of each kind):
+# 40 CFG steps 286.75 s = 40 x 6.0 + 47; distilled (16 steps, no CFG) 86.86 s = 16 x 3.0 + 39.
+VALIDATION_CLIP_S = 43.0
+DISTILLED_STEPS = 16  # validate.py's steps with the checkpoint's cfg_step_lora
 
 
 def preset_for_gpu(gpu_gib: Optional[float]) -> str:
@@ -63,14 +72,18 @@ def train_step_seconds(s: PlanSettings) -> float:
         t *= NO_CHECKPOINTING
     elif not s.selective:
         t *= RECOMPUTE_ATTENTION
-    t *= 1.0 if s.compile else EAGER
+    t *= 1.0 if _compiles(s) else EAGER
     t *= SWAP_OR_OFFLOAD if (s.blocks_to_swap or s.activation_offload) else 1.0
     return t * PRECISION_SPEED.get(s.precision, 1.0)
 
 
+def _compiles(s: PlanSettings) -> bool:
+    return s.compile and s.precision not in NOT_COMPILED
+
+
 def sample_step_seconds(s: PlanSettings) -> float:
     t = _scaled(SAMPLE_STEP_S, SAMPLE_ATTENTION, s, 1) * (1.0 if s.cfg else 0.5)
-    t *= (1.0 if s.compile else EAGER) * (SWAP_OR_OFFLOAD if s.blocks_to_swap else 1.0)
+    t *= (1.0 if _compiles(s) else EAGER) * (SWAP_OR_OFFLOAD if s.blocks_to_swap else 1.0)
     return t * PRECISION_SPEED.get(s.precision, 1.0)
 
 
@@ -136,12 +149,17 @@ def training_estimate(train, dataset, card: str) -> Estimate:
 
 
 def validation_seconds(train) -> float:
-    """One validation round: each prompt sampled at the validation size (CFG when guidance > 1)."""
+    """One validation round: each prompt sampled at the validation size (CFG when guidance > 1; with
+    validation_distilled, 16 steps without CFG), plus each clip's decode and write."""
     if not train.validation_prompts:
         return 0.0
+    distilled = bool(getattr(train, "validation_distilled", False))
     s = sampling_plan_settings(train.validation_height, train.validation_width, train.validation_frames,
-                               guided=train.validation_guidance > 1, compile=train.compile != "off")
-    return len(train.validation_prompts) * train.validation_steps * sample_step_seconds(s)
+                               guided=not distilled and train.validation_guidance > 1,
+                               compile=train.compile != "off")
+    steps = DISTILLED_STEPS if distilled else train.validation_steps
+    clip = VALIDATION_CLIP_S * tokens(s) / REF_TOKENS  # the VAE decode and the mp4 scale with the pixels
+    return len(train.validation_prompts) * (steps * sample_step_seconds(s) + clip)
 
 
 def sampling_estimate(values: dict, card: str, uploaded_image=None) -> Estimate:
@@ -169,13 +187,15 @@ def training_preset(card: str, train, dataset) -> tuple[dict, str]:
                 "cpu/tiny: fixed values (fp32 on CPU, nothing compiled, swapped or offloaded)")
     plain = replace(train, base_precision="bf16", gradient_checkpointing=True, activation_offload=False,
                     blocks_to_swap=0)
-    found = recommend(training_plan_settings(plain, dataset, compile=True), gpu)
-    # nothing fits: the planner's most frugal bf16 setting (quantized weights are not swapped out yet)
-    changes = found[0] if found else {"blocks_to_swap": 44, "activation_offload": True}
+    host = SMALL_CARD_HOST_GIB if gpu < SMALL_CARD_GIB else None
+    found = recommend(training_plan_settings(plain, dataset, compile=True), gpu, host_gib=host)
+    # nothing fits: the planner's most frugal setting
+    changes = found[0] if found else {"precision": "int8", "blocks_to_swap": 44, "activation_offload": True}
     values = dict(base_precision=changes.get("precision", "auto"), gradient_checkpointing=True, keep_attention="auto",
                   activation_offload=changes.get("activation_offload", False),
                   blocks_to_swap=changes.get("blocks_to_swap", 0), compile="auto")
     note = (f"{card}: precision, block swap and activation offload from the planner"
+            + (f" (host RAM within {host:.0f} GiB)" if host else "")
             + ("" if found else " (nothing fits at this size: the most frugal settings; lower the frames)")
             + "; fixed: compile auto, keep_attention auto (kept when it fits), gradient checkpointing on")
     return values, note

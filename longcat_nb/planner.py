@@ -34,7 +34,10 @@ WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8": 1.0, "fp8": 1.0, 
 
 # Calibration (H100, torch 2.11, cuDNN attention), in units of one [N, 4096] bf16 tensor:
 K_TRAIN_BLOCK = 50.0  # one block's recompute + backward working set (measured 14.4 GiB at N=37,440)
-K_TRAIN_BLOCK_COMPILED = 42.0  # with the fp32 glue compiled (51.6 vs 53.9 GiB)
+# with whole blocks compiled (speed.apply_compile's "blocks", the default): 9.48 GiB at N=37,440, an int8
+# base with activation offload (24.28 GiB peak, 13.58 resident, 1.22 LoRA + AdamW; H100, run 25). The fp32
+# glue alone compiled gave 42 (51.6 vs 53.9 GiB, run 5).
+K_TRAIN_BLOCK_COMPILED = 33.2
 K_SAMPLE = 15.4  # inference working set per token row (8.8 GiB for CFG batch 2 at N=37,440)
 K_SAMPLE_COMPILED = 9.2  # with compiled blocks (H200, docs/benchmarks.md: 30.6 GiB bf16, 18.9 GiB fp8_rowwise)
 OPTIMIZER_BYTES = {"adamw": 16.0, "adamw8bit": 10.0, "prodigy": 24.0}  # per LoRA param: w, g, states
@@ -43,7 +46,15 @@ CONTEXT_GIB = 0.0  # max_memory_allocated excludes the CUDA context; keep predic
 # 6.11 GiB measured at full size. Sampling, beside the text encoder it keeps there: 13.0 GiB, 10.6 of it UMT5.
 HOST_BASE_GIB = 6.0
 HOST_BASE_SAMPLE_GIB = 2.5
+# The host RAM a 16 or 24 GiB card's machine is planned for (the card presets, the e2e card runs): 32 GiB
+# machines are common there, and a machine with more still gets settings that run well.
+SMALL_CARD_HOST_GIB = 32.0
+SMALL_CARD_GIB = 40.0  # cards below this are planned within SMALL_CARD_HOST_GIB of host RAM
 SWAP_STEPS = tuple(range(4, DEPTH, 4))  # the block-swap counts suggest() tries, fewest first
+NOT_SWAPPED = ("nf4",)  # bitsandbytes keeps the quantization state on the GPU: block swap leaves it
+# optimum-quanto's int4 (TinyGemm packing on CUDA) fails inside Inductor (H100, torch 2.11, quanto 0.2.7:
+# BackendCompilerFailed, no attribute '_scale'), so its blocks run eagerly (speed.compile_wanted says so)
+NOT_COMPILED = ("int4",)
 
 
 @dataclass
@@ -126,8 +137,10 @@ def plan(s: PlanSettings) -> Plan:
     n = max(tokens(s) * s.batch_size, s.batch_tokens)  # the largest batch a bucket gets
     unit = n * C * 2  # one [N, C] bf16 tensor
     swap = max(0, min(s.blocks_to_swap, DEPTH))
-    # Quantized tensor subclasses are not moved off the GPU by block swap yet (measured).
-    swap_effective = swap if s.precision in ("bf16", "fp16", "fp32") else 0
+    # Block swap moves plain weights and the inner tensors of quanto's and torchao's quantized ones;
+    # bitsandbytes' nf4 keeps its quantization state on the GPU, so its blocks stay.
+    swap_effective = swap if s.precision not in NOT_SWAPPED else 0
+    compiled = s.compile and s.precision not in NOT_COMPILED
     blk = block_bytes(s.precision, train=s.mode == "train")
     parts = {
         "weights_resident": (DEPTH - swap_effective) * blk + TOP_PARAMS * 2.0,
@@ -135,24 +148,25 @@ def plan(s: PlanSettings) -> Plan:
     }
     if s.mode == "sample":
         rows = n * (2 if s.cfg else 1)
-        parts["activations"] = (K_SAMPLE_COMPILED if s.compile else K_SAMPLE) * rows * C * 2
+        parts["activations"] = (K_SAMPLE_COMPILED if compiled else K_SAMPLE) * rows * C * 2
     else:
         p = lora_params(s.rank, s.targets, s.adapter)
         parts["lora_and_optimizer"] = p * OPTIMIZER_BYTES.get(s.optimizer, 16.0)
         if s.gradient_checkpointing or s.activation_offload:
             parts["saved_block_inputs"] = 0.0 if s.activation_offload else DEPTH * unit
-            parts["block_working_set"] = (K_TRAIN_BLOCK_COMPILED if s.compile else K_TRAIN_BLOCK) * unit
+            parts["block_working_set"] = (K_TRAIN_BLOCK_COMPILED if compiled else K_TRAIN_BLOCK) * unit
             if s.selective and not s.activation_offload:
                 parts["saved_attention"] = DEPTH * unit  # one [N, 4096] output (+ its lse) per block
         else:
             parts["all_activations"] = DEPTH * K_TRAIN_BLOCK * unit
     peak = sum(parts.values()) / GIB + CONTEXT_GIB
-    # Host RAM has two phases and its peak is the larger one, not their sum. Loading: where the model is
-    # swapped, the bf16 weights pass through host memory and the pinned copy of the swapped blocks
-    # replaces it block by block (a whole bf16 DiT goes straight to the GPU a shard at a time, a quantized
-    # one a block at a time, quantized as it loads: model_files.load_dit's each_block).
+    # Host RAM has two phases and its peak is the larger one, not their sum. Loading: where a bf16 model is
+    # swapped, its weights pass through host memory and the pinned copy of the swapped blocks replaces it
+    # block by block (a whole bf16 DiT goes straight to the GPU a shard at a time; a quantized one a block
+    # at a time, quantized as it loads, model_files.load_dit's each_block, swapped or not, in training).
     # Running: the swapped blocks' pinned weights, plus the offloaded block inputs while training.
-    loading = DEPTH * block_bytes("bf16") if swap else 0.0
+    quantized_load = s.precision in QUANTIZED and s.mode == "train"
+    loading = DEPTH * block_bytes("bf16") if swap and not quantized_load else 0.0
     running = swap_effective * blk
     running += DEPTH * unit if s.activation_offload and s.mode == "train" else 0.0
     base = HOST_BASE_SAMPLE_GIB if s.mode == "sample" else HOST_BASE_GIB
@@ -201,7 +215,10 @@ def sampling_plan_settings(height: int, width: int, num_frames: int, *, guided: 
                         compile=compile)
 
 
-# Options in the order of their cost in step time (measured: swap/offload < 3%, quantization ~0-2%).
+# Options in the order of their cost in step time (H100, full-size, docs/benchmarks.md: swap and
+# activation offload < 3%; an int8 base compiled with activation offload 15.1 s a step, about 1.04x bf16's).
+# int4 is not among them: optimum-quanto's int4 trains at 79.6 s a step against int8's 19.5 (both eager,
+# activation offload, run 25) and does not compile; a user may still choose it.
 def _candidates(s: PlanSettings):
     """(changes, settings) from the cheapest change to the dearest."""
     if s.mode == "sample":
@@ -212,8 +229,12 @@ def _candidates(s: PlanSettings):
     for n in SWAP_STEPS:  # the fewest swapped blocks that fit: the least pinned host memory, the least traffic
         if n > s.blocks_to_swap:
             yield {"blocks_to_swap": n, "activation_offload": True}
-    for p in ("fp8", "int8", "int4"):
-        yield {"precision": p, "activation_offload": True}
+    # a quantized base: half the weights to keep or to stream (int8 runs on every CUDA GPU; torchao's
+    # fp8 needs compute capability 8.9+)
+    yield {"precision": "int8", "activation_offload": True}
+    for n in SWAP_STEPS:
+        yield {"precision": "int8", "blocks_to_swap": n, "activation_offload": True}
+    yield {"precision": "fp8", "activation_offload": True}
 
 
 def _label(changes: dict) -> str:
@@ -231,11 +252,18 @@ def suggest(s: PlanSettings, budget_gib: float) -> Optional[tuple[str, Plan]]:
     return None
 
 
+def usable_gib(gpu_gib: float) -> float:
+    """What a predicted peak (allocated memory) may reach on a GPU of ``gpu_gib``: the CUDA context takes
+    about 0.5 GiB, and the caching allocator reserves about 5% more than it hands out (expandable
+    segments, envinfo.configure_allocator; H100, run 25: 25.84 reserved for 24.28 allocated)."""
+    return 0.95 * gpu_gib - 0.5
+
+
 def recommend(s: PlanSettings, gpu_gib: float, host_gib: Optional[float] = None) -> Optional[tuple[dict, Plan]]:
     """The settings to change for a GPU of ``gpu_gib`` (``{}`` when ``s`` fits as it is) and their
     plan, the cheapest in step time first; None when nothing fits. ``host_gib``: also keep the
     predicted host RAM within it."""
-    usable = gpu_gib - 1.0  # CUDA context and allocator slack, as report()
+    usable = usable_gib(gpu_gib)
     # the clip length last: every memory option at full length before fewer frames (4k + 1, down to 29)
     for frames in [s.num_frames] + list(range((s.num_frames - 1) // 16 * 16 + 13 - 16, 28, -16)):
         here = replace(s, num_frames=frames)
@@ -252,7 +280,7 @@ def use_selective(s: PlanSettings, gpu_gib: Optional[float]) -> bool:
     per block."""
     if s.mode != "train" or not gpu_gib or s.activation_offload or s.blocks_to_swap or not s.gradient_checkpointing:
         return False
-    return plan(replace(s, selective=True)).peak_gib <= gpu_gib - 1.0
+    return plan(replace(s, selective=True)).peak_gib <= usable_gib(gpu_gib)
 
 
 def report(s: PlanSettings, gpu_gib: Optional[float]) -> dict:
@@ -261,7 +289,7 @@ def report(s: PlanSettings, gpu_gib: Optional[float]) -> dict:
     out = {"settings": asdict(s), "peak_gib": round(p.peak_gib, 1), "host_ram_gib": round(p.host_ram_gib, 1),
            "parts_gib": p.parts, "fits": None, "advice": ""}
     if gpu_gib:
-        usable = gpu_gib - 1.0  # CUDA context and allocator slack
+        usable = usable_gib(gpu_gib)
         out["fits"] = p.peak_gib <= usable
         if not out["fits"]:
             sug = suggest(s, usable)

@@ -72,10 +72,17 @@ def apply_swap(model: nn.Module, blocks_to_swap: int, device, home) -> Optional[
     return swap
 
 
-def apply_compile_choice(model: nn.Module, compile, device, log) -> bool:
-    """Compile each block where ``compile`` (auto | on | off) and the device allow; True when compiled."""
-    from .speed import apply_compile, compile_wanted
+def apply_compile_choice(model: nn.Module, compile, device, log, precision: str = "bf16") -> bool:
+    """Compile each block where ``compile`` (auto | on | off), the device and the base ``precision`` allow;
+    True when compiled."""
+    from .planner import NOT_COMPILED
+    from .speed import apply_compile, compile_choice, compile_wanted
 
+    if precision in NOT_COMPILED and compile_choice(compile) != "off":
+        if torch.device(device).type == "cuda":
+            log(f"compile={compile_choice(compile)}: running eagerly (an {precision} base does not compile: "
+                "optimum-quanto's int4 fails inside Inductor; int8 compiles)")
+        return False
     if not compile_wanted(compile, device, log):
         return False
     apply_compile(model, scope="blocks")
@@ -111,7 +118,7 @@ def prepare_for_training(model: nn.Module, s, device, dist, attention, checkpoin
         distributed.sync_lora(params, dist)
     swap = apply_swap(model, s.blocks_to_swap if swapping else 0, device,                      # 6
                       device if swapping and base_device == "cpu" else None)
-    compiled = apply_compile_choice(model, s.compile, device, log)                             # 7
+    compiled = apply_compile_choice(model, s.compile, device, log, s.base_precision)            # 7
     log(f"checkpointing: {checkpointing}; compiled blocks: {compiled}")
     return Prepared(model, params, swap, name, checkpointing, compiled)
 
@@ -142,5 +149,5 @@ def prepare_for_sampling(model: nn.Module, precision: str, blocks_to_swap: int, 
     apply_attention(model, None, device)                                                       # 3
     if not placed:
         apply_swap(model, blocks_to_swap, device, home)                                        # 6
-    compiled = apply_compile_choice(model, compile, device, print)                             # 7
+    compiled = apply_compile_choice(model, compile, device, print, precision)                  # 7
     return {"precision": precision, "blocks_to_swap": 0 if placed else blocks_to_swap, "compile": compiled}
