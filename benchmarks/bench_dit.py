@@ -202,6 +202,7 @@ def case_train(model, repeat, rank=32, swap=0, compile_scope=None, checkpointing
     t0 = time.perf_counter()
     med, times = timed(step, repeat)
     out = {"sec_per_step": med, "resident_gib": resident, "times": times, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+           "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
            "first_step_s": time.perf_counter() - t0 - sum(times), "checkpointing": checkpointing,
            "compile": compile_scope, "lora_params_m": sum(p.numel() for p in params) / 1e6, "losses": losses,
            "blocks_to_swap": swap}

@@ -33,7 +33,8 @@ for s in ${STEPS//,/ }; do
                  --skip-validation --sample-steps 4 --stages checkpoint,dataset,scan,cache,train,sample_t2v,sample_i2v \
                  --out "$OUT/e2e_sample.json" ;;
         gpu_tests) step gpu_tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short --show-capture=no \
-                 -rf tests/test_bsa.py tests/test_quant_attention.py tests/test_qk_rope.py tests/test_gpu_train.py tests/test_model_files.py ;;
+                 -rf tests/test_bsa.py tests/test_quant_attention.py tests/test_qk_rope.py tests/test_gpu_train.py tests/test_model_files.py \
+                 tests/test_memory.py ;;
         train_ratio) step train_ratio 240 python3 benchmarks/bench_official.py --cases train_dense --official blocks \
                  --ours defaults,fp8_blocks_selective --repeat 2 --warmup 1 --out "$OUT/train_ratio.json" ;;
         sample_ratio) step sample_ratio 150 python3 benchmarks/bench_official.py --cases sample_dense \
@@ -48,6 +49,13 @@ for s in ${STEPS//,/ }; do
         alloc) step alloc 300 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 benchmarks/e2e_full_size.py \
                  --work /tmp/e2e --train-steps 8 --skip-validation --stages checkpoint,dataset,scan,cache,train \
                  --out "$OUT/alloc.json" ;;
+        int4_probe)  # issue 25: the 24 GiB card's training setting (int4 + activation offload), uncapped
+            step int4_compiled 200 python3 benchmarks/bench_dit.py --cases train_int4_compile_offload --repeat 2 \
+                 --out "$OUT/int4_compiled.json"
+            step int4_expandable 200 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 benchmarks/bench_dit.py \
+                 --cases train_int4_compile_offload --repeat 2 --out "$OUT/int4_expandable.json"
+            step int4_eager 150 python3 benchmarks/bench_dit.py --cases train_int4_offload --repeat 2 \
+                 --out "$OUT/int4_eager.json" ;;
         card24|card16) step "$s" 400 python3 benchmarks/e2e_full_size.py --work /tmp/e2e --cards "${s#card}" \
                  --train-steps 4 --validation-steps 4 --sample-steps 4 \
                  --stages checkpoint,dataset,scan,cache,train,sample_t2v --out "$OUT/$s.json" ;;

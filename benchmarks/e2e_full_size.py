@@ -41,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-HOST_BUDGET_GIB = 32.0  # issue 25: the 24 and 16 GiB runs keep host RAM under this
+HOST_BUDGET_GIB = 32.0  # issue 25: the 24 and 16 GiB runs keep host RAM under this (planner.SMALL_CARD_HOST_GIB)
 # UMT5-XXL's encoder (spec §1.5)
 UMT5_XXL = dict(d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240, feed_forward_proj="gated-gelu",
                 dense_act_fn="gelu_new", vocab_size=256384, relative_attention_num_buckets=32,
@@ -197,7 +197,9 @@ def run_cli(stage: str, run_dir: Path, params: dict, env: dict, log_path: Path) 
             elif ev.get("event") == "validation":
                 validations.append(ev)
     if proc.returncode != 0 or done is None:
-        tail = "\n".join(output.splitlines()[-15:])
+        lines = output.splitlines()
+        # the last lines, and the allocator's own account when the GPU ran out
+        tail = "\n".join([ln for ln in lines if "out of memory" in ln.lower()][-2:] + lines[-15:])
         raise RuntimeError(f"{stage} failed (exit {proc.returncode}); last lines:\n{tail}")
     for key in ("event", "stage"):
         done.pop(key, None)
@@ -242,14 +244,14 @@ def card_settings(card: int | None, tiny: bool, gpu_gib: float | None = None) ->
     predictions to hold against the measurements."""
     from dataclasses import replace
 
-    from longcat_nb.planner import PlanSettings, plan, recommend, use_selective
+    from longcat_nb.planner import SMALL_CARD_GIB, PlanSettings, plan, recommend, use_selective
     from longcat_nb.sampling import sampling_plan
 
     if tiny:
         return {"train": {}, "sample": {}, "dataset": {}, "predicted": {}}
     if card is None:  # the GPU as it is
         card = gpu_gib
-    host = HOST_BUDGET_GIB if card < 80 else None  # the small cards' machines: host RAM under 32 GiB
+    host = HOST_BUDGET_GIB if card < SMALL_CARD_GIB else None  # the small cards' machines: host RAM under 32 GiB
     train_rec = recommend(PlanSettings(compile=True), card, host_gib=host)
     if train_rec is None:
         raise RuntimeError(f"the planner finds no training setting for {card} GiB")
@@ -362,7 +364,8 @@ def run_card(args, report: Report, card: int | None, work: Path, ckpt: Path, dat
         before = disk_bytes(run_dir)
         cli = "sample" if stage.startswith("sample") else stage
         try:
-            rec = run_cli(cli, run_dir, params, env, work / f"{label}-{stage}.log")
+            # beside the report, so a device call brings every stage's whole output back with it
+            rec = run_cli(cli, run_dir, params, env, report.path.parent / f"{label}-{stage}.log")
         except RuntimeError as e:
             report.put(label, stage, {"error": str(e)})
             break
