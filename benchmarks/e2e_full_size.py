@@ -41,7 +41,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-HOST_BUDGET_GIB = 32.0  # issue 25: the 24 and 16 GiB runs keep host RAM under this (planner.SMALL_CARD_HOST_GIB)
 # UMT5-XXL's encoder (spec §1.5)
 UMT5_XXL = dict(d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240, feed_forward_proj="gated-gelu",
                 dense_act_fn="gelu_new", vocab_size=256384, relative_attention_num_buckets=32,
@@ -244,14 +243,14 @@ def card_settings(card: int | None, tiny: bool, gpu_gib: float | None = None) ->
     predictions to hold against the measurements."""
     from dataclasses import replace
 
-    from longcat_nb.planner import SMALL_CARD_GIB, PlanSettings, plan, recommend, use_selective
+    from longcat_nb.planner import SMALL_CARD_GIB, SMALL_CARD_HOST_GIB, PlanSettings, plan, recommend, use_selective
     from longcat_nb.sampling import sampling_plan
 
     if tiny:
         return {"train": {}, "sample": {}, "dataset": {}, "predicted": {}}
     if card is None:  # the GPU as it is
         card = gpu_gib
-    host = HOST_BUDGET_GIB if card < SMALL_CARD_GIB else None  # the small cards' machines: host RAM under 32 GiB
+    host = SMALL_CARD_HOST_GIB if card < SMALL_CARD_GIB else None  # issue 25: host RAM under 32 GiB there
     train_rec = recommend(PlanSettings(compile=True), card, host_gib=host)
     if train_rec is None:
         raise RuntimeError(f"the planner finds no training setting for {card} GiB")

@@ -74,6 +74,14 @@ def configure_allocator(log=None) -> bool:
     return True
 
 
+def gpu_memory_peaks(device) -> str:
+    """This process's peak allocated and reserved GPU memory, for an out-of-memory message."""
+    if torch.device(device).type != "cuda":
+        return "not on a CUDA device"
+    return (f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated, "
+            f"{torch.cuda.max_memory_reserved(device) / 2**30:.1f} GiB reserved")
+
+
 def gpu_memory_gib(device=0) -> float:
     """The GPU's memory in GiB, or the cap of LONGCAT_NB_GPU_MEMORY_GIB when smaller."""
     total = torch.cuda.get_device_properties(device).total_memory / 2**30

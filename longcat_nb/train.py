@@ -22,7 +22,7 @@ from . import lora as lora_lib
 from .config import TrainSettings, load_config
 from .ema import checkpoint_files, make_ema, maybe_applied
 from .loggers import RunLoggers
-from .envinfo import configure_allocator
+from .envinfo import configure_allocator, gpu_memory_peaks
 from .prompts_file import with_prompts_file
 from .validation_set import with_eval_prompts
 from .flow import flow_matching_loss, train_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
@@ -407,7 +407,7 @@ def _loop(run: _Run, on_step, on_validation) -> None:
         _save_interrupted(run)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory(
-            f"out of GPU memory at step {run.step + 1} ({_memory_now(run.device)}): "
+            f"out of GPU memory at step {run.step + 1} ({gpu_memory_peaks(run.device)}): "
             f"{_suggest_for_oom(run.s, run.prep.checkpointing)}. "
             f"The last training checkpoint ({latest_checkpoint(run.ckpt_dir)}) is kept; re-run to resume."
         ) from e
@@ -416,15 +416,6 @@ def _loop(run: _Run, on_step, on_validation) -> None:
             run.loggers.close()
         if run.prep.swap is not None:
             run.prep.swap.remove()
-
-
-def _memory_now(device) -> str:
-    """Peak allocated and reserved GPU memory so far, for an out-of-memory message."""
-    gib = 2**30
-    if torch.device(device).type != "cuda":
-        return "not on a CUDA device"
-    return (f"peak {torch.cuda.max_memory_allocated(device) / gib:.1f} GiB allocated, "
-            f"{torch.cuda.max_memory_reserved(device) / gib:.1f} GiB reserved")
 
 
 def _train_step(run: _Run) -> dict:

@@ -259,7 +259,8 @@ def test_out_of_memory_advice_walks_the_memory_options_in_order():
     from dataclasses import replace
 
     from longcat_nb.config import TrainSettings
-    from longcat_nb.train import _memory_now, _suggest_for_oom
+    from longcat_nb.envinfo import gpu_memory_peaks
+    from longcat_nb.train import _suggest_for_oom
 
     s = TrainSettings()
     assert "keep_attention='off'" in _suggest_for_oom(s, "selective")
@@ -270,4 +271,4 @@ def test_out_of_memory_advice_walks_the_memory_options_in_order():
     assert "blocks_to_swap to 8" in _suggest_for_oom(s, "offload")
     assert "blocks_to_swap to 44" in _suggest_for_oom(replace(s, blocks_to_swap=36), "offload")
     assert "resolution" in _suggest_for_oom(replace(s, blocks_to_swap=44), "offload")
-    assert _memory_now("cpu") == "not on a CUDA device"
+    assert gpu_memory_peaks("cpu") == "not on a CUDA device"
