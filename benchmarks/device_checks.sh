@@ -5,7 +5,8 @@
 #     bash benchmarks/device_checks.sh e2e,gpu_tests [LIMIT]
 # Steps: e2e (issue 25: every stage at full size, 80 GiB, through the stage CLI; sampling does not fit in
 # the same call after 8 steps and a validation clip), e2e_sample (2 steps, no validation, then T2V and
-# I2V), gpu_tests (the CUDA tests), train_ratio / sample_ratio (issue 25: defaults against the official code compiled per block, one
+# I2V), gpu_tests (the CUDA tests), swap_tests (only those of quantized block swap and the allocator, about a
+# minute: before card24 in one call), train_ratio / sample_ratio (issue 25: defaults against the official code compiled per block, one
 # process), dit_before_after (issue 27: bench_dit at a0d98cc, exported to .before/, and now), adapters (issue 29),
 # validation (issue 30: distilled against 40-step CFG validation), alloc (issue 25: 8 steps over 5 bucket
 # shapes with expandable_segments, reserved against allocated), card24 / card16 (issue 25: the card capped).
@@ -26,6 +27,8 @@ step() {  # step NAME SECONDS_AT_LEAST COMMAND...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/steps.txt"
 for s in ${STEPS//,/ }; do
+    # each of these writes a 36 GiB checkpoint: a warm machine still holds the last one (64 GiB disk)
+    case $s in e2e|e2e_sample|alloc|validation|card*) rm -rf /tmp/e2e /tmp/bench_validation ;; esac
     case $s in
         e2e) step e2e 300 python3 benchmarks/e2e_full_size.py --work /tmp/e2e --train-steps 8 --sample-steps 4 \
                  --validation-steps 4 --stages checkpoint,dataset,scan,cache,train,sample_t2v --out "$OUT/e2e.json" ;;
@@ -35,6 +38,8 @@ for s in ${STEPS//,/ }; do
         gpu_tests) step gpu_tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short --show-capture=no \
                  -rf tests/test_bsa.py tests/test_quant_attention.py tests/test_qk_rope.py tests/test_gpu_train.py tests/test_model_files.py \
                  tests/test_memory.py ;;
+        swap_tests) step swap_tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short --show-capture=no \
+                 -rf tests/test_memory.py "tests/test_gpu_train.py::test_int8_base_with_block_swap_trains_as_without" ;;
         train_ratio) step train_ratio 240 python3 benchmarks/bench_official.py --cases train_dense --official blocks \
                  --ours defaults,fp8_blocks_selective --repeat 2 --warmup 1 --out "$OUT/train_ratio.json" ;;
         sample_ratio) step sample_ratio 150 python3 benchmarks/bench_official.py --cases sample_dense \
