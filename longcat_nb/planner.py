@@ -53,7 +53,7 @@ SMALL_CARD_GIB = 40.0  # cards below this are planned within SMALL_CARD_HOST_GIB
 SWAP_STEPS = tuple(range(4, DEPTH, 4))  # the block-swap counts suggest() tries, fewest first
 NOT_SWAPPED = ("nf4",)  # bitsandbytes keeps the quantization state on the GPU: block swap leaves it
 # optimum-quanto's int4 (TinyGemm packing on CUDA) fails inside Inductor (H100, torch 2.11, quanto 0.2.7:
-# BackendCompilerFailed, no attribute '_scale'), so its blocks run eagerly (speed.compile_wanted says so)
+# BackendCompilerFailed, no attribute '_scale'), so its blocks run eagerly (prepare.apply_compile_choice says so)
 NOT_COMPILED = ("int4",)
 
 
