@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from .planner import (NOT_COMPILED, SMALL_CARD_GIB, SMALL_CARD_HOST_GIB, PlanSettings, clips_per_batch, recommend,
+from .planner import (SMALL_CARD_GIB, SMALL_CARD_HOST_GIB, PlanSettings, clips_per_batch, compiles, recommend,
                       report, sampling_plan_settings, tokens, training_plan_settings, use_selective)
 
 CPU = "cpu/tiny"
@@ -72,18 +72,14 @@ def train_step_seconds(s: PlanSettings) -> float:
         t *= NO_CHECKPOINTING
     elif not s.selective:
         t *= RECOMPUTE_ATTENTION
-    t *= 1.0 if _compiles(s) else EAGER
+    t *= 1.0 if compiles(s) else EAGER
     t *= SWAP_OR_OFFLOAD if (s.blocks_to_swap or s.activation_offload) else 1.0
     return t * PRECISION_SPEED.get(s.precision, 1.0)
 
 
-def _compiles(s: PlanSettings) -> bool:
-    return s.compile and s.precision not in NOT_COMPILED
-
-
 def sample_step_seconds(s: PlanSettings) -> float:
     t = _scaled(SAMPLE_STEP_S, SAMPLE_ATTENTION, s, 1) * (1.0 if s.cfg else 0.5)
-    t *= (1.0 if _compiles(s) else EAGER) * (SWAP_OR_OFFLOAD if s.blocks_to_swap else 1.0)
+    t *= (1.0 if compiles(s) else EAGER) * (SWAP_OR_OFFLOAD if s.blocks_to_swap else 1.0)
     return t * PRECISION_SPEED.get(s.precision, 1.0)
 
 

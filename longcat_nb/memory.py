@@ -387,13 +387,9 @@ class BlockSwap:
         self.cpu.clear()
 
 
-def _is_subclass(t: torch.Tensor) -> bool:
-    return type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__")
-
-
 def _leaves(t: torch.Tensor):
     """``t`` itself, or for a tensor subclass (quantized weights) its inner plain tensors, recursively."""
-    if _is_subclass(t):
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
         for name in t.__tensor_flatten__()[0]:
             yield from _leaves(getattr(t, name))
     else:

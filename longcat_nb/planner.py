@@ -133,6 +133,11 @@ def _factorization(n: int) -> tuple[int, int]:
     return m, n // m
 
 
+def compiles(s: PlanSettings) -> bool:
+    """Whether these settings' blocks run compiled: compile asked for and a base precision that compiles."""
+    return s.compile and s.precision not in NOT_COMPILED
+
+
 def plan(s: PlanSettings) -> Plan:
     n = max(tokens(s) * s.batch_size, s.batch_tokens)  # the largest batch a bucket gets
     unit = n * C * 2  # one [N, C] bf16 tensor
@@ -140,7 +145,7 @@ def plan(s: PlanSettings) -> Plan:
     # Block swap moves plain weights and the inner tensors of quanto's and torchao's quantized ones;
     # bitsandbytes' nf4 keeps its quantization state on the GPU, so its blocks stay.
     swap_effective = swap if s.precision not in NOT_SWAPPED else 0
-    compiled = s.compile and s.precision not in NOT_COMPILED
+    compiled = compiles(s)
     blk = block_bytes(s.precision, train=s.mode == "train")
     parts = {
         "weights_resident": (DEPTH - swap_effective) * blk + TOP_PARAMS * 2.0,
