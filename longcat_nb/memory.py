@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .config import PRECISIONS, QUANTIZED
+from .pinned import HostPool, pack
 
 logger = logging.getLogger(__name__)
 
@@ -252,11 +253,14 @@ class BlockSwap:
             model.register_forward_pre_hook(lambda m, a: setattr(self, "in_model_forward", True)),
             model.register_forward_hook(lambda m, a, o: setattr(self, "in_model_forward", False)),
         ]
+        self.slabs: dict[int, object] = {}  # the page-locked buffer holding each swapped block's weights
         for i in self.swapped:
-            pairs = [(t, self._to_host(t)) for t in self._frozen(self.blocks[i])]
-            for t, host in pairs:
+            frozen = list(self._frozen(self.blocks[i]))
+            # one exact-size buffer per block (torch's pin_memory() would round each tensor up to a power of two)
+            self.slabs[i], hosts = pack([t.data for t in frozen], pin=self.device.type == "cuda")
+            for t, host in zip(frozen, hosts):
                 t.data = host
-            self.cpu[i] = pairs
+            self.cpu[i] = list(zip(frozen, hosts))
             self.handles.append(self.blocks[i].register_forward_pre_hook(self._make_pre(i)))
             self.handles.append(self.blocks[i].register_forward_hook(self._make_post(i)))
         model._block_swap = self  # found by block_swap_of(); the model's own code never reads it
@@ -275,6 +279,7 @@ class BlockSwap:
                         yield leaf
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A frozen tensor that appeared after the swap began (sync): its own small pinned copy."""
         host = t.data.detach().to("cpu")
         return host.pin_memory() if self.device.type == "cuda" else host
 
@@ -385,6 +390,7 @@ class BlockSwap:
             torch.cuda.synchronize(self.device)
         self.ready.clear()
         self.cpu.clear()
+        self.slabs.clear()
 
 
 def _leaves(t: torch.Tensor):
@@ -419,8 +425,8 @@ def block_swap_of(model: nn.Module) -> Optional[BlockSwap]:
 # activation checkpointing: what each block keeps for the backward
 # ---------------------------------------------------------------------------------------------
 class _BlockCheckpoint(torch.autograd.Function):
-    """Run a block keeping nothing but its input (on the GPU, or a pinned CPU copy with
-    ``offload``); in the backward, bring the input back, recompute with grad and backpropagate.
+    """Run a block keeping nothing but its input (on the GPU, or with ``offload``, an
+    OffloadedCheckpoint, a page-locked host copy from its pool); in the backward, bring the input back, recompute with grad and backpropagate.
 
     Unlike torch.utils.checkpoint there is no recompute check on saved-tensor metadata, so the block
     may be a compiled one (its no-grad and its training graphs differ; the check rejected that), and
@@ -438,8 +444,8 @@ class _BlockCheckpoint(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state() if args[0].is_cuda else None
         saved = []
         for a in args:
-            if offload and torch.is_tensor(a) and a.is_cuda and a.numel() > 1 << 20:
-                host = torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
+            if offload is not None and torch.is_tensor(a) and a.is_cuda and a.numel() > offload.min_numel:
+                host = offload.pool.take(a.shape, a.dtype)  # back to the pool when the backward drops it
                 host.copy_(a, non_blocking=True)
                 saved.append(host)
             else:
@@ -473,13 +479,20 @@ class _BlockCheckpoint(torch.autograd.Function):
 def recompute_checkpoint(block, *args):
     """Full activation checkpointing of one block (its input stays on the GPU)."""
     params = [p for p in block.parameters() if p.requires_grad]
-    return _BlockCheckpoint.apply(block, False, len(args), *args, *params)
+    return _BlockCheckpoint.apply(block, None, len(args), *args, *params)
 
 
-def offloaded_checkpoint(block, *args):
-    """Full activation checkpointing with the block input in pinned CPU memory."""
-    params = [p for p in block.parameters() if p.requires_grad]
-    return _BlockCheckpoint.apply(block, True, len(args), *args, *params)
+class OffloadedCheckpoint:
+    """Full activation checkpointing with the block input in page-locked host memory, from a pool
+    of exact-size buffers that the model keeps from step to step (pinned.HostPool)."""
+
+    def __init__(self, min_numel: int = 1 << 20):
+        self.pool = HostPool()
+        self.min_numel = min_numel  # smaller inputs (timestep embedding, masks) stay on the GPU
+
+    def __call__(self, block, *args):
+        params = [p for p in block.parameters() if p.requires_grad]
+        return _BlockCheckpoint.apply(block, self, len(args), *args, *params)
 
 
 class _KeptOps:
@@ -557,7 +570,7 @@ def apply_gradient_checkpointing(model: nn.Module, mode: str = "full") -> nn.Mod
         for block in model.blocks:
             block.forward = _selective_forward(block)
     else:
-        func = offloaded_checkpoint if mode == "offload" else recompute_checkpoint
+        func = OffloadedCheckpoint() if mode == "offload" else recompute_checkpoint
         model.enable_gradient_checkpointing(gradient_checkpointing_func=func)
     model.checkpointing_mode = mode
     return model
