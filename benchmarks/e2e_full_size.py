@@ -207,6 +207,9 @@ def run_cli(stage: str, run_dir: Path, params: dict, env: dict, log_path: Path) 
         done["step_seconds"] = [round(s["sec"], 3) for s in steps]
         done["step_shapes"] = ["x".join(map(str, s.get("latent_shape") or [])) for s in steps]
         done["step_gpu_peak_gib"] = max((s.get("mem_gib") or 0.0) for s in steps) or None
+        for key in ("reserved_gib", "alloc_retries", "host_rss_gib"):  # per step: a card too full, host growth
+            if any(key in s for s in steps):
+                done[f"step_{key}"] = [s.get(key) for s in steps]
     if validations:
         done["validations"] = [{"step": v["step"], "files": v["files"]} for v in validations]
     return done
@@ -326,18 +329,21 @@ def time_to_lora(stages: dict, steps: int = 1000) -> dict | None:
     shapes, so the first step of each new bucket shape compiles (run 21: 13-28 s more each); the steady
     step is the median of the steps that met a shape seen before (train.jsonl's ``latent_shape``), or,
     without those, of the steps within 1.5x the fastest; ``compile_s`` is what the others took more.
-    ``steady`` says whether any step repeated a shape (False: every step compiled, the step time is high)."""
+    ``steady`` says whether the step time is one to trust: some step repeated a shape, and those steps
+    were within 1.5x the fastest (False: every step compiled, or a repeated shape was still slow, as in
+    run 26's capped cards; then the estimate is an upper bound and the run was too short to say more)."""
     train = stages.get("train")
     if not train or not train.get("step_seconds"):
         return None
     secs, shapes = train["step_seconds"], train.get("step_shapes") or []
     repeats = [t for i, t in enumerate(secs) if i < len(shapes) and shapes[i] and shapes[i] in shapes[:i]]
     steady = statistics.median(repeats or [t for t in secs if t <= 1.5 * min(secs)])
-    compile_s = sum(secs) - steady * len(secs)
+    compile_s = max(0.0, sum(secs) - steady * len(secs))
     cache_s = stages.get("cache", {}).get("wall_s", 0.0)
     total = cache_s + sum(secs) + steady * max(0, steps - len(secs))
     return {"steps": steps, "step_s": round(steady, 3), "first_step_s": round(secs[0], 2),
-            "compile_s": round(compile_s, 1), "measured_steps": len(secs), "steady": bool(repeats),
+            "compile_s": round(compile_s, 1), "measured_steps": len(secs),
+            "steady": bool(repeats) and steady <= 1.5 * min(secs),
             "cache_s": cache_s,
             "total_s": round(total, 1), "total_h": round(total / 3600, 2)}
 

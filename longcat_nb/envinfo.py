@@ -82,6 +82,23 @@ def gpu_memory_peaks(device) -> str:
             f"{torch.cuda.max_memory_reserved(device) / 2**30:.1f} GiB reserved")
 
 
+def step_memory(device) -> dict:
+    """A training step record's memory figures on CUDA: the peak allocated (``mem_gib``), the peak the
+    allocator reserved, how often it had to free its cache and retry (many retries: the card is too
+    full and steps slow down), and the host memory this process holds now (pinned buffers included)."""
+    stats = torch.cuda.memory_stats(device)
+    out = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+           "reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+           "alloc_retries": int(stats.get("num_alloc_retries", 0))}
+    try:
+        with open("/proc/self/status") as f:
+            rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+        out["host_rss_gib"] = round(rss / 2**20, 2)
+    except (OSError, StopIteration):
+        pass
+    return out
+
+
 def gpu_memory_gib(device=0) -> float:
     """The GPU's memory in GiB, or the cap of LONGCAT_NB_GPU_MEMORY_GIB when smaller."""
     total = torch.cuda.get_device_properties(device).total_memory / 2**30

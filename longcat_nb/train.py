@@ -22,7 +22,7 @@ from . import lora as lora_lib
 from .config import TrainSettings, load_config
 from .ema import checkpoint_files, make_ema, maybe_applied
 from .loggers import RunLoggers
-from .envinfo import configure_allocator, gpu_memory_peaks
+from .envinfo import configure_allocator, gpu_memory_peaks, step_memory
 from .prompts_file import with_prompts_file
 from .validation_set import with_eval_prompts
 from .flow import flow_matching_loss, train_sigmas  # noqa: F401  (flow_matching_loss: train's name too)
@@ -475,7 +475,7 @@ def _after_step(run: _Run, rec: dict, on_step, on_validation) -> None:
     if run.evaluate is not None and step % s.eval_every == 0:
         rec["eval_loss"] = run.evaluate(run.dit, device, run.dtype)
     if device.type == "cuda":
-        rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        rec.update(step_memory(device))
         if dist.enabled:
             rec["mem_gib_per_gpu"] = dist.gather_floats(rec["mem_gib"])
             rec["mem_gib"] = max(rec["mem_gib_per_gpu"])

@@ -63,3 +63,7 @@ def test_time_to_lora_takes_the_steady_step_from_repeated_shapes():
     # run 23 (H100): two steps, two shapes, both compiled: no steady step, and the record says so
     ttl = time_to_lora({"train": {"step_seconds": [25.63, 21.542], "step_shapes": [a, b]}})
     assert not ttl["steady"]
+    # run 26 (16 GiB cap): the one repeated shape took twice the fastest step: no steady step either
+    ttl = time_to_lora({"train": {"step_seconds": [57.058, 21.498, 43.348, 46.646],
+                                  "step_shapes": [b, a, "1x16x24x96x64", a]}})
+    assert not ttl["steady"] and ttl["step_s"] == pytest.approx(46.646) and ttl["compile_s"] == 0.0
