@@ -5,11 +5,12 @@
 #     bash benchmarks/device_checks.sh e2e,gpu_tests [LIMIT]
 # Steps: e2e (issue 25: every stage at full size, 80 GiB, through the stage CLI; sampling does not fit in
 # the same call after 8 steps and a validation clip), e2e_sample (2 steps, no validation, then T2V and
-# I2V), gpu_tests (the CUDA tests), swap_tests (only those of quantized block swap and the allocator, about a
-# minute: before card24 in one call), train_ratio / sample_ratio (issue 25: defaults against the official code compiled per block, one
+# I2V), gpu_tests (the CUDA tests), swap_tests (only those of quantized block swap, pinned buffers and the allocator,
+# about a minute: before card24 in one call), pinned_tests (tests/test_pinned.py alone), train_ratio / sample_ratio (issue 25: defaults against the official code compiled per block, one
 # process), dit_before_after (issue 27: bench_dit at a0d98cc, exported to .before/, and now), adapters (issue 29),
 # validation (issue 30: distilled against 40-step CFG validation), alloc (issue 25: 8 steps over 5 bucket
-# shapes with expandable_segments, reserved against allocated), card24 / card16 (issue 25: the card capped).
+# shapes with expandable_segments, reserved against allocated), card24 / card16 (issue 25: the card capped;
+# CARD_STAGES=checkpoint,dataset,scan,cache,train runs it without sampling, which does not fit in the same call).
 set -u
 STEPS=${1:-e2e,gpu_tests}
 END=$(( $(date +%s) + ${2:-570} ))
@@ -39,7 +40,10 @@ for s in ${STEPS//,/ }; do
                  -rf tests/test_bsa.py tests/test_quant_attention.py tests/test_qk_rope.py tests/test_gpu_train.py tests/test_model_files.py \
                  tests/test_memory.py ;;
         swap_tests) step swap_tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short --show-capture=no \
-                 -rf tests/test_memory.py "tests/test_gpu_train.py::test_int8_base_with_block_swap_trains_as_without" ;;
+                 -rf tests/test_memory.py tests/test_pinned.py \
+                 "tests/test_gpu_train.py::test_int8_base_with_block_swap_trains_as_without" ;;
+        pinned_tests) step pinned_tests 30 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
+                 --show-capture=no -rf tests/test_pinned.py ;;
         train_ratio) step train_ratio 240 python3 benchmarks/bench_official.py --cases train_dense --official blocks \
                  --ours defaults,fp8_blocks_selective --repeat 2 --warmup 1 --out "$OUT/train_ratio.json" ;;
         sample_ratio) step sample_ratio 150 python3 benchmarks/bench_official.py --cases sample_dense \
@@ -63,7 +67,7 @@ for s in ${STEPS//,/ }; do
                  --out "$OUT/int4_eager.json" ;;
         card24|card16) step "$s" 400 python3 benchmarks/e2e_full_size.py --work /tmp/e2e --cards "${s#card}" \
                  --train-steps 4 --validation-steps 4 --sample-steps 4 \
-                 --stages checkpoint,dataset,scan,cache,train,sample_t2v --out "$OUT/$s.json" ;;
+                 --stages "${CARD_STAGES:-checkpoint,dataset,scan,cache,train,sample_t2v}" --out "$OUT/$s.json" ;;
         *) echo "unknown step $s" ;;
     esac
 done
