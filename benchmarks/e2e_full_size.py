@@ -205,7 +205,9 @@ def run_cli(stage: str, run_dir: Path, params: dict, env: dict, log_path: Path) 
     done["wall_s"] = round(wall, 2)
     if steps:
         done["step_seconds"] = [round(s["sec"], 3) for s in steps]
-        done["step_shapes"] = ["x".join(map(str, s.get("latent_shape") or [])) for s in steps]
+        # a compiled block's graph is per latent shape and per number of image latents (an I2V sample: run 26)
+        done["step_shapes"] = ["x".join(map(str, s.get("latent_shape") or []))
+                               + (f"+cond{s['cond_latents']}" if s.get("cond_latents") else "") for s in steps]
         done["step_gpu_peak_gib"] = max((s.get("mem_gib") or 0.0) for s in steps) or None
         for key in ("reserved_gib", "alloc_retries", "host_rss_gib"):  # per step: a card too full, host growth
             if any(key in s for s in steps):

@@ -352,6 +352,7 @@ class _Run:
     t_start: float = field(default_factory=time.time)
     step_start: int = 0
     latent_shape: Optional[list] = None  # of the last micro-batch: [B, C, F, H, W] (a new one compiles)
+    cond_latents: int = 0  # of the last micro-batch: I2V samples' image latents (another compiled graph)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -445,7 +446,7 @@ def _train_step(run: _Run) -> dict:
         run.losses.append(loss_sum)
     step, elapsed = run.step, time.time() - run.t_start
     return {"step": step, "loss": loss_sum, "lr": lr, "sec": time.time() - t0, "grad_norm": grad_norm,
-            "latent_shape": run.latent_shape, "it_s": (step - run.step_start) / max(1e-9, elapsed),
+            "latent_shape": run.latent_shape, "cond_latents": run.cond_latents, "it_s": (step - run.step_start) / max(1e-9, elapsed),
             "eta_s": (run.stop - step) * elapsed / max(1, step - run.step_start)}
 
 
@@ -454,7 +455,7 @@ def _micro_batch_loss(run: _Run, here: dict, items: list) -> float:
     s, device, dtype = run.s, run.device, run.dtype
     gen = batch_generator(s.seed, here)
     x0, text, mask, n_cond = collate(items, device, dtype)
-    run.latent_shape = list(x0.shape)
+    run.latent_shape, run.cond_latents = list(x0.shape), n_cond
     drop = torch.rand(len(items), generator=gen) < s.caption_dropout
     if drop.any():
         text[drop] = run.negative[0].to(device, dtype)
