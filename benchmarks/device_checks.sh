@@ -10,7 +10,9 @@
 # process), dit_before_after (issue 27: bench_dit at a0d98cc, exported to .before/, and now), adapters (issue 29),
 # validation (issue 30: distilled against 40-step CFG validation), alloc (issue 25: 8 steps over 5 bucket
 # shapes with expandable_segments, reserved against allocated), card24 / card16 (issue 25: the card capped;
-# CARD_STAGES=checkpoint,dataset,scan,cache,train runs it without sampling, which does not fit in the same call).
+# CARD_STAGES=checkpoint,dataset,scan,cache,train runs it without sampling, which does not fit in the same call),
+# cards_sample (both caps' T2V sampling, base model, 4 steps), card24_long / card16_long (12 training steps
+# without validation: every bucket shape, and the I2V sample, met twice, for the steady step).
 set -u
 STEPS=${1:-e2e,gpu_tests}
 END=$(( $(date +%s) + ${2:-570} ))
@@ -68,6 +70,11 @@ for s in ${STEPS//,/ }; do
         card24|card16) step "$s" 400 python3 benchmarks/e2e_full_size.py --work /tmp/e2e --cards "${s#card}" \
                  --train-steps 4 --validation-steps 4 --sample-steps 4 \
                  --stages "${CARD_STAGES:-checkpoint,dataset,scan,cache,train,sample_t2v}" --out "$OUT/$s.json" ;;
+        cards_sample) step cards_sample 300 python3 benchmarks/e2e_full_size.py --work /tmp/e2e --cards 24,16 \
+                 --sample-steps 4 --stages checkpoint,dataset,scan,sample_t2v --out "$OUT/cards_sample.json" ;;
+        card24_long|card16_long) c=${s#card}; step "$s" 450 python3 benchmarks/e2e_full_size.py --work /tmp/e2e \
+                 --cards "${c%_long}" --train-steps 12 --skip-validation \
+                 --stages checkpoint,dataset,scan,cache,train --out "$OUT/$s.json" ;;
         *) echo "unknown step $s" ;;
     esac
 done
