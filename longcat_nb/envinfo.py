@@ -84,8 +84,8 @@ def gpu_memory_peaks(device) -> str:
 
 def step_memory(device) -> dict:
     """A training step record's memory figures on CUDA: the peak allocated (``mem_gib``), the peak the
-    allocator reserved, how often it had to free its cache and retry (many retries: the card is too
-    full and steps slow down), and the host memory this process holds now (pinned buffers included)."""
+    allocator reserved, how often it had to free its cache and retry (the count grows when the
+    card is full), and the host memory this process holds now (pinned buffers included)."""
     stats = torch.cuda.memory_stats(device)
     out = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
            "reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),

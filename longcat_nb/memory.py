@@ -426,7 +426,8 @@ def block_swap_of(model: nn.Module) -> Optional[BlockSwap]:
 # ---------------------------------------------------------------------------------------------
 class _BlockCheckpoint(torch.autograd.Function):
     """Run a block keeping nothing but its input (on the GPU, or with ``offload``, an
-    OffloadedCheckpoint, a page-locked host copy from its pool); in the backward, bring the input back, recompute with grad and backpropagate.
+    OffloadedCheckpoint, a page-locked host copy from its pool); in the backward, bring the input
+    back, recompute with grad and backpropagate.
 
     Unlike torch.utils.checkpoint there is no recompute check on saved-tensor metadata, so the block
     may be a compiled one (its no-grad and its training graphs differ; the check rejected that), and

@@ -66,7 +66,7 @@ class Slab:
 
     def view(self, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
         size = torch.Size(shape)
-        nbytes = size.numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = size.numel() * dtype.itemsize
         if offset % ALIGN or offset + nbytes > self.nbytes:
             raise ValueError(f"slab of {self.nbytes} bytes: no room for {nbytes} at offset {offset}")
         return self.data[offset: offset + nbytes].view(dtype).view(size)
@@ -79,10 +79,6 @@ def _unregister(rt, ptr: int) -> None:
         pass
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def pack(tensors: Iterable[torch.Tensor], pin: bool = True) -> tuple[Optional[Slab], list[torch.Tensor]]:
     """Host copies of ``tensors`` (any device), all in one slab: (the slab, the copies in order).
     Each copy has its tensor's shape and dtype and is contiguous."""
@@ -90,7 +86,7 @@ def pack(tensors: Iterable[torch.Tensor], pin: bool = True) -> tuple[Optional[Sl
     offsets, total = [], 0
     for t in tensors:
         offsets.append(total)
-        total += _align(_nbytes(t))
+        total += _align(t.numel() * t.element_size())
     if not tensors:
         return None, []
     slab = Slab(total, pin=pin)
@@ -125,7 +121,7 @@ class HostPool:
         return sum(s.nbytes for s, _ in self.free) + self.in_use
 
     def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        need = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        need = torch.Size(shape).numel() * dtype.itemsize
         with self.lock:
             fits = [k for k, (s, _) in enumerate(self.free) if s.nbytes >= need]
             if fits:
@@ -137,7 +133,7 @@ class HostPool:
         if ev is not None:
             torch.cuda.current_stream().wait_event(ev)
         t = slab.view(0, shape, dtype)
-        weakref.finalize(t, self._give_back, slab)
+        weakref.finalize(t, self._give_back, slab).atexit = False  # not at exit: nothing to reuse then
         return t
 
     def _give_back(self, slab: Slab) -> None:
