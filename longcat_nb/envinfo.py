@@ -90,13 +90,22 @@ def step_memory(device) -> dict:
     out = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
            "reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
            "alloc_retries": int(stats.get("num_alloc_retries", 0))}
+    rss = proc_status_gib("VmRSS")
+    if rss is not None:
+        out["host_rss_gib"] = rss
+    return out
+
+
+def proc_status_gib(key: str):
+    """A memory line of /proc/self/status (``VmRSS`` now, ``VmHWM`` the peak) in GiB; None off Linux."""
     try:
         with open("/proc/self/status") as f:
-            rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
-        out["host_rss_gib"] = round(rss / 2**20, 2)
-    except (OSError, StopIteration):
+            for line in f:
+                if line.startswith(key + ":"):
+                    return round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
         pass
-    return out
+    return None
 
 
 def gpu_memory_gib(device=0) -> float:

@@ -446,7 +446,8 @@ def _train_step(run: _Run) -> dict:
         run.losses.append(loss_sum)
     step, elapsed = run.step, time.time() - run.t_start
     return {"step": step, "loss": loss_sum, "lr": lr, "sec": time.time() - t0, "grad_norm": grad_norm,
-            "latent_shape": run.latent_shape, "cond_latents": run.cond_latents, "it_s": (step - run.step_start) / max(1e-9, elapsed),
+            "latent_shape": run.latent_shape, "cond_latents": run.cond_latents,
+            "it_s": (step - run.step_start) / max(1e-9, elapsed),
             "eta_s": (run.stop - step) * elapsed / max(1, step - run.step_start)}
 
 

@@ -75,13 +75,11 @@ def host_rss_peak_gib() -> float:
     """This process's peak resident memory (pinned memory included: it is mapped into the process).
     /proc's VmHWM belongs to this program; getrusage's ru_maxrss can carry the parent's peak across
     fork and exec, so it is only the fallback off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 2**20, 2)
-    except OSError:
-        pass
+    from ..envinfo import proc_status_gib
+
+    peak = proc_status_gib("VmHWM")
+    if peak is not None:
+        return peak
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
