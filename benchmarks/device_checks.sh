@@ -11,7 +11,7 @@
 # validation (issue 30: distilled against 40-step CFG validation), alloc (issue 25: 8 steps over 5 bucket
 # shapes with expandable_segments, reserved against allocated), card24 / card16 (issue 25: the card capped;
 # CARD_STAGES=checkpoint,dataset,scan,cache,train runs it without sampling, which does not fit in the same call),
-# cards_sample (both caps' T2V sampling, base model, 4 steps), card24_long / card16_long (12 training steps
+# cards_sample (both caps' T2V sampling, base model, 4 steps), card16_sample (the 16 GiB one alone), card24_long / card16_long (12 training steps
 # without validation: every bucket shape, and the I2V sample, met twice, for the steady step).
 set -u
 STEPS=${1:-e2e,gpu_tests}
@@ -72,6 +72,8 @@ for s in ${STEPS//,/ }; do
                  --stages "${CARD_STAGES:-checkpoint,dataset,scan,cache,train,sample_t2v}" --out "$OUT/$s.json" ;;
         cards_sample) step cards_sample 300 python3 benchmarks/e2e_full_size.py --work /tmp/e2e --cards 24,16 \
                  --sample-steps 4 --stages checkpoint,dataset,scan,sample_t2v --out "$OUT/cards_sample.json" ;;
+        card16_sample) step card16_sample 150 python3 benchmarks/e2e_full_size.py --work /tmp/e2e --cards 16 \
+                 --sample-steps 4 --stages checkpoint,dataset,scan,sample_t2v --out "$OUT/card16_sample.json" ;;
         card24_long|card16_long) c=${s#card}; step "$s" 450 python3 benchmarks/e2e_full_size.py --work /tmp/e2e \
                  --cards "${c%_long}" --train-steps 12 --skip-validation \
                  --stages checkpoint,dataset,scan,cache,train --out "$OUT/$s.json" ;;

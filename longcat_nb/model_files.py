@@ -16,6 +16,7 @@ weights, so every code path that serves the real 13.6B model is exercised on a l
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -171,17 +172,46 @@ def load_tokenizer(checkpoint: str | os.PathLike | None = ""):
 
 
 def load_text_encoder(checkpoint="", device="cpu", dtype: Any = "auto"):
+    """UMT5EncoderModel of text_encoder/. On the CPU through from_pretrained (its weights stay mapped
+    from the files and are read as used). On an accelerator layer by layer (:func:`_fill_from_files`),
+    each tensor read straight onto it: from_pretrained keeps every shard mapped until it is done, and
+    the mapped pages of the 11 GiB encoder (21 GiB in fp32 shards) then count in host RAM (run 27)."""
     from transformers import UMT5EncoderModel
 
     folder = check_checkpoint(checkpoint, ["text_encoder"])
     dtype = pick_dtype(dtype, device)
-    # on an accelerator each shard goes straight to it, so host memory never holds the 5.7B encoder
-    place = {} if torch.device(device).type == "cpu" else {"device_map": {"": torch.device(device)}}
+    if torch.device(device).type != "cpu":
+        return _load_or_explain("text_encoder", folder, lambda: _load_text_encoder_by_layer(folder, device, dtype))
     model = _load_or_explain(
         "text_encoder", folder,
-        lambda: UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, **place),
+        lambda: UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),
     )
-    return model.to(device).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
+
+
+def _load_text_encoder_by_layer(folder: Path, device, dtype):
+    """load_text_encoder on an accelerator: an empty UMT5EncoderModel of text_encoder/config.json,
+    filled one encoder layer at a time, then the token table and the final norm. The token table is
+    tied to the encoder's embedding unless the files hold both (then each keeps its own, as
+    from_pretrained does); float16 keeps the feed-forward output projections in float32, as
+    UMT5's ``_keep_in_fp32_modules``."""
+    from accelerate import init_empty_weights
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with init_empty_weights():
+        model = UMT5EncoderModel(UMT5Config.from_pretrained(folder / "text_encoder"))
+    weights = _weight_map(folder, "text_encoder")
+    tied = "encoder.embed_tokens.weight"
+    names = set(model.state_dict()) - ({tied} if tied not in weights else set())
+    _check_names("text_encoder", names, weights)
+    keep_fp32 = (lambda name: ".wo." in name) if dtype == torch.float16 else None
+    for i in range(len(model.encoder.block)):
+        _fill_from_files(model, weights, [n for n in weights if n.startswith(f"encoder.block.{i}.")], device,
+                         dtype, keep_fp32)
+    _fill_from_files(model, weights, [n for n in weights if not n.startswith("encoder.block.")], device, dtype)
+    if tied not in weights:
+        model.encoder.embed_tokens.weight = model.shared.weight
+    return model.to(device).eval().requires_grad_(False)  # the buffers, which stayed on the CPU
 
 
 def load_vae(checkpoint="", device="cpu", dtype: Any = "auto"):
@@ -232,60 +262,103 @@ def load_dit(checkpoint="", device="cpu", dtype: Any = "auto", attention: Option
     return model.to(device).eval().requires_grad_(False)
 
 
-def _dit_weight_map(folder: Path) -> dict:
-    """Each tensor name of dit/ -> the safetensors file that holds it (its index, or its one file)."""
+def _weight_map(folder: Path, part: str) -> dict:
+    """Each tensor name of ``part``/ -> the safetensors file that holds it (its index, or its one file)."""
     from safetensors import safe_open
 
-    sub = folder / "dit"
-    index = sub / (_WEIGHTS["dit"] + ".index.json")
+    sub = folder / part
+    index = sub / (_WEIGHTS[part] + ".index.json")
     if index.is_file():
         return {k: sub / f for k, f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
-    with safe_open(str(sub / _WEIGHTS["dit"]), "pt") as f:
-        return {k: sub / _WEIGHTS["dit"] for k in f.keys()}
+    with safe_open(str(sub / _WEIGHTS[part]), "pt") as f:
+        return {k: sub / _WEIGHTS[part] for k in f.keys()}
+
+
+def _check_names(part: str, expected: set, weights: dict) -> None:
+    """Names missing from or extra to the files are an error, as from_pretrained."""
+    missing, extra = set(expected) - set(weights), set(weights) - set(expected)
+    if missing or extra:
+        raise ValueError(f"the weights do not match {part}/config.json: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(extra)[:5]}")
+
+
+_READ_CHUNK = 256 << 20  # bytes of one tensor read while its file is open (the text encoder's token table is 2 GiB)
+_ITEMSIZE = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+def _fill_from_files(model, weights: dict, names, device, dtype, keep_fp32=None) -> None:
+    """Read ``names`` (floating tensors cast to ``dtype``; float32 where ``keep_fp32(name)``) from their
+    safetensors files into ``model``'s empty (meta) tensors on ``device``. Host RAM keeps no mapped
+    pages of the files: a file is open only while these names are read, a tensor larger than
+    _READ_CHUNK is read a slice of rows at a time with the file reopened for each, and on the CPU each
+    tensor is copied into memory of its own (safetensors' CPU tensors are views of the mapped file,
+    which would keep its pages in host RAM beside the copies made from them: block swap's pinned ones)."""
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    def target(key, t):
+        if not t.is_floating_point():
+            return t.dtype, None
+        want = torch.float32 if keep_fp32 and keep_fp32(key) else dtype
+        return want, want
+
+    by_file: dict = {}
+    for name in names:
+        by_file.setdefault(weights[name], []).append(name)
+    for file, keys in by_file.items():
+        big = []
+        with safe_open(str(file), "pt", device=str(device)) as f:
+            for key in keys:
+                sl = f.get_slice(key)
+                shape, itemsize = sl.get_shape(), _ITEMSIZE.get(sl.get_dtype(), 4)
+                if len(shape) > 1 and math.prod(shape) * itemsize > _READ_CHUNK:
+                    big.append((key, shape, max(1, _READ_CHUNK // (math.prod(shape[1:]) * itemsize))))
+                    continue
+                t = f.get_tensor(key)
+                want, cast = target(key, t)
+                set_module_tensor_to_device(model, key, device, value=t.to(want, copy=device.type == "cpu"),
+                                            dtype=cast)
+        for key, shape, rows in big:
+            dst = cast = None
+            for r in range(0, shape[0], rows):
+                with safe_open(str(file), "pt", device=str(device)) as f:
+                    part = f.get_slice(key)[r:r + rows]
+                if dst is None:
+                    want, cast = target(key, part)
+                    dst = torch.empty(shape, dtype=want, device=device)
+                dst[r:r + rows].copy_(part)
+                del part  # on the CPU, the last view of the mapped file: it is unmapped now
+            set_module_tensor_to_device(model, key, device, value=dst, dtype=cast)
 
 
 def _load_dit_by_block(checkpoint, device, dtype, attention, each_block):
     """load_dit's ``each_block`` path: an empty (meta) model of dit/config.json, filled block by block
-    from the safetensors files onto ``device`` (a file is opened only while its tensors of one block
-    are read, so its mapped pages do not stay in host memory), ``each_block`` called on each; then the
-    parts outside the blocks. Names missing from or extra to the files are an error, as from_pretrained."""
+    (:func:`_fill_from_files`: host memory keeps no mapped pages of the files), ``each_block`` called
+    on each; then the parts outside the blocks."""
     from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
 
     folder = check_checkpoint(checkpoint, ["dit"])
-    device, dtype = torch.device(device), pick_dtype(dtype, device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = pick_dtype(dtype, device)
 
     def build():
         with init_empty_weights():
             model = LongCatVideoTransformer3DModel.from_config(
                 LongCatVideoTransformer3DModel.load_config(folder / "dit"), cp_split_hw=None)
-        weights = _dit_weight_map(folder)
-        missing, extra = set(model.state_dict()) - set(weights), set(weights) - set(model.state_dict())
-        if missing or extra:
-            raise ValueError(f"the weights do not match dit/config.json: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(extra)[:5]}")
+        weights = _weight_map(folder, "dit")
+        _check_names("dit", set(model.state_dict()), weights)
         return model, weights
 
     model, weights = _load_or_explain("dit", folder, build)
-
-    def fill(names):
-        by_file: dict = {}
-        for name in names:
-            by_file.setdefault(weights[name], []).append(name)
-        for file, keys in by_file.items():
-            with safe_open(str(file), "pt", device=str(device)) as f:
-                for key in keys:
-                    t = f.get_tensor(key)
-                    set_module_tensor_to_device(model, key, device, value=t,
-                                                dtype=dtype if t.is_floating_point() else None)
-
     for i, block in enumerate(model.blocks):
-        _load_or_explain("dit", folder, lambda: fill([n for n in weights if n.startswith(f"blocks.{i}.")]))
+        names = [n for n in weights if n.startswith(f"blocks.{i}.")]
+        _load_or_explain("dit", folder, lambda: _fill_from_files(model, weights, names, device, dtype))
         each_block(block)
-    _load_or_explain("dit", folder, lambda: fill([n for n in weights if not n.startswith("blocks.")]))
+    rest = [n for n in weights if not n.startswith("blocks.")]
+    _load_or_explain("dit", folder, lambda: _fill_from_files(model, weights, rest, device, dtype))
     if attention:
         model.set_attention_backend(attention)
     return model.eval().requires_grad_(False)

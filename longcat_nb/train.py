@@ -316,8 +316,9 @@ def _model(cfg, dist, device, components, log):
         dit = load_dit(cfg.model.checkpoint, device, dtype,
                        each_block=lambda block: quantize_block(block, s.base_precision, device))
     else:  # straight onto the GPU where it stays whole (host RAM holds one shard at a time); else the CPU,
-        # where it is swapped or sharded block by block
-        dit = load_dit(cfg.model.checkpoint, device if single else "cpu", dtype)
+        # where it is swapped or sharded block by block (read so, for a GPU: no mapped file pages stay)
+        dit = load_dit(cfg.model.checkpoint, device if single else "cpu", dtype,
+                       each_block=(lambda block: None) if device.type == "cuda" and not single else None)
     checkpointing = checkpointing_mode(s, device, cfg.dataset)
     prep = prepare_for_training(dit, s, device, dist, cfg.model.attention, checkpointing, log)
     prep.model.train()

@@ -119,16 +119,83 @@ def test_load_dit_block_by_block_gives_the_same_weights_and_quantizes_as_it_load
         load_dit(broken, "cpu", each_block=lambda b: None)
 
 
+def _mapped(folder) -> list:
+    """Lines of /proc/self/maps that map a file under ``folder``."""
+    return [line for line in open("/proc/self/maps") if str(folder) in line]
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux's /proc")
+def test_host_copies_keep_no_file_mapped(tmp_path, tiny_ckpt, monkeypatch):
+    """What block swap packs into pinned memory, and the text encoder a small card reads onto the GPU
+    for each prompt, must not also keep the files' pages mapped: those count in host RAM (run 27: a
+    16 GiB card's sampling peaked at 35.8 GiB). Read block by block (tensors over the chunk size in
+    slices), the weights are from_pretrained's and no file stays mapped; from_pretrained's CPU load
+    keeps them mapped."""
+    import gc
+
+    import longcat_nb.model_files as mf
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    ref = load_dit(ckpt)
+    assert _mapped(ckpt)  # from_pretrained's tensors are views of the files
+    ref_sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    del ref
+    gc.collect()
+    monkeypatch.setattr(mf, "_READ_CHUNK", 1000)  # every matrix of the tiny model read in slices
+    got = load_dit(ckpt, "cpu", "float32", each_block=lambda b: None)
+    enc = mf._load_text_encoder_by_layer(ckpt, "cpu", torch.bfloat16)
+    gc.collect()
+    assert not _mapped(ckpt)
+    assert all(torch.equal(ref_sd[k], v) for k, v in got.state_dict().items())
+    assert enc.shared.weight is enc.encoder.embed_tokens.weight  # one token table, as the files hold one
+
+
+def test_text_encoder_read_layer_by_layer_is_from_pretrained(tmp_path, tiny_ckpt):
+    """The accelerator's text encoder loader gives from_pretrained's model: values, dtypes (float16 keeps
+    the feed-forward outputs in float32, as UMT5 asks), the tied token table, and its output; files
+    that hold an embedding of the encoder's own keep it apart, as from_pretrained does."""
+    from safetensors.torch import load_file, save_file
+    from transformers import UMT5EncoderModel
+
+    from longcat_nb.model_files import _load_text_encoder_by_layer, load_text_encoder
+
+    for dtype in (torch.bfloat16, torch.float16):
+        ref, got = load_text_encoder(tiny_ckpt, "cpu", dtype), _load_text_encoder_by_layer(tiny_ckpt, "cpu", dtype)
+        a, b = ref.state_dict(), got.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+        assert any(v.dtype == torch.float32 for k, v in b.items() if ".wo." in k) == (dtype == torch.float16)
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ref(input_ids=ids).last_hidden_state, got(input_ids=ids).last_hidden_state)
+
+    two = tmp_path / "two"
+    shutil.copytree(tiny_ckpt, two)
+    weights = two / "text_encoder" / "model.safetensors"
+    sd = load_file(weights)
+    sd["encoder.embed_tokens.weight"] = sd["shared.weight"] * 2
+    save_file(sd, weights, metadata={"format": "pt"})
+    ref = UMT5EncoderModel.from_pretrained(two, subfolder="text_encoder", dtype=torch.float32)
+    got = _load_text_encoder_by_layer(two, "cpu", torch.float32)
+    assert got.shared.weight is not got.encoder.embed_tokens.weight
+    a, b = ref.state_dict(), got.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.gpu
 def test_load_dit_block_by_block_onto_the_gpu(tiny_ckpt):
     """The each_block path reads each tensor straight onto the GPU: same weights as from_pretrained's
-    device_map load, and an int8 base quantized there computes what load-then-quantize does."""
+    device_map load (the text encoder's too, read layer by layer), and an int8 base quantized there
+    computes what load-then-quantize does."""
     from longcat_nb.memory import apply_base_precision, quantize_block
 
     ref = load_dit(tiny_ckpt, "cuda", "bfloat16")
     got = load_dit(tiny_ckpt, "cuda", "bfloat16", each_block=lambda b: None)
     a, b = ref.state_dict(), got.state_dict()
     assert all(b[k].is_cuda and b[k].dtype == a[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    from longcat_nb.model_files import load_text_encoder  # layer by layer onto the GPU
+    a = load_text_encoder(tiny_ckpt, "cpu", "bfloat16").state_dict()
+    b = load_text_encoder(tiny_ckpt, "cuda", "bfloat16").state_dict()
+    assert a.keys() == b.keys() and all(b[k].is_cuda and torch.equal(a[k], b[k].cpu()) for k in a)
     pytest.importorskip("optimum.quanto")
     q = load_dit(tiny_ckpt, "cuda", "bfloat16", each_block=lambda blk: quantize_block(blk, "int8", "cuda"))
     plain = apply_base_precision(load_dit(tiny_ckpt, "cpu", "bfloat16"), "int8", "cuda")

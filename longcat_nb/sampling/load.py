@@ -151,8 +151,9 @@ def load_sampling_components(model, offload: str = "none", precision: str = "aut
     if prec in QUANTIZED and dev.type == "cuda" and not blocks_to_swap:  # quantized as it loads onto the GPU
         comps.dit = load_dit(model.checkpoint, dev, compute_dtype(prec, dev), model.attention,
                              each_block=lambda block: quantize_block(block, prec, dev, backward=False))
-    else:
-        comps.dit = load_dit(model.checkpoint, "cpu", compute_dtype(prec, dev), model.attention)
+    else:  # on the host, for block swap: block by block into memory of its own, the files unmapped (run 27)
+        comps.dit = load_dit(model.checkpoint, "cpu", compute_dtype(prec, dev), model.attention,
+                             each_block=(lambda block: None) if dev.type == "cuda" else None)
     try:
         comps.memory = prepare_for_sampling(comps.dit, prec, int(blocks_to_swap), dev, home, compile)
     except ImportError as e:
