@@ -18,8 +18,9 @@ its host-RAM peak is its own and no Jupyter is needed):
 4. ``scan`` -> ``cache`` -> ``train`` (``--train-steps``, one validation clip at 480x832x93) ->
    ``sample_t2v`` and ``sample_i2v`` (480x832x93, ``--sample-steps`` CFG steps, base and LoRA).
 
-Per stage: wall seconds, GPU peak (torch's allocator), host RSS peak (pinned memory included), bytes
-written to disk. Training also gives the median step time, and from it **time to a LoRA** at the
+Per stage: wall seconds, GPU peak (torch's allocator), host RSS peak (VmHWM, pinned memory included)
+and its two parts' peaks (``host_anon_peak_gib``: the process's own memory; ``host_file_peak_gib``:
+mapped file pages), bytes written to disk. Training also gives the median step time, and from it **time to a LoRA** at the
 defaults: caching + the first step (compilation) + 999 more steps. ``--cards``: per card the GPU is
 capped with LONGCAT_NB_GPU_MEMORY_GIB (torch.cuda.set_per_process_memory_fraction) and the planner's
 recommendation for that size is applied; the planner's predictions are stored beside the measured peaks.

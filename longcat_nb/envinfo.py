@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import platform
+import threading
 
 import torch
 
@@ -106,6 +107,42 @@ def proc_status_gib(key: str):
     except OSError:
         pass
     return None
+
+
+class RssPeaks:
+    """Peaks of this process's anonymous memory (RssAnon: its own, page-locked included) and of the
+    file pages it maps (RssFile: model files read through a mapping, which the kernel may drop and read
+    again) while the ``with`` block runs, polled from /proc/self/status every ``every`` seconds;
+    ``gib()`` gives them (empty off Linux). VmHWM, the one peak the kernel keeps, adds the two."""
+
+    def __init__(self, every: float = 0.05):
+        self.every, self.peak = every, {}
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _poll(self) -> None:
+        while True:
+            for key in ("RssAnon", "RssFile"):
+                v = proc_status_gib(key)
+                if v is not None:
+                    self.peak[key] = max(self.peak.get(key, 0.0), v)
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self):
+        if proc_status_gib("RssAnon") is not None:
+            self._thread = threading.Thread(target=self._poll, name="rss-peaks", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return False
+
+    def gib(self) -> dict:
+        return {f"host_{'anon' if k == 'RssAnon' else 'file'}_peak_gib": v for k, v in self.peak.items()}
 
 
 def gpu_memory_gib(device=0) -> float:

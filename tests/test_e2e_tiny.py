@@ -36,6 +36,7 @@ def test_e2e_script_runs_every_stage_on_the_tiny_model(tmp_path):
         assert all(Path(p).stat().st_size > 0 for p in run[mode]["samples"].values())
     for stage in ("scan", "cache", "train", "sample_t2v", "sample_i2v"):
         assert run[stage]["wall_s"] > 0 and run[stage]["host_rss_peak_gib"] > 0
+        assert run[stage]["host_anon_peak_gib"] > 0  # the peak's own part, apart from mapped file pages
     ttl = run["time_to_lora"]
     # caching + the steps measured + the rest at the steady step time (step_s and total_s are rounded)
     secs = run["train"]["step_seconds"]

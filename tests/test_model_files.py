@@ -151,6 +151,30 @@ def test_host_copies_keep_no_file_mapped(tmp_path, tiny_ckpt, monkeypatch):
     assert enc.shared.weight is enc.encoder.embed_tokens.weight  # one token table, as the files hold one
 
 
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux's /proc")
+def test_rss_peaks_tell_own_memory_from_mapped_file_pages(tmp_path):
+    """Each stage's record splits its host peak: memory of its own (RssAnon) and mapped file pages
+    (RssFile), which VmHWM adds together. A 256 MiB buffer filled and freed inside the block, and a
+    256 MiB file mapped and read, each show in their own peak after they are gone."""
+    import mmap
+    import time
+
+    from longcat_nb.envinfo import RssPeaks, proc_status_gib
+
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"\1" * (256 << 20))
+    anon0, file0 = proc_status_gib("RssAnon"), proc_status_gib("RssFile")
+    with RssPeaks(every=0.01) as rss:
+        buf = torch.ones(256 << 20, dtype=torch.uint8)
+        time.sleep(0.2)
+        del buf
+        with open(blob, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            assert sum(m[i] for i in range(0, len(m), 4096)) == (256 << 20) // 4096
+            time.sleep(0.2)
+    got = rss.gib()
+    assert got["host_anon_peak_gib"] >= anon0 + 0.2 and got["host_file_peak_gib"] >= file0 + 0.2
+
+
 def test_text_encoder_read_layer_by_layer_is_from_pretrained(tmp_path, tiny_ckpt):
     """The accelerator's text encoder loader gives from_pretrained's model: values, dtypes (float16 keeps
     the feed-forward outputs in float32, as UMT5 asks), the tied token table, and its output; files

@@ -97,12 +97,13 @@ def run_stage(stage: str, run_dir, params: dict, log: Callable[[str], None] = pr
     """Run one stage; the summary it returns gets ``seconds`` and the resource peaks."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: choose one of {sorted(STAGES)}")
-    from ..envinfo import apply_gpu_memory_cap
+    from ..envinfo import RssPeaks, apply_gpu_memory_cap
 
     module = importlib.import_module(f".{stage}", __name__)
     cap = apply_gpu_memory_cap()
     if cap is not None:
         log(f"GPU memory capped at {cap:.1f} GiB (LONGCAT_NB_GPU_MEMORY_GIB)")
     t0 = time.time()
-    summary = module.run(run_dir, params, log=log, **kwargs)
-    return {"stage": stage, **summary, "seconds": round(time.time() - t0, 2), **resources()}
+    with RssPeaks() as rss:
+        summary = module.run(run_dir, params, log=log, **kwargs)
+    return {"stage": stage, **summary, "seconds": round(time.time() - t0, 2), **resources(), **rss.gib()}
