@@ -245,7 +245,8 @@ def load_dit(checkpoint="", device="cpu", dtype: Any = "auto", attention: Option
     ``each_block(block)``: the model is filled block by block instead (:func:`_load_dit_by_block`),
     each block's tensors read from its shards straight onto ``device`` and handed to ``each_block``
     as soon as they are in (to quantize it there): neither host memory nor the device ever holds the
-    unquantized model, which a 24 GiB card's quantized base needs."""
+    unquantized model, which a 24 GiB card's quantized base needs. On the CPU that path gives tensors
+    in memory of their own, no file left mapped: block swap's host-side model reads it so."""
     if each_block is not None:
         return _load_dit_by_block(checkpoint, device, dtype, attention, each_block)
     folder = check_checkpoint(checkpoint, ["dit"])
