@@ -56,23 +56,29 @@ def apply_gpu_memory_cap(device: int = 0) -> float | None:
 
 
 def configure_allocator(log=None) -> bool:
-    """Expandable segments for torch's CUDA caching allocator, unless PYTORCH_CUDA_ALLOC_CONF says
-    otherwise: without them, blocks of many sizes (a bucket shape each, block swap's copies) leave
-    memory reserved that no later request fits (80 GiB training run 21: 99 GiB reserved for 65 GiB
+    """Expandable segments for torch's CUDA caching allocator, unless PYTORCH_CUDA_ALLOC_CONF (or the
+    newer PYTORCH_ALLOC_CONF) says otherwise: without them, blocks of many sizes (a bucket shape each,
+    block swap's copies) leave memory reserved that no later request fits (80 GiB training run 21: 99 GiB reserved for 65 GiB
     allocated), and a capped or small card runs out with room to spare. Takes effect for the
     allocations after it, so it may run after CUDA started. True when set now."""
-    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or not torch.cuda.is_available():
+    if {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(os.environ) or not torch.cuda.is_available():
         return False
     if getattr(configure_allocator, "done", False):
         return False
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        _allocator_setter()("expandable_segments:True")
     except (AttributeError, RuntimeError) as e:  # an older torch or a backend without them
         if log is not None:
             log(f"CUDA allocator: expandable segments not set ({e})")
         return False
     configure_allocator.done = True
     return True
+
+
+def _allocator_setter():
+    """torch's setter of allocator options: torch.cuda's (deprecated since 2.11, with a FutureWarning
+    every call) only forwards to the accelerator-wide one that newer torch has."""
+    return getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
 
 
 def gpu_memory_peaks(device) -> str:

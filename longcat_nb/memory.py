@@ -105,7 +105,9 @@ def apply_base_precision(model: nn.Module, precision: str, device: torch.device 
     dtype = compute_dtype(precision, device)
     model.requires_grad_(False)
     if precision not in QUANTIZED:
-        return model.to(device=device, dtype=dtype)
+        # nn.Module's own .to: diffusers' warns on every dtype cast that modules "should be kept in
+        # float32: []" (an empty list for this model), which a user would take for a fault
+        return nn.Module.to(model, device=device, dtype=dtype)
     for block in model.blocks:
         if getattr(block, "base_precision", None) != precision:  # not quantized as it loaded
             block.to(device=device, dtype=dtype)

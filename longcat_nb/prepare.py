@@ -145,7 +145,8 @@ def prepare_for_sampling(model: nn.Module, precision: str, blocks_to_swap: int, 
         if precision in QUANTIZED:                                                             # 1
             apply_base_precision(model, precision, device, log=log or logger.info, backward=False)
         else:
-            model.requires_grad_(False).to(dtype=compute_dtype(precision, device))
+            # nn.Module's .to: diffusers' own warns of "modules kept in float32: []" on any cast
+            nn.Module.to(model.requires_grad_(False), dtype=compute_dtype(precision, device))
     apply_attention(model, None, device)                                                       # 3
     if not placed:
         apply_swap(model, blocks_to_swap, device, home)                                        # 6

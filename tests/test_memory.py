@@ -287,11 +287,13 @@ def test_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):
 
     calls = []
     monkeypatch.setattr(envinfo.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(envinfo.torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.setattr(envinfo, "_allocator_setter", lambda: calls.append)
     monkeypatch.delattr(envinfo.configure_allocator, "done", raising=False)
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
-    assert envinfo.configure_allocator() is False and calls == []  # the user's own setting stays
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # the old and the new name
+        monkeypatch.setenv(name, "max_split_size_mb:512")
+        assert envinfo.configure_allocator() is False and calls == []  # the user's own setting stays
+        monkeypatch.delenv(name)
     assert envinfo.configure_allocator() is True and calls == ["expandable_segments:True"]
     assert envinfo.configure_allocator() is False and len(calls) == 1  # once a process
     monkeypatch.delattr(envinfo.configure_allocator, "done")
@@ -308,3 +310,21 @@ def test_allocator_settings_take_effect_on_cuda(monkeypatch):
     x = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # a new segment, made after the setting
     x.fill_(1)
     assert any(seg.get("is_expandable") for seg in torch.cuda.memory_snapshot())
+
+
+def test_unquantized_base_casts_without_a_false_warning(monkeypatch):
+    """bf16 on a 24/16 GiB card's sampling path: the cast says nothing about 'modules that should be
+    kept in float32' (diffusers warns so on any .to(dtype), with an empty list for this model)."""
+    import diffusers.models.modeling_utils as mu
+
+    said = []
+    monkeypatch.setattr(mu.logger, "warning", lambda msg, *a, **k: said.append(str(msg)))
+    from longcat_nb.prepare import prepare_for_sampling
+
+    m = apply_base_precision(tiny_model(), "bf16", "cpu")
+    s = tiny_model()
+    prepare_for_sampling(s, "bf16", 0, "cpu", compile="off")
+    assert said == []
+    assert all(p.dtype == torch.bfloat16 for p in [*m.parameters(), *s.parameters()])
+    tiny_model().to(dtype=torch.bfloat16)  # what it replaced: diffusers' own .to does warn
+    assert said and "float32" in said[0]
