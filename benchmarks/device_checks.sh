@@ -12,7 +12,8 @@
 # shapes with expandable_segments, reserved against allocated), card24 / card16 (issue 25: the card capped;
 # CARD_STAGES=checkpoint,dataset,scan,cache,train runs it without sampling, which does not fit in the same call),
 # cards_sample (both caps' T2V sampling, base model, 4 steps), card16_sample (the 16 GiB one alone), card24_long / card16_long (12 training steps
-# without validation: every bucket shape, and the I2V sample, met twice, for the steady step).
+# without validation: every bucket shape, and the I2V sample, met twice, for the steady step), card24_lora /
+# card16_lora (2 training steps, then I2V sampling with the LoRA beside the base: the capped stages T2V left out).
 set -u
 STEPS=${1:-e2e,gpu_tests}
 END=$(( $(date +%s) + ${2:-570} ))
@@ -77,6 +78,9 @@ for s in ${STEPS//,/ }; do
         card24_long|card16_long) c=${s#card}; step "$s" 450 python3 benchmarks/e2e_full_size.py --work /tmp/e2e \
                  --cards "${c%_long}" --train-steps 12 --skip-validation \
                  --stages checkpoint,dataset,scan,cache,train --out "$OUT/$s.json" ;;
+        card24_lora|card16_lora) c=${s#card}; step "$s" 300 python3 benchmarks/e2e_full_size.py --work /tmp/e2e \
+                 --cards "${c%_lora}" --train-steps 2 --skip-validation --sample-steps 4 \
+                 --stages checkpoint,dataset,scan,cache,train,sample_i2v --out "$OUT/$s.json" ;;
         *) echo "unknown step $s" ;;
     esac
 done
