@@ -351,6 +351,17 @@ def time_to_lora(stages: dict, steps: int = 1000) -> dict | None:
             "total_s": round(total, 1), "total_h": round(total / 3600, 2)}
 
 
+def clip_seconds(timings: dict, steps: int = 50) -> float | None:
+    """A clip at ``steps`` denoising steps from one measured at fewer (the sample stage's ``timings``):
+    its prompt encoding, placement, first step (which compiles) and decode as measured, the other
+    steps at the median of the measured steps after the first."""
+    measured = timings.get("steps_s") or []
+    if not measured:
+        return None
+    steady = statistics.median(measured[1:] or measured)
+    return round(timings["text_s"] + timings["place_s"] + measured[0] + steady * (steps - 1) + timings["decode_s"], 1)
+
+
 def run_card(args, report: Report, card: int | None, work: Path, ckpt: Path, data: Path) -> None:
     label = f"{card}GiB" if card else ("cpu" if args.tiny else "gpu")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -379,6 +390,8 @@ def run_card(args, report: Report, card: int | None, work: Path, ckpt: Path, dat
             break
         rec["disk_written_bytes"] = disk_bytes(run_dir) - before
         rec["disk_written_gib"] = round(rec["disk_written_bytes"] / 2**30, 3)
+        if rec.get("timings"):  # what a clip at 04's 50 steps takes, from the steps measured here
+            rec["clip_at_50_steps_s"] = {k: clip_seconds(t) for k, t in rec["timings"].items()}
         report.put(label, stage, rec)
         done[stage] = rec
     ttl = time_to_lora(done)

@@ -34,6 +34,9 @@ def test_e2e_script_runs_every_stage_on_the_tiny_model(tmp_path):
     for mode in ("sample_t2v", "sample_i2v"):
         assert set(run[mode]["samples"]) == {"base", "lora"}
         assert all(Path(p).stat().st_size > 0 for p in run[mode]["samples"].values())
+        # each clip's denoising steps timed apart from its prompt encoding and decode
+        assert all(len(t["steps_s"]) == rep["sample_steps"] for t in run[mode]["timings"].values())
+        assert all(v > 0 for v in run[mode]["clip_at_50_steps_s"].values())
     for stage in ("scan", "cache", "train", "sample_t2v", "sample_i2v"):
         assert run[stage]["wall_s"] > 0 and run[stage]["host_rss_peak_gib"] > 0
         assert run[stage]["host_anon_peak_gib"] > 0  # the peak's own part, apart from mapped file pages
@@ -70,3 +73,14 @@ def test_time_to_lora_takes_the_steady_step_from_repeated_shapes():
     ttl = time_to_lora({"train": {"step_seconds": [57.058, 21.498, 43.348, 46.646],
                                   "step_shapes": [b, a, "1x16x24x96x64", a]}})
     assert not ttl["steady"] and ttl["step_s"] == pytest.approx(46.646) and ttl["compile_s"] == 0.0
+
+
+def test_clip_at_50_steps_counts_the_first_step_once():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from e2e_full_size import clip_seconds
+
+    # 4 steps measured, the first compiling: 49 more at the median of the other three
+    t = {"text_s": 5.0, "place_s": 2.0, "steps_s": [20.0, 6.0, 6.2, 6.1], "decode_s": 9.0}
+    assert clip_seconds(t) == pytest.approx(5 + 2 + 20 + 49 * 6.1 + 9)
+    assert clip_seconds({**t, "steps_s": [7.0]}, steps=3) == pytest.approx(5 + 2 + 7 + 2 * 7 + 9)
+    assert clip_seconds({**t, "steps_s": []}) is None

@@ -163,6 +163,11 @@ def test_determinism_seed_and_negative_prompt(comps):
     assert not torch.equal(a.latents, c.latents)
     assert a.video.shape == (9, 64, 64, 3) and a.video.dtype == np.uint8
     assert a.settings["guidance"] == 4.0 and a.settings["schedule"] == "normal" and len(a.settings["timesteps"]) == 3
+    # where the seconds went: each of the 3 steps timed, the phases inside the clip's own time
+    tm = a.timings
+    assert len(tm["steps_s"]) == 3 and all(s > 0 for s in tm["steps_s"])
+    assert tm["text_s"] > 0 and tm["decode_s"] > 0 and tm["place_s"] >= 0
+    assert tm["text_s"] + tm["place_s"] + sum(tm["steps_s"]) + tm["decode_s"] <= a.seconds
     # guidance > 1 without a negative prompt = the empty negative; another negative changes the result
     empty = generate(comps, SampleRequest("a red ball", negative_prompt="", seed=1, **SMALL), progress=False)
     other = generate(comps, SampleRequest("a red ball", negative_prompt="blurry, static", seed=1, **SMALL), progress=False)

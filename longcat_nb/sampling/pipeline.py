@@ -51,6 +51,15 @@ def cfg_zero_star(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
 # ---------------------------------------------------------------------------------------------
 # progress and out-of-memory advice
 # ---------------------------------------------------------------------------------------------
+def _clock(dev):
+    """A timer that waits for ``dev``'s queued work first, so a phase's seconds are its own."""
+    def now() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+    return now
+
+
 def _progress(progress, total: int, desc: str):
     if not progress:
         return None
@@ -294,7 +303,7 @@ def generate(components, request: SampleRequest, loras: Optional[Sequence[tuple]
     to ``device`` only while they run). vae_tiling_enabled: tiled VAE for this call (None = as is).
     """
     req = request.resolved().validate()
-    t0 = time.time()
+    t0 = time.perf_counter()
     dit, vae = components.dit, components.vae
     if dit is None or vae is None or components.scheduler is None:
         raise SampleError("generate needs components with dit, vae and scheduler loaded (model_files.load_components)")
@@ -306,29 +315,42 @@ def generate(components, request: SampleRequest, loras: Optional[Sequence[tuple]
     _set_size(req, cond_frames)
 
     # text first, so the encoder can leave the GPU before the DiT needs it
+    clock = _clock(dev)
     if text is not None:
         emb, mask = _text_batch(text, guided, dev, dtype)
     else:
         emb, mask = encode_text(components, req.prompt, req.negative_prompt, guided, dev, dtype, offload,
                                 text_encoder_to_cpu, required_encoder(p for p, _ in lora_list))
     latents, n_cond = _initial_latents(components, req, cond_frames, dev, offload)
+    marks = {"text": clock()}
+    steps = [marks["text"]]
+
+    def timed(i, t, x):
+        steps.append(clock())
+        if callback is not None:
+            callback(i, t, x)
 
     schedule = _schedule_name(req)
     try:
         with temporary_loras(dit, lora_list), placed(dit, dev, offload == "model"):
+            steps[0] = marks["place"] = clock()
             latents, timesteps = denoise(
                 dit, components.scheduler, latents, emb, mask, req.steps, schedule, req.guidance, n_cond,
                 use_kv_cache=req.mode == "continuation" and req.use_kv_cache, offload_kv_cache=offload_kv_cache,
-                progress=progress, callback=callback, preview=preview)
+                progress=progress, callback=timed, preview=preview)
     except torch.cuda.OutOfMemoryError as e:
         raise _oom_error(e, dev, req.height, req.width, req.num_frames, guided, _memory(components)) from e
 
+    marks["denoised"] = clock()
     with placed(vae, dev, offload == "model"), vae_tiling(vae, vae_tiling_enabled):
         frames = to_uint8_frames(decode_latents(vae, latents))[0]
+    timings = {"text_s": marks["text"] - t0, "place_s": marks["place"] - marks["text"],
+               "steps_s": [b - a for a, b in zip(steps, steps[1:])], "decode_s": clock() - marks["denoised"]}
     settings = {k: v for k, v in asdict(req).items() if k not in ("image", "video")}
     settings.update(image=_describe(req.image), video=_describe(req.video), schedule=schedule,
                     num_cond_latents=n_cond, **run_record(components, lora_list, timesteps, dev, dtype))
-    return SampleResult(video=frames, latents=latents.cpu(), settings=settings, seconds=time.time() - t0)
+    return SampleResult(video=frames, latents=latents.cpu(), settings=settings, seconds=time.perf_counter() - t0,
+                        timings=timings)
 
 
 def compare_base_and_lora(components, request: SampleRequest, lora=None, scale: float = 1.0,

@@ -205,6 +205,10 @@ def refine_samples(run_dir, components, samples: Samples, enabled: bool, offload
 # ---------------------------------------------------------------------------------------------
 # the CLI
 # ---------------------------------------------------------------------------------------------
+def _rounded(timings: dict) -> dict:
+    return {k: [round(x, 3) for x in v] if isinstance(v, list) else round(v, 3) for k, v in timings.items()}
+
+
 def run(run_dir, params: dict, log=print) -> dict:
     sections, options = split_parameters("sample", params, OPTIONS)
     cfg = apply_settings(run_dir, sections)
@@ -218,4 +222,5 @@ def run(run_dir, params: dict, log=print) -> dict:
         log(f"{name}: {out.paths[name]} ({res.seconds:.1f} s)")
     return {"samples": {k: str(p) for k, p in out.paths.items()},
             "seconds_per_clip": {k: round(r.seconds, 2) for k, r in out.results.items()},
+            "timings": {k: _rounded(r.timings) for k, r in out.results.items()},
             "size": list(next(iter(out.results.values())).video.shape[:3])}
