@@ -20,8 +20,11 @@ its host-RAM peak is its own and no Jupyter is needed):
 
 Per stage: wall seconds, GPU peak (torch's allocator), host RSS peak (VmHWM, pinned memory included)
 and its two parts' peaks (``host_anon_peak_gib``: the process's own memory; ``host_file_peak_gib``:
-mapped file pages), bytes written to disk. Training also gives the median step time, and from it **time to a LoRA** at the
-defaults: caching + the first step (compilation) + 999 more steps. ``--cards``: per card the GPU is
+mapped file pages), bytes written to disk. ``train`` and ``sample_*`` give ``load_s``, the checkpoint
+read and the model made ready as that stage runs it (the ``load`` probe reads the bf16 model whole,
+which no capped card holds). Training also gives each step's time, and from them **time to a LoRA**
+at the defaults (:func:`time_to_lora`); sampling each clip's steps, and from them a clip at 04's 50
+steps (:func:`clip_seconds`). ``--cards``: per card the GPU is
 capped with LONGCAT_NB_GPU_MEMORY_GIB (torch.cuda.set_per_process_memory_fraction) and the planner's
 recommendation for that size is applied; the planner's predictions are stored beside the measured peaks.
 The JSON (``--out``, default $OUT/e2e.json or runs/e2e/e2e.json) is rewritten after every stage, so a run

@@ -35,6 +35,7 @@ class Prepared:
     attention: str  # the backend that actually runs
     checkpointing: str
     compiled: bool
+    load_s: float = 0.0  # seconds from reading the checkpoint to this (train._model sets it)
 
 
 # ---------------------------------------------------------------------------------------------

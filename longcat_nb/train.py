@@ -305,7 +305,7 @@ def _model(cfg, dist, device, components, log):
     from .memory import QUANTIZED, compute_dtype, quantize_block
     from .prepare import prepare_for_training
 
-    s = cfg.train
+    s, t0 = cfg.train, time.perf_counter()
     dtype = "float32" if compute_dtype(s.base_precision, device) == torch.float32 else "bfloat16"
     single = device.type == "cuda" and not s.blocks_to_swap and not dist.enabled
     if components is not None and components.dit is not None:
@@ -322,6 +322,7 @@ def _model(cfg, dist, device, components, log):
     checkpointing = checkpointing_mode(s, device, cfg.dataset)
     prep = prepare_for_training(dit, s, device, dist, cfg.model.attention, checkpointing, log)
     prep.model.train()
+    prep.load_s = time.perf_counter() - t0
     return prep
 
 
@@ -389,7 +390,8 @@ def _start(run_dir: Path, cfg, dist, device, prep, dataset, negative, validator,
     loggers = RunLoggers(run_dir, cfg.to_dict(), log) if dist.is_main else None  # train.jsonl, TensorBoard, wandb
     n_params = sum(p.numel() for p in prep.params)
     log(f"training {n_params / 1e6:.2f}M LoRA parameters on {len(dataset)} cached samples, "
-        f"{len(stream.groups)} bucket(s), device {device}, base {s.base_precision}, attention {prep.attention}" +
+        f"{len(stream.groups)} bucket(s), device {device}, base {s.base_precision}, attention {prep.attention}, "
+        f"model ready in {prep.load_s:.1f} s" +
         (f", {dist.world} processes (FSDP2, "
          f"{'replicated quantized' if s.base_precision in QUANTIZED else 'sharded'} base)" if dist.enabled else ""))
     return _Run(run_dir=run_dir, s=s, dist=dist, device=device, dtype=compute_dtype(s.base_precision, device),
@@ -532,7 +534,7 @@ def _finish(run: _Run) -> TrainResult:
     if run.dist.is_main:
         result.lora_path = export_lora(run.run_dir, run.dit, run.s, run.base_model, run.step, ema=run.ema)
     run.dist.barrier()
-    result.model = run.dit  # type: ignore[attr-defined]
+    result.model, result.load_s = run.dit, run.prep.load_s  # type: ignore[attr-defined]
     result.ema = run.ema  # type: ignore[attr-defined]
     return result
 

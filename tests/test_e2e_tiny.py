@@ -37,6 +37,8 @@ def test_e2e_script_runs_every_stage_on_the_tiny_model(tmp_path):
         # each clip's denoising steps timed apart from its prompt encoding and decode
         assert all(len(t["steps_s"]) == rep["sample_steps"] for t in run[mode]["timings"].values())
         assert all(v > 0 for v in run[mode]["clip_at_50_steps_s"].values())
+        assert run[mode]["load_s"] > 0  # the checkpoint's load time, each stage that loads it
+    assert run["train"]["load_s"] > 0
     for stage in ("scan", "cache", "train", "sample_t2v", "sample_i2v"):
         assert run[stage]["wall_s"] > 0 and run[stage]["host_rss_peak_gib"] > 0
         assert run[stage]["host_anon_peak_gib"] > 0  # the peak's own part, apart from mapped file pages

@@ -5,6 +5,7 @@ clip from the run's sample settings (``lora_path``: "" = the newest LoRA of the 
 or a file)."""
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -214,13 +215,15 @@ def run(run_dir, params: dict, log=print) -> dict:
     cfg = apply_settings(run_dir, sections)
     values = form_values(run_dir, asdict(cfg.sample), lora_path=str(options.get("lora_path", "")),
                          lora_scale=float(options.get("lora_scale", 1.0)))
+    t0 = time.perf_counter()
     components = load(run_dir, values)
+    load_s = time.perf_counter() - t0
     out = sample(run_dir, components, values, asked={("bucket" if k == "resolution" else k): v
                                                      for k, v in asdict(cfg.sample).items()},
                  progress=False, log=log)
     for name, res in out.results.items():
         log(f"{name}: {out.paths[name]} ({res.seconds:.1f} s)")
-    return {"samples": {k: str(p) for k, p in out.paths.items()},
+    return {"samples": {k: str(p) for k, p in out.paths.items()}, "load_s": round(load_s, 2),
             "seconds_per_clip": {k: round(r.seconds, 2) for k, r in out.results.items()},
             "timings": {k: _rounded(r.timings) for k, r in out.results.items()},
             "size": list(next(iter(out.results.values())).video.shape[:3])}

@@ -141,7 +141,8 @@ def run(run_dir, params: dict, log=print, on_step=None, on_validation=None) -> d
     out = {"steps": res.steps, "first_loss": res.losses[0] if res.losses else None,
            "last_loss": res.losses[-1] if res.losses else None,
            "lora": None if res.lora_path is None else str(res.lora_path),
-           "checkpoint": None if res.checkpoint is None else str(res.checkpoint)}
+           "checkpoint": None if res.checkpoint is None else str(res.checkpoint),
+           "load_s": round(getattr(res, "load_s", 0.0), 2)}  # the checkpoint read, the model ready to train
     extra = [f for f in formats if f != "peft"]
     if extra and res.lora_path is not None:
         export_lora(run_dir, res.model, cfg.train, cfg.model.checkpoint, res.steps, formats=tuple(extra),
