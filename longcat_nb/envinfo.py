@@ -58,9 +58,9 @@ def apply_gpu_memory_cap(device: int = 0) -> float | None:
 def configure_allocator(log=None) -> bool:
     """Expandable segments for torch's CUDA caching allocator, unless PYTORCH_CUDA_ALLOC_CONF (or the
     newer PYTORCH_ALLOC_CONF) says otherwise: without them, blocks of many sizes (a bucket shape each,
-    block swap's copies) leave memory reserved that no later request fits (80 GiB training run 21: 99 GiB reserved for 65 GiB
-    allocated), and a capped or small card runs out with room to spare. Takes effect for the
-    allocations after it, so it may run after CUDA started. True when set now."""
+    block swap's copies) leave memory reserved that no later request fits (80 GiB training run 21:
+    99 GiB reserved for 65 GiB allocated), and a capped or small card runs out with room to spare.
+    Takes effect for the allocations after it, so it may run after CUDA started. True when set now."""
     if {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(os.environ) or not torch.cuda.is_available():
         return False
     if getattr(configure_allocator, "done", False):

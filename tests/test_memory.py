@@ -326,5 +326,6 @@ def test_unquantized_base_casts_without_a_false_warning(monkeypatch):
     prepare_for_sampling(s, "bf16", 0, "cpu", compile="off")
     assert said == []
     assert all(p.dtype == torch.bfloat16 for p in [*m.parameters(), *s.parameters()])
-    tiny_model().to(dtype=torch.bfloat16)  # what it replaced: diffusers' own .to does warn
-    assert said and "float32" in said[0]
+    if "kept in float32" in __import__("inspect").getsource(mu.ModelMixin.to):  # a diffusers that warns so:
+        tiny_model().to(dtype=torch.bfloat16)  # its own .to does, and the patch above hears it
+        assert said and "float32" in said[0]

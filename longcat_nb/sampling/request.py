@@ -129,7 +129,7 @@ class SampleResult:
     latents: torch.Tensor  # normalized latents [1, 16, T, h, w] on the CPU (conditioning frames included)
     settings: dict = field(default_factory=dict)  # what made it (JSON-ready)
     seconds: float = 0.0
-    # where the seconds went: text_s (prompt encoding), place_s (LoRAs applied, the DiT moved to the
+    # where the seconds went: text_s (prompt encoding, and the I2V image's VAE encode), place_s (LoRAs applied, the DiT moved to the
     # GPU), steps_s (each denoising step: the first compiles), decode_s (VAE); CUDA synchronized
     timings: dict = field(default_factory=dict)
 
