@@ -189,6 +189,14 @@ def load_text_encoder(checkpoint="", device="cpu", dtype: Any = "auto"):
     return model.eval().requires_grad_(False)
 
 
+def _loading(items, desc: str):
+    """A progress bar over the parts a layer-by-layer load reads (from_pretrained shows its own per
+    shard): the 25 GiB DiT from a slow disk takes minutes, which should not look like a hang."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=f"loading {desc}", unit="", leave=False)
+
+
 def _load_text_encoder_by_layer(folder: Path, device, dtype):
     """load_text_encoder on an accelerator: an empty UMT5EncoderModel of text_encoder/config.json,
     filled one encoder layer at a time, then the token table and the final norm. The token table is
@@ -205,7 +213,7 @@ def _load_text_encoder_by_layer(folder: Path, device, dtype):
     names = set(model.state_dict()) - ({tied} if tied not in weights else set())
     _check_names("text_encoder", names, weights)
     keep_fp32 = (lambda name: ".wo." in name) if dtype == torch.float16 else None
-    for i in range(len(model.encoder.block)):
+    for i in _loading(range(len(model.encoder.block)), "text encoder layers"):
         _fill_from_files(model, weights, [n for n in weights if n.startswith(f"encoder.block.{i}.")], device,
                          dtype, keep_fp32)
     _fill_from_files(model, weights, [n for n in weights if not n.startswith("encoder.block.")], device, dtype)
@@ -354,7 +362,7 @@ def _load_dit_by_block(checkpoint, device, dtype, attention, each_block):
         return model, weights
 
     model, weights = _load_or_explain("dit", folder, build)
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(_loading(model.blocks, "dit blocks")):
         names = [n for n in weights if n.startswith(f"blocks.{i}.")]
         _load_or_explain("dit", folder, lambda: _fill_from_files(model, weights, names, device, dtype))
         each_block(block)

@@ -228,3 +228,16 @@ def test_load_dit_block_by_block_onto_the_gpu(tiny_ckpt):
     y, m = torch.randn(1, 1, 512, 32, device="cuda", dtype=torch.bfloat16), torch.ones(1, 512, dtype=torch.long, device="cuda")
     with torch.no_grad():
         assert torch.equal(q(x, t, y, m), plain(x, t, y, m))
+
+
+def test_layer_by_layer_loads_show_their_progress(tiny_ckpt, capsys):
+    """A small card's DiT is read block by block (from_pretrained's shard bar does not show then), and
+    its text encoder layer by layer: each says how far it is, so a minute of disk reads is no hang."""
+    import longcat_nb.model_files as mf
+
+    dit = load_dit(tiny_ckpt, "cpu", "float32", each_block=lambda b: None)
+    enc = mf._load_text_encoder_by_layer(tiny_ckpt, "cpu", torch.bfloat16)
+    err = capsys.readouterr().err
+    n, m = len(dit.blocks), len(enc.encoder.block)
+    assert "loading dit blocks:" in err and f"0/{n} " in err  # the bar, with its total
+    assert "loading text encoder layers:" in err and f"0/{m} " in err
