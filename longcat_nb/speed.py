@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,10 @@ def apply_compile(model: nn.Module, scope: str = "auto", mode: str | None = None
     they leave (a selective-checkpointing wrapper is compiled with the block)."""
     from .models import dit as dit_module
 
+    # The float32 regions (modulation, gated residuals, final layer: the official fp32 autocast) stay full
+    # float32 on purpose; Inductor's hint to turn on TF32 for them would change the numerics.
+    warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores for float32 matrix multiplication",
+                            category=UserWarning)
     if scope == "auto":
         scope = "blocks"
     if scope == "glue":

@@ -210,3 +210,24 @@ def test_attention_backend_choice_and_fallbacks():
     assert torch.allclose(out, dense, atol=1e-6)
     with pytest.raises(ValueError, match="attention_implementation"):
         LongCatVideoTransformer3DModel(**TINY, attention_implementation="magic")
+
+
+def test_compile_keeps_float32_regions_exact_and_quiet():
+    """Compiled blocks leave the float32 regions in full float32 (TF32 stays off), and Inductor's hint to
+    turn TF32 on for them, printed once per sampling run before, no longer shows."""
+    import warnings
+
+    from longcat_nb.speed import apply_compile, disable_compile
+
+    m = LongCatVideoTransformer3DModel(depth=1)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        apply_compile(m, scope="blocks")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn("TensorFloat32 tensor cores for float32 matrix multiplication available but not "
+                          "enabled. Consider setting `torch.set_float32_matmul_precision('high')`", UserWarning)
+            warnings.warn("another UserWarning still shows", UserWarning)
+    finally:
+        disable_compile(m)
+    assert [str(w.message) for w in caught] == ["another UserWarning still shows"]
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32
