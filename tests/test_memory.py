@@ -156,6 +156,24 @@ def test_every_checkpointing_mode_gives_the_same_gradients():
     assert "forward" not in m.blocks[0].__dict__
 
 
+def test_selective_checkpointing_drops_torchs_in_place_caution(caplog):
+    """Compiled selective blocks made torch print a four-line caution about in-place ops at every
+    training start; the kit's blocks hold none, so it is dropped, and the logger's other messages pass."""
+    import logging
+
+    from longcat_nb.memory import apply_gradient_checkpointing
+
+    log = logging.getLogger("torch._higher_order_ops.wrap")
+    apply_gradient_checkpointing(tiny_model(), "selective")
+    apply_gradient_checkpointing(tiny_model(), "selective")  # one filter, however often
+    assert sum(type(f).__name__ == "_NoInPlaceCaution" for f in log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log.warning("\nDetected that context_fn is passed to torch.utils.checkpoint under torch.compile.\n"
+                    "Please make sure the checkpointed region does not contain in-place ops (e.g. torch.relu_).\n")
+        log.warning("some other warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other warning"]
+
+
 def test_selective_checkpointing_keeps_attention_and_recomputes_the_rest():
     """The backward of a selectively checkpointed block runs no attention again, but does rerun the
     matmuls; full checkpointing reruns attention too (counted with a dispatch mode)."""
