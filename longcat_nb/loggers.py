@@ -26,16 +26,21 @@ class RunLoggers:
                             s.get("wandb_mode", "offline"), log)
 
     def write(self, rec: dict) -> None:
-        with open(self.jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-        step = rec["step"]
-        if self.tb is not None:
-            self.tb.add_scalar("loss", rec["loss"], step)
-            self.tb.add_scalar("lr", rec["lr"], step)
-            if "eval_loss" in rec:
-                self.tb.add_scalar("eval_loss", rec["eval_loss"], step)
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in rec.items() if _number(v) and k != "step"}, step=step)
+        """The step into every log. A Ctrl-C meanwhile waits until all have it: no half line in
+        train.jsonl, and no interrupt inside TensorBoard's or wandb's own code."""
+        from .resume import interrupt_held
+
+        with interrupt_held():
+            with open(self.jsonl, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            step = rec["step"]
+            if self.tb is not None:
+                self.tb.add_scalar("loss", rec["loss"], step)
+                self.tb.add_scalar("lr", rec["lr"], step)
+                if "eval_loss" in rec:
+                    self.tb.add_scalar("eval_loss", rec["eval_loss"], step)
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in rec.items() if _number(v) and k != "step"}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -180,16 +180,45 @@ def test_interrupt_before_a_new_step_keeps_the_checkpoint_as_it_is(cached, tmp_p
     assert not (run / ".train.lock").exists()
 
 
+def test_ctrl_c_while_a_step_is_logged_waits_until_every_log_has_it(tmp_path):
+    """An interrupt that lands inside the logging of a step (here inside TensorBoard's first call)
+    surfaces only once every log has the step: train.jsonl gets no half line, no logger is cut off."""
+    from longcat_nb.loggers import RunLoggers
+
+    calls = []
+
+    class InterruptedOnce:
+        def add_scalar(self, *a):
+            calls.append(a[0])
+            if len(calls) == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler runs here, in the main thread, when nothing holds it
+
+    logs = RunLoggers(tmp_path, {"train": {"wandb": "off"}})
+    logs.tb = InterruptedOnce()
+    with pytest.raises(KeyboardInterrupt):
+        logs.write({"step": 3, "loss": 0.5, "lr": 1e-4, "eval_loss": 0.4})
+    assert calls == ["loss", "lr", "eval_loss"]
+    assert [json.loads(l)["step"] for l in (tmp_path / "logs" / "train.jsonl").read_text().splitlines()] == [3]
+
+
 def test_sigint_to_the_cli_saves_and_exits_with_one_line(cached, tmp_path):
     run = _run(cached, tmp_path / "cli", steps=10_000, checkpoint_every=0)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
+           "PYTHONFAULTHANDLER": "1"}  # a SIGABRT then prints where every thread is
     p = subprocess.Popen([sys.executable, "-m", "longcat_nb", "train", "--run-dir", str(run)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     for line in p.stdout:
         if line.startswith('{"event": "step"') and json.loads(line)["step"] >= 2:
             break
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+    try:
+        out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)
+        out, err = p.communicate()
+        pytest.fail(f"no stop 120 s after SIGINT; {out.count(chr(10))} more lines on stdout; where it was:\n"
+                    f"{err[-6000:]}")
     assert p.returncode == 130, err[-3000:]
     last = err.strip().splitlines()[-1]  # the lines before it are the libraries' import noise
     assert "Traceback" not in err and last.startswith("stopped: interrupted at step"), err[-3000:]
