@@ -30,8 +30,9 @@ def apply_compile(model: nn.Module, scope: str = "auto", mode: str | None = None
     they leave (a selective-checkpointing wrapper is compiled with the block)."""
     from .models import dit as dit_module
 
-    # The float32 regions (modulation, gated residuals, final layer: the official fp32 autocast) stay full
-    # float32 on purpose; Inductor's hint to turn on TF32 for them would change the numerics.
+    # The float32 regions (modulation, gated residuals, final layer: the official fp32 autocast) run in full
+    # float32 when sampling, on purpose (training's step turns TF32 on itself: train._tf32); Inductor's hint
+    # to turn TF32 on everywhere would change the samples.
     warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores for float32 matrix multiplication",
                             category=UserWarning)
     if scope == "auto":
