@@ -185,8 +185,19 @@ def _command(name: str):
     return COMMANDS.get(name) or (_train if name == "train" else _stage)
 
 
+def _sigint_stops() -> None:
+    """A script's background job (``cmd &`` in a non-interactive shell) starts with SIGINT ignored; an
+    explicit ``kill -INT`` must still save and stop a stage, as Ctrl-C does."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    _sigint_stops()
     if getattr(args, "run_dir", None) is not None:
         from .paths import resolve_run_dir
 

@@ -196,8 +196,12 @@ def test_ctrl_c_while_a_step_is_logged_waits_until_every_log_has_it(tmp_path):
 
     logs = RunLoggers(tmp_path, {"train": {"wandb": "off"}})
     logs.tb = InterruptedOnce()
-    with pytest.raises(KeyboardInterrupt):
-        logs.write({"step": 3, "loss": 0.5, "lr": 1e-4, "eval_loss": 0.4})
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whoever started pytest
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            logs.write({"step": 3, "loss": 0.5, "lr": 1e-4, "eval_loss": 0.4})
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert calls == ["loss", "lr", "eval_loss"]
     assert [json.loads(l)["step"] for l in (tmp_path / "logs" / "train.jsonl").read_text().splitlines()] == [3]
 
@@ -206,8 +210,10 @@ def test_sigint_to_the_cli_saves_and_exits_with_one_line(cached, tmp_path):
     run = _run(cached, tmp_path / "cli", steps=10_000, checkpoint_every=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
            "PYTHONFAULTHANDLER": "1"}  # a SIGABRT then prints where every thread is
+    # started with SIGINT ignored, as a script's background job is (CI may run so): the CLI still stops
     p = subprocess.Popen([sys.executable, "-m", "longcat_nb", "train", "--run-dir", str(run)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     for line in p.stdout:
         if line.startswith('{"event": "step"') and json.loads(line)["step"] >= 2:
             break
