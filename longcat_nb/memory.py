@@ -536,11 +536,8 @@ class _NoInPlaceCaution(logging.Filter):
         return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
 
 
-_CAUTION_LOGGER = "torch._higher_order_ops.wrap"
-
-
 def _quiet_in_place_caution() -> None:
-    log = logging.getLogger(_CAUTION_LOGGER)
+    log = logging.getLogger("torch._higher_order_ops.wrap")
     if not any(isinstance(f, _NoInPlaceCaution) for f in log.filters):
         log.addFilter(_NoInPlaceCaution())
 

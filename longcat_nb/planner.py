@@ -46,8 +46,9 @@ CONTEXT_GIB = 0.0  # max_memory_allocated excludes the CUDA context; keep predic
 # 6.11 GiB measured at full size. Sampling, beside the text encoder it keeps there: 13.0 GiB, 10.6 of it UMT5.
 HOST_BASE_GIB = 6.0
 HOST_BASE_SAMPLE_GIB = 2.5
-# Sampling with swapped bf16 blocks holds more beside the DiT while it loads and pins them: 28.76 and 30.61 GiB
-# peak with 24 and 36 blocks swapped against 25.2 of bf16 DiT (H100, docs/benchmarks.md run 29), 3.6 and 5.4
+# Sampling with swapped bf16 blocks holds more beside the DiT while it loads and pins them: peaks of 28.76 and
+# 30.61 GiB with 24 and 36 blocks swapped, 3.6 and 5.4 GiB beside the 25.2 GiB bf16 DiT (H100,
+# docs/benchmarks.md run 29), where HOST_BASE_SAMPLE_GIB counts 2.5
 HOST_SAMPLE_SWAP_GIB = 2.0
 # The host RAM a 16 or 24 GiB card's machine is planned for (the card presets, the e2e card runs): 32 GiB
 # machines are common there, and a machine with more still gets settings that run well.
